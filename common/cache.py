@@ -1,0 +1,40 @@
+"""Content-hashed caches (tokenised data, base models, statistics): a re-run skips finished work.
+
+An entry lives at `<cache root>/<kind>/<hash of its key>/` and counts as present only once it is
+complete: it is built in a temp directory and renamed into place, so a killed build leaves nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from common.io import atomic_dir, write_json
+
+KEY_FILE = "cache_key.json"
+
+
+def cache_root() -> Path:
+    """`$MOERGING_CACHE`, else `~/.cache/moerging`."""
+    return Path(os.environ.get("MOERGING_CACHE", Path.home() / ".cache" / "moerging"))
+
+
+def content_hash(key: Any, length: int = 16) -> str:
+    """Stable hash of a JSON-able key (dict order does not matter)."""
+    blob = json.dumps(key, sort_keys=True, default=str, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def cached_dir(kind: str, key: Any, build: Callable[[Path], None], root: str | os.PathLike | None = None) -> Path:
+    """Return the cache folder for `key`, calling `build(tmp_dir)` to fill it only when absent."""
+    path = Path(root or cache_root()) / kind / content_hash(key)
+    if (path / KEY_FILE).is_file():
+        return path
+    with atomic_dir(path) as tmp:
+        build(tmp)
+        write_json(tmp / KEY_FILE, key)  # written last: its presence marks the entry complete
+    return path

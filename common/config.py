@@ -1,0 +1,173 @@
+"""Configs: YAML/JSON files plus `key=value` overrides, validated against the defaults' keys.
+
+Precedence, highest first: explicit flags > `key=value` overrides > config files (later beats earlier)
+> defaults. Keys are dotted paths into nested mappings; integer parts index lists
+(`modelpool.models.0.path=...`). A key absent from the defaults is an error naming the close matches,
+unless it is written `+key=value` (a deliberate new key, as in Hydra).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common.registry import close_matches
+
+Config = dict[str, Any]
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value."""
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value as a YAML scalar/list (`3` -> int, `[1,2]` -> list, `null` -> None)."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def read_config_file(path: str | os.PathLike) -> Config:
+    """Read one YAML or JSON config file (JSON is YAML); the top level must be a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse config file {path}: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping at top level, not {type(data).__name__}")
+    return dict(data)
+
+
+def _all_keys(tree: Any, prefix: str = "") -> list[str]:
+    if isinstance(tree, Mapping):
+        keys = []
+        for k, v in tree.items():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            keys.extend(_all_keys(v, full + "."))
+        return keys
+    return []
+
+
+def _unknown_key(key: str, schema: Any, where: str) -> ConfigError:
+    hint = close_matches(key, _all_keys(schema))
+    return ConfigError(f"unknown config key {key!r} (from {where}).{hint}")
+
+
+def set_path(cfg: MutableMapping[str, Any], key: str, value: Any, *, strict: bool, where: str) -> None:
+    """Set dotted `key` in `cfg`; with `strict`, every part of the path must already exist."""
+    parts = key.split(".")
+    node: Any = cfg
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.lstrip("-").isdigit():
+                raise ConfigError(f"{key!r} (from {where}): {'.'.join(parts[:i])} is a list, index it by number")
+            idx = int(part)
+            if not -len(node) <= idx < len(node):
+                raise ConfigError(
+                    f"{key!r} (from {where}): index {idx} out of range for a list of length {len(node)}"
+                )
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+            continue
+        if not isinstance(node, MutableMapping):
+            raise ConfigError(f"{key!r} (from {where}): {'.'.join(parts[:i])} is a value, not a mapping")
+        if part not in node:
+            if strict:
+                raise _unknown_key(key, cfg, where)
+            if not last:
+                node[part] = {}
+        if last:
+            node[part] = value
+        else:
+            node = node[part]
+
+
+def merge(base: Config, update: Mapping[str, Any], *, strict: bool, where: str, _prefix: str = "") -> Config:
+    """Deep-merge `update` into a copy of `base`; mappings merge, everything else replaces."""
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        full = f"{_prefix}{k}"
+        if k not in out:
+            if strict:
+                hint = close_matches(full, [_prefix + key for key in _all_keys(out)])
+                raise ConfigError(f"unknown config key {full!r} (from {where}).{hint}")
+            out[k] = copy.deepcopy(v)
+        elif isinstance(out[k], Mapping) and isinstance(v, Mapping):
+            out[k] = merge(dict(out[k]), v, strict=strict, where=where, _prefix=full + ".")
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any, bool]]:
+    """`["a.b=3", "+new=x"]` -> [("a.b", 3, False), ("new", "x", True)] (the flag marks a new key)."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, _, value = item.partition("=")
+        key = key.strip()
+        is_new = key.startswith("+")
+        key = key.lstrip("+")
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        parsed.append((key, parse_value(value), is_new))
+    return parsed
+
+
+def load_config(
+    defaults: Mapping[str, Any] | None = None,
+    files: Sequence[str | os.PathLike] = (),
+    overrides: Iterable[str] = (),
+    flags: Mapping[str, Any] | None = None,
+    *,
+    strict: bool = True,
+) -> Config:
+    """Resolve a config: defaults < files < `key=value` overrides < flags (None-valued flags are unset).
+
+    With `strict` (the default when `defaults` is given) every key must exist in the defaults.
+    """
+    strict = strict and defaults is not None
+    cfg: Config = copy.deepcopy(dict(defaults or {}))
+    for f in files:
+        schema = cfg
+        data = read_config_file(f)
+        cfg = merge(schema, data, strict=strict, where=str(f))
+    for key, value, is_new in parse_overrides(overrides):
+        set_path(cfg, key, value, strict=strict and not is_new, where="command line")
+    for key, value in (flags or {}).items():
+        if value is not None:
+            set_path(cfg, key, value, strict=strict, where=f"flag --{key}")
+    return cfg
+
+
+def get_path(cfg: Mapping[str, Any], key: str) -> Any:
+    """Read dotted `key` from `cfg`, with a clear error when it is missing."""
+    node: Any = cfg
+    for part in key.split("."):
+        if isinstance(node, list) and part.lstrip("-").isdigit():
+            node = node[int(part)]
+        elif isinstance(node, Mapping) and part in node:
+            node = node[part]
+        else:
+            raise ConfigError(f"config has no key {key!r}.{close_matches(key, _all_keys(cfg))}")
+    return node
+
+
+def dump_config(cfg: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(cfg), sort_keys=False)

@@ -1,0 +1,152 @@
+"""A run directory: resolved config, `results.json` with provenance, a markdown table, plots with their data.
+
+Every results file in the repo follows one schema (`SCHEMA`), so `common.results_md` can gather
+them into RESULTS.md:
+
+    {"schema": SCHEMA, "project": str, "experiment": str, "scale": "micro"|"tiny"|"paper",
+     "seed": int, "metrics": {name: number | {..}}, "config": {...}, "provenance": {...}}
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.config import dump_config
+from common.io import write_json, write_text
+
+SCHEMA = "moerging.results/v1"
+SCALES = ("micro", "tiny", "paper")
+_PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "lm_eval", "numpy", "safetensors")
+
+
+def git_sha(repo: str | os.PathLike | None = None) -> str:
+    """The checkout's commit, with '-dirty' if it has uncommitted changes; 'unknown' outside git."""
+    repo = repo or Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions(names: Sequence[str] = _PACKAGES) -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def provenance(seed: int | None, started: float | None = None) -> dict[str, Any]:
+    """Where a result came from: code version, seed, packages, threads, device, wall time."""
+    return {
+        "git_sha": git_sha(),
+        "seed": seed,
+        "packages": package_versions(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cuda": torch.cuda.is_available(),
+        "platform": platform.platform(),
+        "argv": sys.argv,
+        "wall_time_s": None if started is None else round(time.time() - started, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class RunDir:
+    """One run's output folder. Create it, write the resolved config first, results last."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        project: str,
+        experiment: str,
+        scale: str,
+        seed: int | None,
+        config: Mapping[str, Any],
+    ) -> None:
+        if scale not in SCALES:
+            raise ValueError(f"unknown scale {scale!r}; choose one of {SCALES}")
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.project, self.experiment, self.scale, self.seed = project, experiment, scale, seed
+        self.config = dict(config)
+        self.started = time.time()
+        write_text(self.path / "config.yaml", dump_config(self.config))
+
+    def write_results(self, metrics: Mapping[str, Any], **extra: Any) -> Path:
+        """Write `results.json` (schema above); `extra` adds top-level fields such as per-example data."""
+        record = {
+            "schema": SCHEMA,
+            "project": self.project,
+            "experiment": self.experiment,
+            "scale": self.scale,
+            "seed": self.seed,
+            "metrics": dict(metrics),
+            "config": self.config,
+            "provenance": provenance(self.seed, self.started),
+            **extra,
+        }
+        out = self.path / "results.json"
+        write_json(out, record)
+        return out
+
+    def write_table(self, rows: Sequence[Mapping[str, Any]], name: str = "results.md", title: str = "") -> Path:
+        out = self.path / name
+        write_text(out, (f"## {title}\n\n" if title else "") + markdown_table(rows) + "\n")
+        return out
+
+    def save_plot(self, fig: Any, name: str, data: Mapping[str, Any]) -> Path:
+        """Save a matplotlib figure as PNG with the data it shows beside it (`<name>.json`)."""
+        out = self.path / f"{name}.png"
+        fig.savefig(out, dpi=120, bbox_inches="tight")
+        write_json(self.path / f"{name}.json", data)
+        return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """Rows of dicts -> a GitHub markdown table (columns in first-seen order unless given)."""
+    if not rows:
+        return "(no rows)"
+    if columns is None:
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+import json
+
+import pytest
+
+from common.cache import cached_dir, content_hash
+from common.results_md import aggregate, check_claim, load_results, render
+from common.rundir import SCHEMA, RunDir, markdown_table
+
+
+def test_rundir_writes_config_results_with_provenance(tmp_path):
+    run = RunDir(tmp_path / "r", project="p", experiment="e", scale="micro", seed=3, config={"lr": 0.1})
+    run.write_results({"loss": 1.5, "acc": {"a": 0.5}})
+    rec = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert rec["schema"] == SCHEMA and rec["seed"] == 3 and rec["config"] == {"lr": 0.1}
+    prov = rec["provenance"]
+    assert {"git_sha", "packages", "torch_threads", "wall_time_s", "seed"} <= set(prov)
+    assert prov["packages"]["torch"].startswith("2.") and prov["wall_time_s"] >= 0
+    assert (tmp_path / "r" / "config.yaml").read_text().strip() == "lr: 0.1"
+    with pytest.raises(ValueError, match="unknown scale"):
+        RunDir(tmp_path / "s", project="p", experiment="e", scale="huge", seed=0, config={})
+
+
+def test_markdown_table():
+    assert markdown_table([{"a": 1, "b": 0.123456}, {"a": 2}]) == "| a | b |\n|---|---|\n| 1 | 0.1235 |\n| 2 |  |"
+
+
+def test_cache_builds_once_and_ignores_partial(tmp_path):
+    calls = []
+
+    def build(d):
+        calls.append(1)
+        (d / "f").write_text("x")
+
+    key = {"b": 1, "a": [1, 2]}
+    assert content_hash(key) == content_hash({"a": [1, 2], "b": 1})
+    p1 = cached_dir("k", key, build, root=tmp_path)
+    p2 = cached_dir("k", key, build, root=tmp_path)
+    assert p1 == p2 and len(calls) == 1 and (p1 / "f").read_text() == "x"
+
+    def crash(d):
+        (d / "f").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cached_dir("k", {"other": 1}, crash, root=tmp_path)
+    assert not (tmp_path / "k" / content_hash({"other": 1})).exists()
+
+
+def test_results_md_aggregates_seeds_and_checks_claims(tmp_path):
+    for seed, (a, b) in enumerate([(1.0, 2.0), (3.0, 2.0), (2.0, 2.0)]):
+        run = RunDir(tmp_path / "runs" / f"s{seed}", project="demo", experiment="e1", scale="tiny", seed=seed, config={})
+        run.write_results({"moe": a, "interp": {"best": b}})
+    RunDir(tmp_path / "runs" / "m", project="demo", experiment="e1", scale="micro", seed=0, config={}).write_results(
+        {"moe": 100.0}
+    )
+    records = load_results(tmp_path / "runs", scale="tiny")
+    assert len(records) == 3
+    stats = aggregate(records)[("demo", "e1")]
+    mean, std, n = stats["moe"]
+    assert (mean, round(std, 6), n) == (2.0, 1.0, 3)
+    assert check_claim({"lhs": "moe", "op": "<=", "rhs": "interp.best"}, stats) == "yes"
+    assert check_claim({"lhs": "moe", "op": "<", "rhs": 1.5}, stats) == "no"
+    assert check_claim({"lhs": "missing", "op": "<", "rhs": 1}, stats) == "not run"
+    with pytest.raises(KeyError, match="unknown comparison"):
+        check_claim({"lhs": "moe", "op": "=<", "rhs": 1}, stats)
+    proj = tmp_path / "projects" / "demo"
+    proj.mkdir(parents=True)
+    (proj / "paper.yaml").write_text(
+        "paper: Demo\nexperiments:\n  e1:\n    title: Table 1\n    paper: {moe: 1.9}\n"
+        "claims:\n  - {text: routing helps, experiment: e1, lhs: moe, op: '<=', rhs: interp.best}\n"
+    )
+    md = render(records, tmp_path / "projects")
+    assert "| moe | 2 ± 1 (n=3) | 1.9 |" in md and "| routing helps | yes |" in md

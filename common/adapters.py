@@ -154,7 +154,9 @@ def lora_factors_from_state(state: Mapping[str, torch.Tensor], config: LoraConfi
             raise AdapterError(f"adapter has {key} but no {b_key}")
         B = state[b_key]
         if A.shape[0] != B.shape[1]:
-            raise AdapterError(f"{module}: rank of lora_A {tuple(A.shape)} != rank of lora_B {tuple(B.shape)}")
+            raise AdapterError(
+                f"{module}: rank of lora_A {tuple(A.shape)} != rank of lora_B {tuple(B.shape)}"
+            )
         r = A.shape[0]
         short = module.split(".")[-1]
         alpha = (config.alpha_pattern or {}).get(short, config.lora_alpha)

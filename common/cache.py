@@ -29,7 +29,9 @@ def content_hash(key: Any, length: int = 16) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
-def cached_dir(kind: str, key: Any, build: Callable[[Path], None], root: str | os.PathLike | None = None) -> Path:
+def cached_dir(
+    kind: str, key: Any, build: Callable[[Path], None], root: str | os.PathLike | None = None
+) -> Path:
     """Return the cache folder for `key`, calling `build(tmp_dir)` to fill it only when absent."""
     path = Path(root or cache_root()) / kind / content_hash(key)
     if (path / KEY_FILE).is_file():

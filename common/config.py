@@ -73,7 +73,9 @@ def set_path(cfg: MutableMapping[str, Any], key: str, value: Any, *, strict: boo
         last = i == len(parts) - 1
         if isinstance(node, list):
             if not part.lstrip("-").isdigit():
-                raise ConfigError(f"{key!r} (from {where}): {'.'.join(parts[:i])} is a list, index it by number")
+                raise ConfigError(
+                    f"{key!r} (from {where}): {'.'.join(parts[:i])} is a list, index it by number"
+                )
             idx = int(part)
             if not -len(node) <= idx < len(node):
                 raise ConfigError(

@@ -122,7 +122,9 @@ class RunDir:
         write_json(out, record)
         return out
 
-    def write_table(self, rows: Sequence[Mapping[str, Any]], name: str = "results.md", title: str = "") -> Path:
+    def write_table(
+        self, rows: Sequence[Mapping[str, Any]], name: str = "results.md", title: str = ""
+    ) -> Path:
         out = self.path / name
         write_text(out, (f"## {title}\n\n" if title else "") + markdown_table(rows) + "\n")
         return out

@@ -26,8 +26,14 @@ def micro_gpt2(seed=0):
 def micro_t5(seed=0):
     torch.manual_seed(seed)
     cfg = T5Config(
-        vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-        feed_forward_proj="gated-gelu", decoder_start_token_id=0,
+        vocab_size=64,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
     )
     return T5ForConditionalGeneration(cfg).eval()
 
@@ -59,7 +65,9 @@ def test_save_load_roundtrip_with_extras_and_peft_reload(tmp_path):
     model = add_adapter(micro_gpt2(), lora_config("gpt2", r=2, init_lora_weights=False))
     out = model(IDS).logits
     gate = torch.randn(16)
-    save_adapter(model, tmp_path / "exp", extras={"gate": gate}, extras_meta={"gate": "PHATGOOSE gate vector"})
+    save_adapter(
+        model, tmp_path / "exp", extras={"gate": gate}, extras_meta={"gate": "PHATGOOSE gate vector"}
+    )
     saved = load_adapter(tmp_path / "exp")
     assert torch.equal(saved.extras["gate"], gate) and saved.extras_meta["gate"].startswith("PHATGOOSE")
     from_state = lora_factors_from_state(saved.state, saved.config)

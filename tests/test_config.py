@@ -16,9 +16,15 @@ def test_precedence_flags_over_overrides_over_files_over_defaults(tmp_path):
     f1.write_text("lr: 0.5\nmethod:\n  gate_k: 4\n")
     f2 = tmp_path / "b.json"
     f2.write_text(json.dumps({"method": {"gate_k": 8, "k": 16}}))
-    cfg = load_config(DEFAULTS, [f1, f2], ["method.k=32", "lr=0.25"], flags={"lr": 0.125, "method.name": None})
+    cfg = load_config(
+        DEFAULTS, [f1, f2], ["method.k=32", "lr=0.25"], flags={"lr": 0.125, "method.name": None}
+    )
     assert cfg["lr"] == 0.125  # flag beats override
-    assert cfg["method"] == {"name": "smile", "gate_k": 8, "k": 32}  # later file beats earlier, override beats file
+    assert cfg["method"] == {
+        "name": "smile",
+        "gate_k": 8,
+        "k": 32,
+    }  # later file beats earlier, override beats file
     assert DEFAULTS["method"]["k"] == 128  # defaults untouched
 
 
@@ -52,5 +58,5 @@ def test_bad_inputs(tmp_path):
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at top level"):
         load_config(DEFAULTS, [lst])
-    with pytest.raises(ConfigError, match="no key 'method.kay'"):
+    with pytest.raises(ConfigError, match=r"no key 'method\.kay'"):
         get_path(DEFAULTS, "method.kay")

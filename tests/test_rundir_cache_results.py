@@ -21,7 +21,10 @@ def test_rundir_writes_config_results_with_provenance(tmp_path):
 
 
 def test_markdown_table():
-    assert markdown_table([{"a": 1, "b": 0.123456}, {"a": 2}]) == "| a | b |\n|---|---|\n| 1 | 0.1235 |\n| 2 |  |"
+    assert (
+        markdown_table([{"a": 1, "b": 0.123456}, {"a": 2}])
+        == "| a | b |\n|---|---|\n| 1 | 0.1235 |\n| 2 |  |"
+    )
 
 
 def test_cache_builds_once_and_ignores_partial(tmp_path):
@@ -48,11 +51,18 @@ def test_cache_builds_once_and_ignores_partial(tmp_path):
 
 def test_results_md_aggregates_seeds_and_checks_claims(tmp_path):
     for seed, (a, b) in enumerate([(1.0, 2.0), (3.0, 2.0), (2.0, 2.0)]):
-        run = RunDir(tmp_path / "runs" / f"s{seed}", project="demo", experiment="e1", scale="tiny", seed=seed, config={})
+        run = RunDir(
+            tmp_path / "runs" / f"s{seed}",
+            project="demo",
+            experiment="e1",
+            scale="tiny",
+            seed=seed,
+            config={},
+        )
         run.write_results({"moe": a, "interp": {"best": b}})
-    RunDir(tmp_path / "runs" / "m", project="demo", experiment="e1", scale="micro", seed=0, config={}).write_results(
-        {"moe": 100.0}
-    )
+    RunDir(
+        tmp_path / "runs" / "m", project="demo", experiment="e1", scale="micro", seed=0, config={}
+    ).write_results({"moe": 100.0})
     records = load_results(tmp_path / "runs", scale="tiny")
     assert len(records) == 3
     stats = aggregate(records)[("demo", "e1")]

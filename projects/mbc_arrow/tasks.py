@@ -1,0 +1,152 @@
+"""Expert tasks as text-to-text data, cluster unions, and the held-out multiple-choice task.
+
+Tiny scale: the offline text tasks of `common.data` (two natural groups: tweet sentiment per topic, and
+classification of other texts). Paper scale: FLAN tasks from `sordonia/flan-10k-flat` (mttl's data).
+Prompt format (ours, both scales): "<source>\\nAnswer:" then " <target>" + EOS; the loss is on the target.
+The held-out task (the notebook's Arc-Easy step): sentiment of tweets on none of the five topics, as
+multiple choice through lm-eval; it shares no text with any expert task (checked with assert_disjoint_text).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict, concatenate_datasets
+
+from common.data import DATASETS, assert_disjoint_text, load
+from common.data.text_tasks import SENTIMENTS, records, tweet_key, tweets
+from common.io import read_json, write_text
+from common.tiny_world import PRETRAIN_SPLIT_SEED
+
+TINY_TASKS = (
+    "tweet_sentiment_airline",
+    "tweet_sentiment_apple",
+    "tweet_sentiment_coachella",
+    "tweet_sentiment_deflategate",
+    "tweet_sentiment_self_driving",
+    "tweet_topic",
+    "shakespeare_genre",
+    "gsm_language_id",
+    "champ_category",
+)
+HELDOUT_TASK = "tweet_sentiment_other"
+FLAN_ID = "sordonia/flan-10k-flat"
+PROMPT = "{source}\nAnswer:"
+
+
+def resolve_task_names(finetune_task_name: str, finetune_task_path: str | None = None) -> list[str]:
+    """'t1,t2' -> [t1, t2]; with a clusters JSON (`finetune_task_path`), 'cluster_0' -> its tasks (as mttl)."""
+    names = [t.strip() for t in str(finetune_task_name).split(",") if t.strip()]
+    if not names:
+        raise ValueError("finetune_task_name is empty")
+    if not finetune_task_path:
+        return names
+    clusters = read_json(finetune_task_path)
+    out = []
+    for n in names:
+        if n not in clusters:
+            raise KeyError(f"{n!r} is not a cluster of {finetune_task_path}; clusters: {sorted(clusters)}")
+        out += clusters[n]
+    return out
+
+
+def _subsample(ds: Dataset, n: int | None, seed: int) -> Dataset:
+    if n is None or len(ds) <= n:
+        return ds
+    return ds.shuffle(seed=seed).select(range(n))
+
+
+def task_data(
+    task_names: Sequence[str],
+    *,
+    dataset: str = "offline",
+    max_train: int | None = None,
+    max_eval: int | None = None,
+) -> DatasetDict:
+    """Train/validation/test (task, source, target) over the union of `task_names`, each task capped."""
+    if dataset == "flan":
+        splits, _ = load(FLAN_ID, task_names=list(task_names))
+        per_task = {t: splits.filter(lambda x, t=t: x == t, input_columns="task") for t in task_names}
+    elif dataset == "offline":
+        unknown = [t for t in task_names if t not in DATASETS]
+        if unknown:
+            raise KeyError(f"unknown offline task(s) {unknown}; tiny tasks: {list(TINY_TASKS)}")
+        per_task = {t: load(t, seed=PRETRAIN_SPLIT_SEED)[0] for t in task_names}
+    else:
+        raise ValueError(f"dataset must be 'offline' or 'flan', got {dataset!r}")
+    out = {}
+    for split, cap in (("train", max_train), ("validation", max_eval), ("test", max_eval)):
+        parts = [
+            _subsample(d[split], cap, 42).select_columns(["task", "source", "target"])
+            for d in per_task.values()
+        ]
+        out[split] = concatenate_datasets(parts)
+    return DatasetDict(out)
+
+
+def heldout_task(n: int = 300, seed: int = 0) -> Dataset:
+    """Sentiment of tweets about none of the expert topics (multiple choice, classes balanced up to n/3 each);
+    disjoint from every expert task."""
+    t = tweets().to_dict()
+    keep = [i for i, topic in enumerate(t["topic"]) if topic is None and t["sentiment"][i] in SENTIMENTS]
+    random.Random(seed).shuffle(keep)
+    # one tweet per retweet group, at most n/3 per sentiment (83% of these tweets are neutral)
+    seen, texts, labels, per_label = set(), [], [], dict.fromkeys(SENTIMENTS, 0)
+    for i in keep:
+        key, label = tweet_key(t["text"][i]), t["sentiment"][i]
+        if key not in seen and per_label[label] < n // 3:
+            seen.add(key)
+            per_label[label] += 1
+            texts.append(t["text"][i])
+            labels.append(label)
+    return records(HELDOUT_TASK, "tweet_sentiment", texts, labels, SENTIMENTS, texts)
+
+
+def downstream_task(name: str, n: int) -> Dataset:
+    """The held-out multiple-choice task: ours offline, or ARC-Easy from the hub (the notebook's, network only)."""
+    if name == HELDOUT_TASK:
+        return heldout_task(n)
+    if name == "arc_easy":
+        from datasets import load_dataset
+
+        ds = load_dataset("allenai/ai2_arc", "ARC-Easy", split="test")
+        return ds.map(
+            lambda r: {
+                "task": "arc_easy",
+                # lm-eval's arc_easy prompt
+                "source": f"Question: {r['question']}",
+                "choices": r["choices"]["text"],
+                "label": r["choices"]["label"].index(r["answerKey"]),
+            },
+            remove_columns=ds.column_names,
+        )
+    raise KeyError(f"unknown downstream task {name!r}; choices: {HELDOUT_TASK!r}, 'arc_easy'")
+
+
+def check_heldout(heldout: Dataset, task_names: Sequence[str]) -> None:
+    """AssertionError if the held-out task shares a text with any (offline) expert task."""
+    for name in task_names:
+        assert_disjoint_text(load(name, seed=PRETRAIN_SPLIT_SEED)[0], heldout, "input")
+
+
+def write_heldout_task(task_dir: str | os.PathLike, heldout: Dataset) -> dict[str, Any]:
+    """The held-out task as a local jsonl + lm-eval task config (multiple choice, accuracy)."""
+    from common.lm_eval_bridge import task_config
+
+    name = heldout[0]["task"]
+    data = Path(task_dir) / f"{name}.jsonl"
+    rows = heldout.select_columns(["source", "choices", "label"]).to_pandas()
+    write_text(data, rows.to_json(orient="records", lines=True))
+    return task_config(
+        name,
+        data,
+        "multiple_choice",
+        doc_to_text="{{source}}\nAnswer:",
+        doc_to_choice="{{choices}}",
+        doc_to_target="label",
+        target_delimiter=" ",
+    )

@@ -1,0 +1,171 @@
+"""Train one LoRA expert (a task or a cluster's union of tasks) and add it to a library (mttl train_experts.py).
+
+The expert is a peft LoRA on the family's attention projections; with `tie_params` (Phi-2 config) the
+q/k/v projections of a layer share one lora_A module. The kept weights are those of the best
+validation loss (mttl pushes the best `val/loss` checkpoint).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from datasets import Dataset
+from peft import get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from common.adapters import lora_config, save_adapter
+from common.evaluation import IGNORE_INDEX
+from common.training import TrainConfig, train
+from projects.mbc_arrow.arrow import tie_groups
+from projects.mbc_arrow.expert_model import load_base
+from projects.mbc_arrow.library import ExpertInfo, ExpertLibrary
+from projects.mbc_arrow.tasks import PROMPT, resolve_task_names, task_data
+
+
+def encode_example(
+    tokenizer: Any, source: str, target: str, max_input: int, max_output: int
+) -> dict[str, list[int]]:
+    """Prompt ids (left-truncated, as mttl's truncation_side=left) + target ids + EOS; loss on the target."""
+    prompt = tokenizer.encode(PROMPT.format(source=source))[-max_input:]
+    answer = ([*tokenizer.encode(" " + target), tokenizer.eos_token_id])[:max_output]
+    return {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}
+
+
+def collate(pad_id: int) -> Callable[[Sequence[Mapping[str, list[int]]]], dict[str, torch.Tensor]]:
+    def fn(batch: Sequence[Mapping[str, list[int]]]) -> dict[str, torch.Tensor]:
+        n = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), n), pad_id)
+        labels = torch.full((len(batch), n), IGNORE_INDEX)
+        mask = torch.zeros(len(batch), n, dtype=torch.long)
+        for i, b in enumerate(batch):
+            ids[i, : len(b["input_ids"])] = torch.tensor(b["input_ids"])
+            labels[i, : len(b["labels"])] = torch.tensor(b["labels"])
+            mask[i, : len(b["input_ids"])] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    return fn
+
+
+def tie_lora_a(model: nn.Module, tie_params: str | None) -> int:
+    """Make the q/k/v projections of each layer share one lora_A (mttl tie_params); returns #groups tied."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    tied = 0
+    for group in tie_groups(list(layers), tie_params):
+        for m in group[1:]:
+            layers[m].lora_A["default"] = layers[group[0]].lora_A["default"]
+        tied += len(group) > 1
+    return tied
+
+
+def peft_targets(modify_layers: str) -> str | list[str]:
+    """mttl's `modify_layers` as peft target_modules: names 'q_proj|k_proj' -> a list, a regex
+    ('.*dense|.*q_proj', Phi-2) -> the regex, which peft full-matches against module names."""
+    if any(ch in modify_layers for ch in ".*[]()?+"):
+        return modify_layers
+    return modify_layers.split("|")
+
+
+def lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).loss
+
+
+@torch.no_grad()
+def mean_loss(
+    model: nn.Module, examples: Sequence[Mapping[str, list[int]]], pad_id: int, batch_size: int = 32
+) -> float:
+    """Token-weighted mean target loss over `examples`."""
+    fn, total, count = collate(pad_id), 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = fn(examples[i : i + batch_size])
+        n_tok = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        total += float(model(**batch).loss) * n_tok
+        count += n_tok
+    return total / max(count, 1)
+
+
+def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -> dict[str, Any]:
+    """Train the expert `cfg["expert_name"]` on `cfg["finetune_task_name"]` and add it to `library`."""
+    tasks = resolve_task_names(cfg["finetune_task_name"], cfg["finetune_task_path"])
+    name = cfg["expert_name"] or cfg["finetune_task_name"]
+    data = task_data(
+        tasks, dataset=cfg["dataset"], max_train=cfg["max_train_examples"], max_eval=cfg["max_eval_examples"]
+    )
+    torch.manual_seed(cfg["seed"])
+    model, tok = load_base(cfg["base_model"])
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    lcfg = lora_config(
+        model.config.model_type,
+        r=cfg["lora_rank"],
+        alpha=cfg["lora_alpha"],
+        target_modules=cfg["modify_layers"].split("|"),
+        dropout=cfg["lora_dropout"],
+    )
+    lcfg.target_modules = peft_targets(cfg["modify_layers"])
+    peft_model = get_peft_model(model, lcfg)
+    peft_model.peft_config["default"].base_model_name_or_path = cfg["base_model"]
+    tie_lora_a(peft_model, cfg["tie_params"])
+    train_set, val_set = (
+        [
+            encode_example(tok, s, t, cfg["max_input_length"], cfg["max_output_length"])
+            for s, t in zip(d["source"], d["target"])
+        ]
+        for d in (data["train"], data["validation"])
+    )
+    steps = cfg["total_steps"] or math.ceil(
+        cfg["num_train_epochs"] * len(train_set) / cfg["train_batch_size"]
+    )
+    tcfg = TrainConfig(
+        lr=cfg["learning_rate"],
+        weight_decay=cfg["weight_decay"],
+        max_steps=steps,
+        warmup_steps=int(cfg["warmup_proportion"] * steps),
+        schedule="linear",
+        grad_accum=max(1, cfg["train_batch_size"] // cfg["micro_batch_size"]),
+        max_grad_norm=cfg["max_grad_norm"],
+        seed=cfg["seed"],
+        batch_size=cfg["micro_batch_size"],
+        eval_every=cfg["eval_every"] or steps,
+        log_every=max(1, steps // 10),
+    )
+    best: dict[str, Any] = {"val_loss": math.inf, "state": None}
+
+    def keep_best(m: nn.Module) -> dict[str, float]:
+        loss = mean_loss(m, val_set, pad_id)
+        if loss < best["val_loss"]:
+            best.update(
+                val_loss=loss,
+                state={k: v.detach().clone() for k, v in m.named_parameters() if v.requires_grad},
+            )
+        return {"val_loss": loss}
+
+    base_val = mean_loss(peft_model, val_set, pad_id)
+    examples = Dataset.from_list(train_set)  # map-style: batched and reshuffled by `train` from the seed
+    result = train(
+        peft_model, lm_loss, examples, tcfg, run_dir, collate_fn=collate(pad_id), eval_fn=keep_best
+    )
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for k, v in (best["state"] or {}).items():
+            params[k].copy_(v)
+    info = ExpertInfo(
+        expert_name=name,
+        expert_task_name=",".join(tasks),
+        base_model=cfg["base_model"],
+        training_config={k: v for k, v in cfg.items() if isinstance(v, (str, int, float, bool, type(None)))},
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(peft_model, f"{tmp}/adapter")
+        library.add_adapter_dir(f"{tmp}/adapter", info, force=cfg["force"])
+    return {
+        "expert": name,
+        "tasks": tasks,
+        "steps": result.step,
+        "train_examples": len(train_set),
+        "val_loss_base": base_val,
+        "val_loss_best": best["val_loss"],
+    }

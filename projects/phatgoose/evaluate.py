@@ -1,0 +1,144 @@
+"""Evaluation (§4.1): length-normalised rank classification and greedy generation on held-out tasks,
+with the original's analysis outputs: the output texts (`WriteOutputText`) and which experts each
+module picks (`RoutingDistribution`, counts of top-k picks per module and expert, with a plot).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.evaluation import exact_match, generate, rank_classification
+from common.io import write_json, write_text
+from projects.phatgoose.moe import moe_modules, set_mode
+
+
+def _score(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: Sequence[dict],
+    generation: bool,
+    max_new_tokens: int,
+    batch_size: int,
+) -> tuple[list[int], list[str]]:
+    rc = rank_classification(
+        model,
+        tokenizer,
+        [r["source"] for r in rows],
+        [r["choices"] for r in rows],
+        [r["label"] for r in rows],
+        length_normalize=True,
+        batch_size=batch_size,
+        disable=True,
+    )
+    gens = (
+        generate(
+            model, tokenizer, [r["source"] for r in rows], max_new_tokens, batch_size=batch_size, disable=True
+        )
+        if generation
+        else []
+    )
+    return rc["predictions"], gens
+
+
+def evaluate_rows(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: Sequence[dict],
+    *,
+    experts_of_rows: Sequence[int] | None = None,
+    generation: bool = True,
+    max_new_tokens: int = 8,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Accuracy (rank classification, length-normalised) and exact match of greedy generations.
+
+    With `experts_of_rows` (Retrieval) each example is routed, whole, to its expert: the rows are scored
+    in groups, all MoE modules fixed to that group's expert.
+    """
+    if experts_of_rows is None:
+        preds, gens = _score(model, tokenizer, rows, generation, max_new_tokens, batch_size)
+    else:
+        preds, gens = [0] * len(rows), [""] * len(rows)
+        for e in sorted(set(int(x) for x in experts_of_rows)):
+            idx = [i for i, x in enumerate(experts_of_rows) if int(x) == e]
+            set_mode(model, "fixed", e)
+            p, g = _score(model, tokenizer, [rows[i] for i in idx], generation, max_new_tokens, batch_size)
+            for j, i in enumerate(idx):
+                preds[i] = p[j]
+                if generation:
+                    gens[i] = g[j]
+        set_mode(model, "route")
+    out: dict[str, Any] = {
+        "accuracy": sum(p == r["label"] for p, r in zip(preds, rows)) / len(rows),
+        "predictions": [r["choices"][p] for p, r in zip(preds, rows)],
+    }
+    if generation:
+        out["exact_match"] = exact_match(gens, [r["target"] for r in rows])
+        out["generations"] = gens
+    return out
+
+
+def start_routing_record(model: nn.Module) -> None:
+    for m in moe_modules(model).values():
+        m.counts.zero_()
+        m.record = True
+
+
+def routing_distribution(model: nn.Module) -> dict[str, list[float]]:
+    """Module -> fraction of its top-k picks that went to each expert since `start_routing_record`."""
+    out = {}
+    for name, m in moe_modules(model).items():
+        m.record = False
+        total = m.counts.sum().clamp(min=1)
+        out[name] = (m.counts / total).tolist()
+    return out
+
+
+def write_output_text(save_dir: str | os.PathLike, dataset: str, rows: Sequence[dict], result: dict) -> Path:
+    """One JSON line per example: source, target, the rank-classification pick and the generation."""
+    import json
+
+    lines = []
+    for i, r in enumerate(rows):
+        rec = {"source": r["source"], "target": r["target"], "prediction": result["predictions"][i]}
+        if "generations" in result:
+            rec["generation"] = result["generations"][i]
+        lines.append(json.dumps(rec))
+    out = Path(save_dir) / f"{dataset}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(out, "\n".join(lines) + "\n")
+    return out
+
+
+def plot_routing(
+    save_dir: str | os.PathLike, dataset: str, dist: dict[str, list[float]], expert_names: Sequence[str]
+) -> Path:
+    """Heat map of the routing distribution (modules × experts) as PNG, its data as JSON beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    modules = list(dist)
+    grid = torch.tensor([dist[m] for m in modules])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(expert_names), 1.5 + 0.12 * len(modules)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xticks(range(len(expert_names)), list(expert_names), rotation=70, fontsize=7)
+    ax.set_yticks(
+        range(len(modules)), [m.replace("block.", "b").replace("layer.", "l") for m in modules], fontsize=4
+    )
+    ax.set_title(f"routing distribution: {dataset}", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    out = save_dir / f"{dataset}.png"
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    write_json(save_dir / f"{dataset}.json", {"experts": list(expert_names), "distribution": dist})
+    return out

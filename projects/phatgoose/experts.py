@@ -1,0 +1,159 @@
+"""Training a LoRA expert on one dataset (train_single_task_loralinear) and the multitask baseline.
+
+Expert (§3, `moe_lora_rank16.gin`): LoRA on q, k, v, o, wi_0, wi_1, wo of encoder and decoder,
+W' = W + B A / r (lora_alpha = 1), A ~ N(0, init_scale²), B = 0; seq2seq cross-entropy on the target.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, concatenate_datasets
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from common.adapters import add_adapter, lora_config, save_adapter
+from common.models import load_model
+from common.tiny_world import tiny_base
+from common.training import TrainConfig, train
+
+T5_TARGETS = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")
+CHECKPOINT = (
+    "checkpoint"  # exp_out/<exp_name>/checkpoint: an expert or library folder (the original's best.pt)
+)
+
+
+@dataclass
+class TrainSettings:
+    """The knobs of the original's Trainer (effective batch = batch_size × gradient_accumulation_factor)."""
+
+    num_steps: int = 1000
+    lr: float = 5e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    batch_size: int = 32
+    gradient_accumulation_factor: int = 32
+    grad_clip: float = 1.0
+    max_length: int = 512
+    max_train_examples: int = 500_000
+    seed: int = 42
+
+    def train_config(self, seed: int | None = None) -> TrainConfig:
+        return TrainConfig(
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            max_steps=self.num_steps,
+            warmup_steps=math.ceil(self.warmup_ratio * self.num_steps),
+            schedule="constant",
+            grad_accum=self.gradient_accumulation_factor,
+            max_grad_norm=self.grad_clip,
+            seed=self.seed if seed is None else seed,
+            batch_size=self.batch_size,
+            log_every=max(1, self.num_steps // 10),
+        )
+
+
+def resolve_base(name_or_path: str) -> str:
+    """'tiny:t5' / 'micro:t5' -> the cached tiny base folder; anything else is a hub id or a local path."""
+    scale, sep, name = name_or_path.partition(":")
+    if sep and scale in ("tiny", "micro"):
+        return str(tiny_base(name, scale))
+    return name_or_path
+
+
+def load_base(name_or_path: str) -> tuple[nn.Module, Any]:
+    """(T5 model, tokenizer) from a tiny-base spec, a local folder or a hub id."""
+    from transformers import AutoTokenizer
+
+    path = resolve_base(name_or_path)
+    model = load_model(path)
+    if not model.config.is_encoder_decoder:
+        raise ValueError(
+            f"PHATGOOSE needs an encoder-decoder (T5) base, {name_or_path} is {model.config.model_type}"
+        )
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def seq2seq_collate(tokenizer: Any, max_length: int):
+    """Examples with `source`/`target` -> (input_ids, attention_mask, labels), labels padded with -100."""
+
+    def collate(rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        enc = tokenizer(
+            [r["source"] for r in rows],
+            max_length=max_length,
+            truncation=True,
+            padding=True,
+            return_tensors="pt",
+        )
+        dec = tokenizer(
+            [r["target"] for r in rows],
+            max_length=max_length,
+            truncation=True,
+            padding=True,
+            return_tensors="pt",
+        )
+        labels = dec["input_ids"].masked_fill(dec["attention_mask"] == 0, -100)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+
+    return collate
+
+
+def seq2seq_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def init_lora(model: nn.Module, init_scale: float) -> None:
+    """The original's LoRA init: A ~ N(0, init_scale²), B = 0 (so the expert starts as the base)."""
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            for name in m.lora_A:
+                nn.init.normal_(m.lora_A[name].weight, std=init_scale)
+                nn.init.zeros_(m.lora_B[name].weight)
+
+
+def train_lora_expert(
+    base: str,
+    data: Dataset,
+    out: str | os.PathLike,
+    settings: TrainSettings,
+    *,
+    rank: int = 16,
+    init_scale: float = 0.01,
+    target_modules: Sequence[str] = T5_TARGETS,
+    name: str = "expert",
+    seed: int | None = None,
+) -> Path:
+    """Train one LoRA (base frozen) on `data` (source, target); the PEFT adapter goes to `out/checkpoint`."""
+    model, tokenizer = load_base(base)
+    model = add_adapter(model, lora_config("t5", rank, 1.0, target_modules=list(target_modules)))
+    model.peft_config["default"].base_model_name_or_path = resolve_base(base)
+    torch.manual_seed(settings.seed if seed is None else seed)
+    init_lora(model, init_scale)
+    model.train()  # T5 dropout is active while training, as in the original
+    data = data.select(range(min(len(data), settings.max_train_examples))).select_columns(
+        ["source", "target"]
+    )
+    out = Path(out)
+    train(
+        model,
+        seq2seq_loss,
+        data,
+        settings.train_config(seed),
+        out / "training",
+        collate_fn=seq2seq_collate(tokenizer, settings.max_length),
+        resume=True,
+    )
+    model.eval()
+    return save_adapter(model, out / CHECKPOINT, extras_meta={"name": name, "stage": "lora", "base": base})
+
+
+def multitask_data(datasets: Sequence[Dataset], cap: int) -> Dataset:
+    """The union of the experts' training sets, each capped at `cap` (temperature-1 mixing = proportional)."""
+    parts = [d.select(range(min(len(d), cap))).select_columns(["source", "target"]) for d in datasets]
+    return concatenate_datasets(parts)

@@ -1,0 +1,203 @@
+"""Average Activation keys, Retrieval, the held-out split, and the gin layer."""
+
+from __future__ import annotations
+
+import copy
+
+import gin
+import pytest
+import torch
+
+from common.models import micro_model
+from projects.phatgoose import configurables as C
+from projects.phatgoose.baselines import Retriever, average_hiddens, retrieval_text
+from projects.phatgoose.moe import Expert, attach_experts
+
+CONFIGS = C.CONFIGS
+
+
+class _Tok:
+    """A character-level stand-in tokenizer: enough for `seq2seq_collate`."""
+
+    def __call__(self, texts, max_length, truncation, padding, return_tensors):
+        ids = [[2 + (ord(c) % 200) for c in t[:max_length]] for t in texts]
+        n = max(map(len, ids))
+        return {
+            "input_ids": torch.tensor([x + [0] * (n - len(x)) for x in ids]),
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids]),
+        }
+
+
+def _zero_expert(model) -> Expert:
+    mods = {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("q", "wo")}
+    return Expert(
+        "z",
+        {n: torch.zeros(2, m.in_features) for n, m in mods.items()},
+        {n: torch.zeros(m.out_features, 2) for n, m in mods.items()},
+        0.5,
+    )
+
+
+def test_average_hiddens_is_the_mean_of_per_example_masked_means():
+    model = micro_model("t5")
+    ref = copy.deepcopy(model)
+    attach_experts(model, [_zero_expert(model)])
+    rows = [{"source": "ab", "target": "x"}, {"source": "abcdef", "target": "yz"}]
+    keys = average_hiddens(model, _Tok(), rows, 0, batch_size=2)
+    # reference: the encoder's first q input is the layer-normed embeddings of real tokens
+    q = "encoder.block.0.layer.0.SelfAttention.q"
+    seen = []
+    ref.get_submodule(q).register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    per_example = []
+    for r in rows:
+        ids = torch.tensor([[2 + (ord(c) % 200) for c in r["source"]]])
+        labels = torch.tensor([[2 + (ord(c) % 200) for c in r["target"]]])
+        seen.clear()
+        with torch.no_grad():
+            ref(input_ids=ids, labels=labels)
+        per_example.append(seen[0][0].mean(0))
+    torch.testing.assert_close(keys[q], torch.stack(per_example).mean(0), atol=1e-5, rtol=1e-4)
+
+
+def test_average_hiddens_rejects_unknown_reduction():
+    model = micro_model("t5")
+    attach_experts(model, [_zero_expert(model)])
+    with pytest.raises(ValueError, match="reduction_method"):
+        average_hiddens(model, _Tok(), [{"source": "a", "target": "b"}], 0, encoder_reduction="max")
+
+
+def test_retrieval_picks_the_expert_of_the_query_dataset():
+    r = Retriever()
+    r.add_expert(
+        "sentiment",
+        [
+            retrieval_text({"source": f"Tweet: I {w} this phone", "choices": ["neg", "pos"]})
+            for w in ("love", "hate", "adore", "dislike")
+        ],
+    )
+    r.add_expert(
+        "math",
+        [
+            retrieval_text({"source": f"Problem: what is {a} plus {b}?", "choices": ["1", "2"]})
+            for a, b in ((1, 2), (3, 4), (5, 6), (7, 8))
+        ],
+    )
+    queries = [
+        {"source": "Tweet: I really like this camera", "choices": ["neg", "pos"]},
+        {"source": "Problem: what is 10 plus 12?", "choices": ["1", "2"]},
+    ]
+    assert r.retrieve([retrieval_text(q) for q in queries]).tolist() == [0, 1]
+
+
+def test_retrieval_text_format():
+    row = {"source": "x y", "choices": ["a", "b"]}
+    assert retrieval_text(row) == "Answer Choices: a, b, Instance: x y"
+    assert retrieval_text(row, include_answer_choices=False) == "x y"
+
+
+@pytest.mark.parametrize("name", ["tiny.gin", "micro.gin", "paper_p3.gin", "paper_flan.gin"])
+def test_gin_configs_parse(name):
+    C.parse([CONFIGS / name])
+    assert C.scoped("P/TRAIN", C.trainer_settings).num_steps >= 1
+    assert C.scoped("P/EVALUATE", C.eval_settings).datasets
+    gin.clear_config()
+
+
+def test_scoped_bindings_and_clear_config_keep_runs_independent():
+    C.parse(
+        [CONFIGS / "tiny.gin"],
+        [
+            "P/TRAIN/Trainer.gradient_accumulation_factor=32",
+            'M/MODEL/ENCODER/ExposeHidden.reduction_method="masked_mean"',
+        ],
+    )
+    assert C.scoped("P/TRAIN", C.trainer_settings).gradient_accumulation_factor == 32
+    assert C.scoped("P/TRAIN/GATE", C.trainer_settings).gradient_accumulation_factor == 32  # inherited
+    assert C.scoped("P/TRAIN/GATE", C.trainer_settings).num_steps == 40  # its own
+    assert C.scoped("M/MODEL/ENCODER", C.expose_hidden) == "masked_mean"
+    assert C.scoped("M/MODEL/DECODER", C.expose_hidden) is None
+    C.parse([CONFIGS / "tiny.gin"])
+    assert C.scoped("P/TRAIN", C.trainer_settings).gradient_accumulation_factor == 1
+    gin.clear_config()
+
+
+def test_pasted_readme_bindings_parse():
+    C.parse(
+        [CONFIGS / "tiny.gin"],
+        [
+            "MOMA/save_weights.should_save_to_gcp=False",
+            "main.logging_backend=None",
+            "M/MODEL/FFNExperts.topk_value=2",
+            "M/MODEL/FFNExperts.normalize_topk=True",
+            "P/EVALUATE/Evaluator.analysis_processors=[@WriteOutputText(), @RoutingDistribution()]",
+            'WriteOutputText.save_dir="exp_out/x/output_text"',
+            'main.procedure_exec_order=["P/EVALUATE/BBH"]',
+            "func_caller.func=@put_index_to_lora",
+            'put_index_to_lora.path="a"',
+            'put_index_to_lora.out_path="b"',
+        ],
+    )
+    procs = C.scoped("P/EVALUATE", C.eval_settings).analysis_processors
+    assert procs[0] == C.WriteOutputText("exp_out/x/output_text")
+    assert C.func_caller() == {"func": "put_index_to_lora", "path": "a", "out_path": "b"}
+    gin.clear_config()
+
+
+@pytest.mark.parametrize("binding", ["M/MODEL/FFNExperts.not_a_knob=1", "M/MODEL/ENCODER/make_moe.x=1"])
+def test_unsupported_binding_fails_clearly(binding):
+    with pytest.raises(ValueError, match=r"unsupported gin binding.*supports the configurables"):
+        C.parse([CONFIGS / "tiny.gin"], [binding])
+    gin.clear_config()
+
+
+def test_bad_binding_values_fail_clearly():
+    C.parse([], ['M/MODEL/ENCODER/ExposeHidden.reduction_method="max"', "M/MODEL/Model.init_moma_calls=[1]"])
+    with pytest.raises(ValueError, match="reduction_method"):
+        C.scoped("M/MODEL/ENCODER", C.expose_hidden)
+    with pytest.raises(ValueError, match="init_moma_calls"):
+        C.scoped("M/MODEL", C.model_settings)
+    gin.clear_config()
+
+
+def test_heldout_tasks_share_no_text_with_experts():
+    from projects.phatgoose.tasks import TINY_EXPERTS, TINY_HELDOUT, check_heldout_disjoint, dataset_name
+
+    check_heldout_disjoint(list(TINY_EXPERTS), list(TINY_HELDOUT))
+    assert dataset_name("D/TWEET_TOPIC_UNSEEN/EVAL") == "TWEET_TOPIC_UNSEEN"
+    with pytest.raises(KeyError, match="Did you mean"):
+        from projects.phatgoose.tasks import load_task
+
+        load_task("TWEET_SENTIMENT_AIRLNE")
+
+
+def test_split_bindings_like_the_bash_wrappers():
+    text = (
+        'P/EVALUATE/Evaluator.datasets=["D/A/EVAL", "D/B/EVAL"]  M/MODEL/FFNExperts.topk_value=2 '
+        "P/EVALUATE/Evaluator.analysis_processors=[@WriteOutputText(), @RoutingDistribution()] "
+        'run_concatenate.extra_bindings="M/X.r=\\"masked_mean\\" M/Y.r=\\"mean\\""'
+    )
+    assert C.split_bindings(text) == [
+        'P/EVALUATE/Evaluator.datasets=["D/A/EVAL", "D/B/EVAL"]',
+        "M/MODEL/FFNExperts.topk_value=2",
+        "P/EVALUATE/Evaluator.analysis_processors=[@WriteOutputText(), @RoutingDistribution()]",
+        'run_concatenate.extra_bindings="M/X.r=\\"masked_mean\\" M/Y.r=\\"mean\\""',
+    ]
+    with pytest.raises(ValueError, match="unbalanced"):
+        C.split_bindings('a=["x"')
+
+
+def test_paper_config_model_builds_on_meta_with_the_adapted_linears():
+    from common.models import build_meta
+    from projects.phatgoose.experts import T5_TARGETS
+
+    C.parse([CONFIGS / "paper_p3.gin"])
+    hub_id = C.scoped("M/MODEL", C.model_name)
+    rank = C.scoped("M/MODEL", C.moe_settings).d_bottleneck
+    gin.clear_config()
+    model = build_meta(hub_id)
+    linears = {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in T5_TARGETS}
+    # 24 blocks x (encoder 4 attention + 3 feed-forward; decoder 4 self + 4 cross + 3 feed-forward);
+    # rank 16: attention 16·(2048+2048) each, feed-forward 16·(2048+5120) each -> 24·1,474,560 LoRA weights
+    assert len(linears) == 24 * (7 + 11) and all(isinstance(m, torch.nn.Linear) for m in linears.values())
+    lora_params = sum(rank * (m.in_features + m.out_features) for m in linears.values())
+    assert hub_id == "google/t5-xl-lm-adapt" and rank == 16 and lora_params == 35_389_440

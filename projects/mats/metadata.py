@@ -1,0 +1,183 @@
+"""The task subspaces MaTS merges in (§3.2-3.3): diagonal and blockwise Fisher, and the input-activation
+and output-gradient Grams of every Linear (RegMean's G; K-FAC's two factors Z and O').
+
+All use log p = −(mean target-token NLL) (`model.example_log_probs`). The Fisher is per example (batch
+size 1): F = (1/N) Σn g gᵀ, g = ∇θ log p(yn | xn), with yn the gold answer (empirical) or an answer
+choice sampled from the model's softmax over summed choice log-likelihoods (true Fisher). Grams sum
+over non-pad tokens, G = Σ (m⊙x)ᵀ(m⊙x) and H = Σ (m⊙δ)ᵀ(m⊙δ) with δ = ∂ log p / ∂(module output),
+and are divided by the number of non-pad encoder (input mask) or decoder (target mask) tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from projects.mats.model import encode, example_log_probs, is_encoder_decoder
+
+FISHER_KINDS = ("diagonal", "blockwise")
+# Modules whose input lives on encoder positions (the original's `input_mask` regex); others are decoder.
+INPUT_MASK_MODULES = re.compile(r".*encoder.*|.*decoder.*EncDecAttention\.(k|v).*")
+
+
+def answers(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    true_fisher: bool,
+    seed: int,
+    max_source_len: int,
+) -> list[str]:
+    """The answer each example's gradient is taken at: gold, or sampled from p(choice) (true Fisher)."""
+    if not true_fisher:
+        return [ex["choices"][ex["label"]] for ex in examples]
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for ex in examples:
+            batch = encode(
+                tokenizer,
+                [ex["question"]] * len(ex["choices"]),
+                ex["choices"],
+                encoder_decoder=is_encoder_decoder(model),
+                max_source_len=max_source_len,
+            )
+            scores = example_log_probs(model, batch, reduction="sum")
+            out.append(ex["choices"][torch.multinomial(scores.softmax(0), 1, generator=generator).item()])
+    return out
+
+
+def fisher(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Mapping[str, Any]],
+    params: Mapping[str, nn.Parameter],
+    *,
+    kind: str = "diagonal",
+    true_fisher: bool = False,
+    seed: int = 0,
+    max_source_len: int = 512,
+) -> dict[str, torch.Tensor]:
+    """Diagonal (g², param-shaped) or blockwise (g gᵀ, (n, n) per parameter) Fisher, averaged over examples."""
+    if kind not in FISHER_KINDS:
+        raise ValueError(f"unknown Fisher approximation {kind!r}; choose one of {FISHER_KINDS}")
+    if not examples:
+        raise ValueError("the Fisher needs at least one example")
+    was_training = model.training
+    model.eval()  # no dropout: the Fisher of the deterministic model
+    targets = answers(
+        model, tokenizer, examples, true_fisher=true_fisher, seed=seed, max_source_len=max_source_len
+    )
+    names = list(params)
+    acc = {
+        k: torch.zeros_like(p) if kind == "diagonal" else p.new_zeros(p.numel(), p.numel())
+        for k, p in params.items()
+    }
+    for ex, y in zip(tqdm(examples, desc=f"{kind} Fisher"), targets):
+        batch = encode(
+            tokenizer,
+            [ex["question"]],
+            [y],
+            encoder_decoder=is_encoder_decoder(model),
+            max_source_len=max_source_len,
+        )
+        grads = torch.autograd.grad(
+            example_log_probs(model, batch)[0], [params[k] for k in names], allow_unused=True
+        )
+        for k, g in zip(names, grads):
+            if g is None:
+                continue
+            if kind == "diagonal":
+                acc[k] += g.detach() ** 2
+            else:
+                v = g.detach().reshape(-1)
+                acc[k] += torch.outer(v, v)
+    model.train(was_training)
+    return {k: a / len(examples) for k, a in acc.items()}
+
+
+def _linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    # Names as the merged parameters see them, minus '.weight' (peft wraps the base Linear in a layer that
+    # is not an nn.Linear, so full fine-tuning is the case that matters here).
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def gram_matrices(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    batch_size: int = 8,
+    true_fisher: bool = False,
+    seed: int = 0,
+    max_source_len: int = 512,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """({module: G (in, in)}, {module: H (out, out)}) over `examples`; H skips `lm_head` (vocab × vocab)."""
+    if not examples:
+        raise ValueError("the Gram matrices need at least one example")
+    encoder_decoder = is_encoder_decoder(model)
+    modules = _linear_modules(model)
+    G = {n: m.weight.new_zeros(m.in_features, m.in_features) for n, m in modules.items()}
+    H = {
+        n: m.weight.new_zeros(m.out_features, m.out_features)
+        for n, m in modules.items()
+        if "lm_head" not in n
+    }
+    counts = {"input": 0, "target": 0}
+    masks: dict[str, torch.Tensor] = {}
+
+    def mask_of(name: str) -> torch.Tensor:
+        # (B, T, 1) of the positions this module sees
+        return masks["input" if not encoder_decoder or INPUT_MASK_MODULES.fullmatch(name) else "target"]
+
+    def hook(name: str):
+        def forward_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            m = mask_of(name)
+            x = inputs[0].detach() * m  # (B, T, in)
+            G[name] += torch.einsum("bti,btj->ij", x, x)
+            if name in H and output.requires_grad:
+
+                def grad_hook(d: torch.Tensor) -> None:  # d (B, T, out) = ∂ Σn log p_n / ∂ output
+                    H[name].add_(torch.einsum("bti,btj->ij", d * m, d * m))
+
+                output.register_hook(grad_hook)
+
+        return forward_hook
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        targets = answers(
+            model, tokenizer, examples, true_fisher=true_fisher, seed=seed, max_source_len=max_source_len
+        )
+        for start in tqdm(range(0, len(examples), batch_size), desc="Gram matrices"):
+            chunk = examples[start : start + batch_size]
+            batch = encode(
+                tokenizer,
+                [ex["question"] for ex in chunk],
+                targets[start : start + batch_size],
+                encoder_decoder=encoder_decoder,
+                max_source_len=max_source_len,
+            )
+            masks["input"] = batch["attention_mask"].unsqueeze(-1).float()
+            masks["target"] = (batch["labels"] != -100).unsqueeze(-1).float()
+            counts["input"] += int(batch["attention_mask"].sum())
+            counts["target"] += int((batch["labels"] != -100).sum())
+            # Σn log p_n: examples are independent, so δ at example n's tokens is ∂ log p_n / ∂ output.
+            example_log_probs(model, batch).sum().backward()
+            model.zero_grad(set_to_none=True)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    norm = {
+        n: counts["input" if not encoder_decoder or INPUT_MASK_MODULES.fullmatch(n) else "target"] for n in G
+    }
+    return {n: g / norm[n] for n, g in G.items()}, {n: h / norm[n] for n, h in H.items()}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# `make table-mats`: the multitask merging table (full fine-tuning and (IA)^3, 3 seeds) at SCALE=tiny.
+# Env: SCALE (tiny | paper), PY (python). Writes runs/mats/<scale>/{full_model,ia3}/seed<N>/results.json
+# and runs/mats/<scale>/table.md.
+set -euo pipefail
+SCALE=${SCALE:-tiny}
+PY=${PY:-python}
+if [ "$SCALE" = "paper" ]; then
+  echo "table-mats: paper scale needs the P3 prompts (not wired yet) and GPUs; see projects/mats/README.md"
+  exit 1
+fi
+for fmt in ia3 full_model; do
+  for seed in 0 1 2; do
+    $PY -m projects.mats.reproduce --scale "$SCALE" --format "$fmt" --seed "$seed" --runs runs/mats
+  done
+done
+$PY -m projects.mats.analyze --runs runs/mats --scale "$SCALE"

@@ -1,0 +1,101 @@
+"""The README's pipeline in-process through `main.main(argv)` (train -> metadata -> merges -> inference)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.config import ConfigError
+from projects.mats.main import main
+from projects.mats.merging import MergeError
+
+CONFIGS = Path(__file__).resolve().parents[2] / "projects" / "mats" / "configs"
+FULL = ["-c", str(CONFIGS / "micro_t5.yaml")]
+IA3 = ["-c", str(CONFIGS / "micro_t5.yaml"), str(CONFIGS / "micro_ia3.yaml")]
+TASKS = ("gsm_language_id", "champ_category")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mats_pipeline")
+    registry = root / "checkpoints.yaml"
+    common = ["-o", f"experiment.exp_out={root}", f"experiment.checkpoint_registry={registry}"]
+    for configs in (FULL, IA3):
+        for task in TASKS:
+            main(["train", *configs, "-td", f"train_dataset={task}", "-ed", f"evaluation_dataset={task}",
+                  "--register", str(registry), *common, "experiment.run_name=s0"])  # fmt: skip
+    return root, common
+
+
+def test_pipeline_full_model(world, capsys):
+    root, common = world
+    args = ["-d", "micro_two", "--checkpoint_descriptor", "full_model", *common]
+    main(["save_fisher", *FULL, "-f", "diagonal", *args])
+    main(["save_gram_matrix", *FULL, *args])
+    main(["individual_models", *FULL, *args])
+    for command in ("average", "ties", "diagonal_fisherMerging", "regmean"):
+        main([command, *FULL, *args])
+    main(["task_vectors", *FULL, *args, "--model_lambda", "0.3"])
+    ta = (
+        root
+        / "merging/offline/micro_two/micro-t5/full_model/task_vectors/model_lambda_0.3/merged_model.safetensors"
+    )
+    assert ta.is_file()
+    main(["conjugateGradient_average", *FULL, *args, "--initialization", "average"])
+    main(["conjugateGradient_diagonalFisher", *FULL, *args])
+    main(["conjugateGradient_fisherMerging", *FULL, *args, "--initialization", str(ta)])
+    main(["conjugateGradient_fisherMerging", *FULL, *args, "--use_backward", "--initialization", str(ta)])
+    cg = root / "merging/offline/micro_two/micro-t5/full_model/conjugate_gradients"
+    kfac = next(cg.glob("fisher_merging_kfac_*"))
+    blocks = json.loads((kfac / "log.json").read_text())[0]["blocks"]
+    assert {b["block"] for b in blocks} >= {
+        "lm_head.weight",
+        "encoder.block.0.layer.0.SelfAttention.q.weight",
+    }
+    results = json.loads(
+        (root / "merging/offline/micro_two/micro-t5/full_model/ties/results.json").read_text()
+    )
+    assert [r["model_lambda"] for r in results["sweep"]] == [round(0.1 * i, 1) for i in range(11)]
+    capsys.readouterr()
+    main(
+        [
+            "inference",
+            "--merged_model",
+            results["merged_model"],
+            "-ed",
+            "evaluation_split=test",
+            "-i",
+            "micro_two",
+        ]
+    )
+    assert set(yaml.safe_load(capsys.readouterr().out)["test"]) == {*TASKS, "average"}
+
+
+def test_pipeline_ia3(world, capsys):
+    root, common = world
+    args = ["-d", "micro_two", "--checkpoint_descriptor", "ia3", *common]
+    main(["save_fisher", *IA3, "-f", "blockwise", "--use_true_fisher", *args])
+    main(["conjugateGradient_fisherMerging", *IA3, *args, "-f", "blockwise", "--use_true_fisher",
+          "--num_iterations", "10", "--initialization", "pretrained"])  # fmt: skip
+    run = root / "offline/champ_category/micro-t5/ia3/s0"
+    capsys.readouterr()
+    main(["inference", "-e", str(run), "-ed", "split=train", "-er", "eval_batch_size=32"])
+    assert "champ_category" in yaml.safe_load(capsys.readouterr().out)["train"]
+
+
+def test_clear_errors(world):
+    root, common = world
+    args = ["-d", "micro_two", "--checkpoint_descriptor", "ia3", *common]
+    with pytest.raises(MergeError, match=r"missing metadata .*run `main\.py save_gram_matrix`"):
+        main(["regmean", *IA3, *args])
+    with pytest.raises(KeyError, match=r"has no micro-t5/offline/lora"):
+        main(["average", *IA3, "-d", "micro_two", "--checkpoint_descriptor", "lora", *common])
+    with pytest.raises(KeyError, match=r"Did you mean 'micro_two'"):
+        main(["average", *IA3, "-d", "micro_tow", "--checkpoint_descriptor", "ia3", *common])
+    with pytest.raises(ConfigError, match=r"unknown config key 'train_run\.learning_rate'"):
+        main(["train", *FULL, "-tr", "learning_rate=0.1"])
+    with pytest.raises(KeyError, match="another base model or format"):
+        # (IA)^3 vectors loaded into a fully fine-tuned model
+        ia3_ckpt = next((root / "offline/champ_category/micro-t5/ia3/s0").glob("checkpoint_*.safetensors"))
+        main(["inference", *FULL, "--merged_model", str(ia3_ckpt)])

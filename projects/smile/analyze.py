@@ -1,0 +1,200 @@
+"""The paper's tables from the sweep summaries (mean ± std over seeds), beside the paper's numbers:
+methods vs individual experts, the (gate_k, k) grid with parameter ratios (and a plot of accuracy against
+size), the top_k ablation, and singular projection merging (Space I / II / II+III).
+
+    python -m projects.smile.analyze runs=runs/smile/tiny out=runs/smile/tiny/table
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common.config import load_config
+from common.io import read_json, write_text
+from common.rundir import RunDir, markdown_table
+
+PAPER = Path(__file__).parent / "paper.yaml"
+DEFAULTS = {"runs": "runs/smile/tiny", "out": "runs/smile/tiny/table"}
+
+
+def summaries(runs: str | Path) -> list[dict[str, Any]]:
+    """Every seed's sweep summary metrics under `runs`, by seed."""
+    found = sorted(Path(runs).glob("seed_*/summary/results.json"))
+    if not found:
+        raise FileNotFoundError(f"no sweep summaries (seed_*/summary/results.json) under {runs}")
+    return [read_json(p)["metrics"] for p in found]
+
+
+def _get(metrics: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        metrics = metrics[part]
+    return metrics
+
+
+def mean_std(values: Sequence[float], percent: bool = True) -> str:
+    scale = 100 if percent else 1
+    m = statistics.mean(values) * scale
+    s = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{m:.1f} ± {s:.1f}"
+
+
+def cell(runs: list[dict[str, Any]], key: str, percent: bool = True) -> str:
+    try:
+        return mean_std([_get(r, key) for r in runs], percent)
+    except KeyError:
+        return "—"
+
+
+def tables(runs: list[dict[str, Any]], paper: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    p = paper["experiments"]["tiny_clip"]["paper"]
+    pct = lambda key: f"{100 * p[key]:.1f}" if key in p else "—"  # noqa: E731
+    selected = [r["smile_selected_config"] for r in runs]
+    methods = [
+        ("pretrained (zero-shot heads)", "pretrained", "1.00"),
+        ("individual experts (own task)", "individual", "8 models"),
+        ("simple average", "simple_average", "1.00"),
+        ("task arithmetic (λ on validation)", "task_arithmetic", "1.00"),
+        (
+            "SMILE (gate_k, k) on validation, ≤ 2x",
+            "smile_selected",
+            cell(runs, "smile_selected_params_ratio", False),
+        ),
+    ]
+    main = [
+        {
+            "method": name,
+            "accuracy (%)": cell(runs, key),
+            "params (x base)": ratio,
+            "paper B/32 (%)": pct(key),
+        }
+        for name, key, ratio in methods
+    ]
+    main[-1]["paper B/32 (%)"] += " (16, 32), 1.61x"
+    main.append(
+        {
+            "method": "SMILE configs chosen",
+            "accuracy (%)": ", ".join(f"({s['gate_k']}, {s['k']})" for s in selected),
+        }
+    )
+    grid_keys = sorted(
+        {key for r in runs for key in r if key.startswith("smile_g") and not key.endswith("ratio")}
+    )
+    gates = sorted({int(k.split("_")[1][1:]) for k in grid_keys})
+    ks = sorted({int(k.split("_k")[-1]) for k in grid_keys}, key=lambda k: (k == -1, k))
+    grid = [
+        {"gate_k": g}
+        | {
+            f"k={k}": f"{cell(runs, f'smile_g{g}_k{k}')} ({cell(runs, f'smile_g{g}_k{k}_params_ratio', False).split(' ')[0]}x)"
+            for k in ks
+        }
+        for g in gates
+    ]
+    topk = [
+        {"top_k": t, "accuracy (%)": cell(runs, f"top_k_{t}"), "paper B/32 (16, 32) (%)": pct(f"top_k_{t}")}
+        for t in (1, 2, 4, 8)
+        if any(f"top_k_{t}" in r for r in runs)
+    ]
+    spaces = ("ft", "space_I", "space_II", "space_II_III")
+    tasks = list(runs[0]["projection"]["ft"])
+    projection = [{"task": t} | {s: cell(runs, f"projection.{s}.{t}") for s in spaces} for t in tasks]
+    projection.append({"task": "paper B/32 average"} | {s: pct(f"projection.{s}.average") for s in spaces})
+    return {"main": main, "grid": grid, "top_k": topk, "projection": projection}
+
+
+def mistral_table(runs: str | Path) -> list[dict[str, Any]]:
+    """The tiny Mistral arm: bits per byte (lower is better) per domain, mean ± std over seeds, by model."""
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(Path(runs).glob("mistral/seed_*/*/results.json")):
+        by_model.setdefault(path.parent.name, []).append(read_json(path)["metrics"])
+    rows = []
+    for name, reports in sorted(by_model.items(), key=lambda kv: _model_order(kv[0])):
+        domains = [d for d in reports[0] if d not in ("model_info", "average")]
+        row = {"model": name, "params (x base)": f"{reports[0]['model_info'].get('params_ratio', 1.0):.2f}"}
+        row |= {
+            f"{d} (bpb)": mean_std([r[d]["bits_per_byte"] for r in reports], percent=False) for d in domains
+        }
+        rows.append(row | {"seeds": len(reports)})
+    return rows
+
+
+def _model_order(name: str) -> tuple[int, str, int]:
+    # M0, M_math, M_code, then smile_<experts>_k<k> by experts and k
+    if not name.startswith("smile_"):
+        return (0, name, 0)
+    experts, _, k = name.removeprefix("smile_").rpartition("_k")
+    return (1, experts, int(k))
+
+
+def plot_grid(runs: list[dict[str, Any]], rd: RunDir) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for r in runs for k in r if k.startswith("smile_g") and not k.endswith("ratio")})
+    points = [
+        {
+            "config": k,
+            "params_ratio": statistics.mean(r[f"{k}_params_ratio"] for r in runs),
+            "accuracy": statistics.mean(r[k] for r in runs),
+        }
+        for k in keys
+    ]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.scatter(
+        [p["params_ratio"] for p in points], [100 * p["accuracy"] for p in points], s=12, label="SMILE grid"
+    )
+    for name, key in (("individual", "individual"), ("task arithmetic", "task_arithmetic")):
+        ax.axhline(
+            100 * statistics.mean(r[key] for r in runs),
+            ls="--",
+            lw=1,
+            label=name,
+            color="C1" if key == "individual" else "C2",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (x base vision tower)")
+    ax.set_ylabel("8-task average accuracy (%)")
+    ax.legend(fontsize=7)
+    rd.save_plot(fig, "grid_accuracy_vs_params", {"points": points})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("overrides", nargs="*")
+    cfg = load_config(DEFAULTS, overrides=parser.parse_args(argv).overrides)
+    runs = summaries(cfg["runs"])
+    paper = yaml.safe_load(PAPER.read_text())
+    rd = RunDir(
+        cfg["out"], project="smile", experiment="tiny_clip_table", scale="tiny", seed=None, config=cfg
+    )
+    out = [f"# SMILE, tiny CLIP, {len(runs)} seeds (mean ± std)\n"]
+    titles = {
+        "main": "Eight tasks: SMILE vs merging and the individual experts",
+        "grid": "SMILE over (gate_k, k): accuracy (%) and parameters (x base)",
+        "top_k": "Experts per token (top_k)",
+        "projection": "Singular projection merging: own-task accuracy (%)",
+    }
+    for name, rows in tables(runs, paper).items():
+        out.append(f"## {titles[name]}\n\n{markdown_table(rows)}\n")
+    lm = mistral_table(cfg["runs"])
+    if lm:
+        out.append(
+            "## Tiny Mistral: math and code experts, SMILE over k (gate_k=4), lm-eval bits per byte (lower is "
+            f"better)\n\n{markdown_table(lm)}\n"
+        )
+    write_text(Path(cfg["out"]) / "table.md", "\n".join(out))
+    plot_grid(runs, rd)
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Fine-tune the CLIP vision tower on one task with frozen zero-shot text heads: the tiny-scale experts.
+
+Stands in for tanganke's `clip-vit-base-patch32_<task>` checkpoints: full fine-tuning of the vision tower
+(every weight), the class embeddings of "a photo of a {class}." from the CLIP text tower, the visual
+projection and the temperature frozen. Each expert is saved as a `CLIPVisionModel` folder.
+
+    python -m projects.smile.finetune --config projects/smile/configs/tiny_finetune.yaml seed=0 \
+        out=runs/smile/tiny/experts/seed_0
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+from common.config import load_config
+from common.models import load_model
+from common.rundir import RunDir, seed_everything
+from common.training import TrainConfig, train
+from projects.smile.pools import CLIPTaskPool, clip_logits, resolve_path
+
+DEFAULTS: dict[str, Any] = {
+    "clip_model": "tiny:clip",  # the base whose vision tower is fine-tuned and whose heads are used
+    "data": "tiny",  # tiny (common.data image tasks) or hub
+    "tasks": [],
+    "templates": ["a photo of a {}."],
+    "seed": 0,
+    "scale": "tiny",
+    "out": "runs/smile/tiny/experts/seed_0",
+    "train": {"lr": 1e-4, "weight_decay": 0.1, "max_steps": 200, "warmup_steps": 20, "batch_size": 64},
+    "max_train_examples": None,
+    "max_eval_examples": None,
+}
+
+
+def finetune_task(cfg: dict[str, Any], task: str, out: Path) -> dict[str, float]:
+    """Fine-tune one expert, save it to `out`, and return its validation metrics on its own task."""
+    clip_path = resolve_path(cfg["clip_model"])
+    pool_cfg = {
+        "clip_model": clip_path,
+        "tasks": [task],
+        "data": cfg["data"],
+        "templates": cfg["templates"],
+        "max_examples": cfg["max_train_examples"],
+        "split": "train",
+    }
+    train_pool = CLIPTaskPool(pool_cfg)  # the train split and the frozen heads
+    pixels, labels = train_pool.data[task]
+    text, projection, scale = train_pool.text[task], train_pool.projection, train_pool.logit_scale
+    vision = load_model(clip_path, "clip_vision").train()
+    tc = TrainConfig(**{**cfg["train"], "seed": cfg["seed"], "schedule": "cosine", "log_every": 20})
+
+    def epoch_batches(epoch: int) -> list[dict[str, torch.Tensor]]:
+        g = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
+        order = torch.randperm(len(labels), generator=g)
+        step = tc.batch_size
+        return [
+            {"pixel_values": pixels[order[i : i + step]], "labels": labels[order[i : i + step]]}
+            for i in range(0, len(order) - step + 1, step)
+        ]
+
+    def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(
+            clip_logits(model, projection, scale, text, batch["pixel_values"]), batch["labels"]
+        )
+
+    run = out.with_name(out.name + ".training")
+    train(vision, loss_fn, epoch_batches, tc, run, params=list(vision.parameters()))
+    vision.eval().save_pretrained(out)
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    return validate(cfg, task, out)
+
+
+def validate(cfg: dict[str, Any], task: str, expert: Path) -> dict[str, float]:
+    """An expert's accuracy and loss on its own task's validation split."""
+    pool_cfg = {
+        "clip_model": resolve_path(cfg["clip_model"]),
+        "tasks": [task],
+        "data": cfg["data"],
+        "templates": cfg["templates"],
+        "max_examples": cfg["max_eval_examples"],
+        "split": "validation",
+    }
+    return CLIPTaskPool(pool_cfg).evaluate(load_model(expert, "clip_vision"))[task]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", action="append", default=[], help="YAML config file(s)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seed=1 train.max_steps=50")
+    args = parser.parse_args(argv)
+    transformers.logging.set_verbosity_error()  # loading a tower from a full CLIP folder lists the other's keys
+    cfg = load_config(DEFAULTS, args.config, args.overrides)
+    if not cfg["tasks"]:
+        raise ValueError("no tasks to fine-tune on: set tasks=[...] or pass a config with tasks")
+    seed_everything(cfg["seed"])
+    out = Path(cfg["out"])
+    run = RunDir(
+        out, project="smile", experiment="finetune", scale=cfg["scale"], seed=cfg["seed"], config=cfg
+    )
+    metrics = {}
+    for task in cfg["tasks"]:
+        if (out / task / "config.json").is_file():  # already fine-tuned (same config folder): reuse
+            print(f"expert {task}: exists at {out / task}, reused")
+            metrics[task] = validate(cfg, task, out / task)
+        else:
+            metrics[task] = finetune_task(cfg, task, out / task)
+        print(f"expert {task}: validation accuracy {metrics[task]['accuracy']:.4f}")
+    run.write_results(metrics)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The methods `main.py` runs, as fusion_bench's `method=` group: `fn(cfg, pretrained, models) -> (model, info)`.
+
+`info` is merged into the report's `model_info`. Upscaled models are saved as a folder: the base
+`config.json`, `model.safetensors` and `smile.json` (which layers are upscaled, with which ranks).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.device import resolve_device
+from common.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from common.models import build_model, count_parameters
+from common.registry import lookup
+from projects.smile.merging import MERGES
+from projects.smile.projection import singular_projection_merge
+from projects.smile.upscale import SmileMoELinear, smile_upscale
+
+Method = Callable[[Mapping[str, Any], "nn.Module | None", dict[str, nn.Module]], tuple[nn.Module, dict]]
+SMILE_FILE = "smile.json"
+
+
+def _need_pretrained(pretrained: nn.Module | None, method: str) -> nn.Module:
+    if pretrained is None:
+        raise ValueError(f"method {method!r} needs a '_pretrained_' model in the model pool")
+    return pretrained
+
+
+def _need_experts(models: dict[str, nn.Module], method: str, exactly: int | None = None) -> None:
+    if not models or (exactly is not None and len(models) != exactly):
+        want = f"exactly {exactly}" if exactly else "at least one"
+        raise ValueError(
+            f"method {method!r} needs {want} fine-tuned model(s) in the pool, got {list(models)}"
+        )
+
+
+def dummy(cfg: Mapping[str, Any], pretrained: nn.Module | None, models: dict[str, nn.Module]):
+    """The pool's pretrained model, or its first model if it has none (fusion_bench `method=dummy`)."""
+    model = pretrained if pretrained is not None else next(iter(models.values()), None)
+    if model is None:
+        raise ValueError("method 'dummy' needs one model in the pool")
+    return model, {}
+
+
+def smile_upscaling(cfg: Mapping[str, Any], pretrained: nn.Module | None, models: dict[str, nn.Module]):
+    """SMILE upscaling of every nn.Linear (projects/smile/upscale.py)."""
+    pretrained = _need_pretrained(pretrained, "smile_upscaling")
+    _need_experts(models, "smile_upscaling")
+    device = resolve_device(cfg["device"])
+    accelerator = resolve_device(cfg.get("upscaling_accelerator") or device)
+    model, info = smile_upscale(
+        pretrained,
+        models,
+        gate_k=int(cfg["gate_k"]),
+        k=int(cfg["k"]),
+        top_k=int(cfg["top_k"]),
+        routing_use_diff=bool(cfg["routing_use_diff"]),
+        full_matrices=bool(cfg["full_matrices"]),
+        average_experts=bool(cfg["average_experts"]),
+        targets=cfg.get("targets"),
+        device=accelerator,
+    )
+    model = model.to(device)
+    smile = {
+        "experts": list(models),
+        "gate_k": info.gate_k,
+        "k": info.k,
+        "top_k": int(cfg["top_k"]),
+        "upscaled_layers": list(info.upscaled),
+        "skipped_layers": info.skipped,
+    }
+    if cfg.get("model_path"):
+        save_upscaled(model, smile, cfg["model_path"])
+    return model, {"added_params_formula": info.added_parameters, "smile": smile}
+
+
+def save_upscaled(model: nn.Module, smile: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """config.json + model.safetensors + smile.json, written atomically."""
+    with atomic_dir(path) as tmp:
+        if hasattr(model, "config"):
+            model.config.save_pretrained(tmp)
+        save_tensors(tmp / "model.safetensors", model.state_dict())
+        write_json(tmp / SMILE_FILE, dict(smile))
+
+
+def load_upscaled(path: str | os.PathLike, family: str | None = None) -> nn.Module:
+    """Rebuild a saved upscaled model: the base architecture, its SMILE layers swapped in, the weights."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    smile = read_json(path / SMILE_FILE)
+    model = build_model(AutoConfig.from_pretrained(path), family)
+    n = len(smile["experts"])
+    for name in smile["upscaled_layers"]:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(
+            owner,
+            child,
+            SmileMoELinear(getattr(owner, child), n, smile["gate_k"], smile["k"], smile["top_k"]),
+        )
+    model.load_state_dict(load_tensors(path / "model.safetensors"), strict=True)
+    return model.eval()
+
+
+def _merge(name: str) -> Method:
+    def run(cfg: Mapping[str, Any], pretrained: nn.Module | None, models: dict[str, nn.Module]):
+        base = _need_pretrained(pretrained, name)
+        _need_experts(models, name)
+        hparams = {"scaling_factor": float(cfg["scaling_factor"])} if "scaling_factor" in cfg else {}
+        merged = lookup(MERGES, name, "merge method")(
+            base.state_dict(), [m.state_dict() for m in models.values()], **hparams
+        )
+        model = _copy_with(base, merged)
+        return model.to(resolve_device(cfg.get("device", "cpu"))), {}
+
+    run.__doc__ = f"{name} of the pool's fine-tuned models (projects/smile/merging.py)."
+    return run
+
+
+def _copy_with(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    import copy
+
+    out = copy.deepcopy(model)
+    out.load_state_dict(state)
+    return out
+
+
+def singular_projection_merging(
+    cfg: Mapping[str, Any], pretrained: nn.Module | None, models: dict[str, nn.Module]
+):
+    """Space I / II / II+III projection of one fine-tuned model's deltas (projects/smile/projection.py)."""
+    base = _need_pretrained(pretrained, "singular_projection_merging")
+    _need_experts(models, "singular_projection_merging", exactly=1)
+    device = resolve_device(cfg["device"])
+    model = singular_projection_merge(
+        base.to(device),
+        next(iter(models.values())).to(device),
+        k=int(cfg["k"]),
+        rank=cfg["rank"],
+        full_matrices=bool(cfg["full_matrices"]),
+    )
+    if cfg.get("model_path"):
+        with atomic_dir(cfg["model_path"]) as tmp:
+            model.save_pretrained(tmp)
+    return model, {}
+
+
+def smile_mistral_upscaling(
+    cfg: Mapping[str, Any], pretrained: nn.Module | None, models: dict[str, nn.Module]
+):
+    """SMILE on the seven projections of a Mistral or Llama model -> SmileMistralForCausalLM (mistral.py);
+    `model_path` gets `save_pretrained` output (and the base's tokenizer), loadable with AutoModelForCausalLM."""
+    from projects.smile.mistral import upscale_causal_lm
+
+    pretrained = _need_pretrained(pretrained, "smile_mistral_upscaling")
+    _need_experts(models, "smile_mistral_upscaling")
+    accelerator = resolve_device(cfg.get("accelerator") or cfg["device"])
+    model, info = upscale_causal_lm(
+        pretrained,
+        models,
+        num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+        rank_of_router=int(cfg["rank_of_router"]),
+        rank_of_expert=int(cfg["rank_of_expert"]),
+        device=accelerator,
+    )
+    if cfg.get("model_dtype"):
+        from projects.smile.pools import DTYPES
+
+        model = model.to(lookup(DTYPES, cfg["model_dtype"], "model_dtype"))
+    model = model.to(resolve_device(cfg["device"]))
+    if cfg.get("model_path"):
+        from transformers import AutoTokenizer
+
+        with atomic_dir(cfg["model_path"]) as tmp:
+            model.save_pretrained(tmp)
+            source = getattr(pretrained.config, "_name_or_path", "")
+            if source and (Path(source) / "tokenizer_config.json").is_file():
+                AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+    return model, {"smile": {"experts": list(models), **info}}
+
+
+METHODS: dict[str, Method] = {
+    "dummy": dummy,
+    "smile_upscaling": smile_upscaling,
+    "smile_mistral_upscaling": smile_mistral_upscaling,
+    "simple_average": _merge("simple_average"),
+    "task_arithmetic": _merge("task_arithmetic"),
+    "singular_projection_merging": singular_projection_merging,
+}
+
+
+def model_info(model: nn.Module, pretrained: nn.Module | None) -> dict[str, Any]:
+    """fusion_bench's model_info (trainable_params, all_params, trainable_percentage) + the added count."""
+    all_params = count_parameters(model)
+    trainable = count_parameters(model, trainable_only=True)
+    info = {
+        "trainable_params": trainable,
+        "all_params": all_params,
+        "trainable_percentage": trainable / all_params,
+    }
+    if pretrained is not None:
+        base = count_parameters(pretrained)
+        info |= {
+            "pretrained_params": base,
+            "added_params": all_params - base,
+            "params_ratio": all_params / base,
+        }
+    return info

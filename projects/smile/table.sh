@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# make table-smile: the tiny CLIP table (3 seeds: experts fine-tuned, then SMILE grid, top_k ablation,
+# baselines and projection merging per seed; then the tiny Mistral arm), then analyze.py.
+# Env: SCALE=tiny|paper, PY=<python>, SEEDS (default "0 1 2"), ARMS (default "clip mistral").
+set -euo pipefail
+SCALE=${SCALE:-tiny}
+PY=${PY:-python}
+if [ "$SCALE" = paper ]; then
+    # The seed README's CLIP-ViT-B/32 grid at paper scale (GPUs, network, tanganke's checkpoints).
+    OUT=runs/smile/paper/ViT-B-32
+    for gate_k in 1 2 4 8 16 32 64 128 256 512 768; do
+        for k in 4 8 16 32 64 128 -1; do
+            $PY -m projects.smile.main method=smile_upscaling/smile_upscaling method.device=cuda \
+                method.gate_k=$gate_k method.k=$k scale=paper \
+                modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8 \
+                taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8 \
+                report_save_path="$OUT/eight_tasks/gate_k=${gate_k}_k=${k}.json"
+        done
+    done
+    exit 0
+fi
+OUT=runs/smile/$SCALE
+SEEDS=${SEEDS:-0 1 2}
+ARMS=${ARMS:-clip mistral}
+for seed in $SEEDS; do
+    [[ " $ARMS " == *" clip "* ]] || continue
+    $PY -m projects.smile.finetune --config projects/smile/configs/tiny_finetune.yaml \
+        seed=$seed out=$OUT/experts/seed_$seed
+    $PY -m projects.smile.sweep --config projects/smile/configs/tiny_sweep.yaml \
+        seed=$seed expert_root=$OUT/experts/seed_$seed out=$OUT/seed_$seed
+done
+# Mistral arm: math and code experts of the tiny Mistral, SMILE over k (gate_k=4), lm-eval bits per byte.
+for seed in $SEEDS; do
+    [[ " $ARMS " == *" mistral "* ]] || continue
+    $PY -m projects.smile.finetune_lm --config projects/smile/configs/tiny_finetune_lm.yaml \
+        seed=$seed out=$OUT/lm_experts/seed_$seed
+    LM=(modelpool=AutoModelForCausalLMPool/tiny_mistral modelpool.expert_root=$OUT/lm_experts/seed_$seed
+        taskpool=LMEvalTaskPool/tiny_lm_domains seed=$seed)
+    RUNS=$OUT/mistral/seed_$seed
+    $PY -m projects.smile.main method=dummy "${LM[@]}" 'modelpool.models=[{name: _pretrained_, path: "tiny:mistral"}]' \
+        experiment=tiny_mistral run_dir=$RUNS/M0
+    for e in math code; do
+        $PY -m projects.smile.main method=dummy "${LM[@]}" "modelpool.models=[{name: $e, path: '{expert_root}/$e'}]" \
+            experiment=tiny_mistral run_dir=$RUNS/M_$e
+    done
+    for k in 4 16 64; do
+        for v in math code both; do
+            models='[{name: _pretrained_, path: "tiny:mistral"}, {name: math, path: "{expert_root}/math"}, {name: code, path: "{expert_root}/code"}]'
+            [ "$v" = both ] || models="[{name: _pretrained_, path: \"tiny:mistral\"}, {name: $v, path: \"{expert_root}/$v\"}]"
+            $PY -m projects.smile.main method=smile_upscaling/smile_mistral_upscaling method.rank_of_router=4 \
+                method.rank_of_expert=$k "${LM[@]}" "modelpool.models=$models" \
+                experiment=tiny_mistral run_dir=$RUNS/smile_${v}_k$k
+        done
+    done
+done
+$PY -m projects.smile.analyze runs=$OUT out=$OUT/table

@@ -1,0 +1,200 @@
+"""SmileMistral / SmileLlama: built by swapping layers, registered with the Auto classes, round-tripped
+through save_pretrained / from_pretrained, and evaluated with lm-eval offline."""
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from common.lm_eval_bridge import write_task_yaml
+from common.models import build_meta, count_parameters, load_model, micro_model
+from common.tiny_world import tiny_base
+from projects.smile.mistral import TARGETS, SmileMistralConfig, smile_layers, upscale_causal_lm
+from projects.smile.upscale import added_parameters
+from tests.cli import run_cli
+
+
+def _experts(base, n=2, scale=0.05, only=None):
+    out = []
+    g = torch.Generator().manual_seed(1)
+    for _ in range(n):
+        m = copy.deepcopy(base)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "layers" in name and "norm" not in name and (only is None or only in name):
+                    p.add_(scale * torch.randn(p.shape, generator=g))
+        out.append(m)
+    return out
+
+
+@pytest.mark.parametrize("family", ["mistral", "llama"])
+def test_round_trip_through_auto_classes(family, tmp_path):
+    base = micro_model(family, seed=0)
+    fts = _experts(base)
+    model, info = upscale_causal_lm(base, {"a": fts[0], "b": fts[1]}, rank_of_router=2, rank_of_expert=4)
+    assert type(model).__name__ == f"Smile{family.capitalize()}ForCausalLM"
+    assert len(smile_layers(model)) == 7 * base.config.num_hidden_layers and not info["skipped"]
+    layers = [(m.in_features, m.out_features, m.pretrained.bias is not None) for m in smile_layers(model)]
+    assert count_parameters(model) - count_parameters(base) == added_parameters(layers, 2, 2, 4)
+    x = torch.randint(0, base.config.vocab_size, (2, 9))
+    logits = model(x).logits
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == f"smile_{family}"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(reloaded) is type(model)
+    torch.testing.assert_close(reloaded(x).logits, logits, rtol=0, atol=0)
+
+
+def test_single_dense_expert_equals_the_finetuned_model_and_inputs_unchanged():
+    base = micro_model("mistral", seed=0)
+    (ft,) = _experts(base, 1)
+    state = copy.deepcopy(ft.state_dict())
+    model, _ = upscale_causal_lm(base, {"a": ft}, rank_of_router=2, rank_of_expert=-1)
+    x = torch.randint(0, base.config.vocab_size, (2, 9))
+    torch.testing.assert_close(model(x).logits, ft(x).logits, atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(v, state[k]) for k, v in ft.state_dict().items())
+
+
+def test_layers_without_deltas_become_zero_experts_with_pretrained_output():
+    base = micro_model("mistral", seed=0)
+    fts = _experts(base, 2, only="q_proj")  # every other projection is unchanged
+    model, info = upscale_causal_lm(base, {"a": fts[0], "b": fts[1]}, rank_of_router=2, rank_of_expert=2)
+    assert all(name.endswith("q_proj") for name in info["upscaled"]) and info["skipped"]
+    x = torch.randint(0, base.config.vocab_size, (1, 5))
+    h = model.model.embed_tokens(x)
+    layer = model.model.layers[0].mlp.up_proj
+    torch.testing.assert_close(layer(h), base.model.layers[0].mlp.up_proj(h))
+
+
+def test_paper_mistral_parameter_count_on_meta():
+    base = build_meta("mistralai/Mistral-7B-v0.1")
+    layers = [
+        (m.in_features, m.out_features, False)
+        for n, m in base.named_modules()
+        if n.rpartition(".")[2] in TARGETS
+    ]
+    total = count_parameters(base) + added_parameters(layers, 3, 8, 8)
+    assert round(total / 1e9, 2) == 7.33  # the paper's M0;123 at k=8
+    config = SmileMistralConfig(
+        **{
+            **base.config.to_dict(),
+            "num_local_experts": 3,
+            "rank_of_router": 8,
+            "rank_of_expert": 8,
+            "model_type": "smile_mistral",
+        }
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert count_parameters(model) == total
+
+
+@pytest.fixture(scope="module")
+def mistral_pool(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smile_mistral")
+    base_dir = tiny_base("mistral", "micro")
+    base = load_model(base_dir)
+    for i, ft in enumerate(_experts(base, 2), 1):
+        ft.save_pretrained(root / f"expert_{i}")
+        AutoTokenizer.from_pretrained(base_dir).save_pretrained(root / f"expert_{i}")
+    return root
+
+
+def _task(tmp_path):
+    rows = [{"q": f"{a} plus {a} is", "choices": [f" {2 * a}", f" {a}"], "label": 0} for a in range(6)]
+    data = tmp_path / "arith.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    write_task_yaml(
+        tmp_path / "tasks",
+        "arith_mc",
+        data,
+        "multiple_choice",
+        doc_to_text="{{q}}",
+        doc_to_target="label",
+        doc_to_choice="{{choices}}",
+    )
+    return tmp_path / "tasks"
+
+
+@pytest.mark.smoke
+def test_mistral_upscaling_cli_then_lm_eval_offline(mistral_pool, tmp_path):
+    out = tmp_path / "gate_k-2_k-4"
+    run_cli(
+        [
+            "-m",
+            "projects.smile.main",
+            "method=smile_upscaling/smile_mistral_upscaling",
+            "method.rank_of_router=2",
+            "method.rank_of_expert=4",
+            f"method.model_path={out}",
+            "modelpool=AutoModelForCausalLMPool/micro_mistral",
+            f"modelpool.expert_root={mistral_pool}",
+            "modelpool.dtype=float32",
+            "taskpool=dummy",
+            f"report_save_path={out}/model_info.json",
+        ],
+        timeout=180,
+    )
+    assert json.loads((out / "model_info.json").read_text())["model_info"]["added_params"] > 0
+    tasks = _task(tmp_path)
+    from projects.smile.lm_eval_smile import evaluate
+
+    metrics = evaluate(out, ["arith_mc"], include_path=tasks, batch_size=2)
+    assert 0.0 <= metrics["arith_mc"]["acc"] <= 1.0
+    # a fresh process: the entrypoint registers the classes, then runs lm-eval's own CLI
+    proc = run_cli(
+        [
+            "-m",
+            "projects.smile.lm_eval_smile",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={out}",
+            "--tasks",
+            "arith_mc",
+            "--include_path",
+            str(tasks),
+            "--batch_size",
+            "2",
+            "--output_path",
+            str(tmp_path / "lm_eval"),
+        ],
+        timeout=180,
+    )
+    assert "arith_mc" in proc.stdout
+
+
+@pytest.mark.smoke
+def test_lm_experts_and_lm_eval_task_pool(tmp_path):
+    experts = tmp_path / "lm_experts"
+    run_cli(
+        [
+            "-m",
+            "projects.smile.finetune_lm",
+            "--config",
+            "projects/smile/configs/micro_finetune_lm.yaml",
+            f"out={experts}",
+        ],
+        timeout=240,
+    )
+    report = tmp_path / "smile_both_k4" / "report.json"
+    run_cli(
+        [
+            "-m",
+            "projects.smile.main",
+            "method=smile_upscaling/smile_mistral_upscaling",
+            "method.rank_of_router=2",
+            "method.rank_of_expert=4",
+            "modelpool=tiny_mistral",
+            "modelpool.models.0.path=micro:mistral",
+            f"modelpool.expert_root={experts}",
+            "taskpool=LMEvalTaskPool/micro_lm_domains",
+            f"report_save_path={report}",
+        ],
+        timeout=240,
+    )
+    metrics = json.loads(report.read_text())
+    assert set(metrics) == {"model_info", "math", "code", "average"} and metrics["math"]["bits_per_byte"] > 0
+    assert metrics["model_info"]["smile"]["experts"] == ["math", "code"]

@@ -2,8 +2,9 @@
 
 For each adapted linear with ΔW = s·B A (A (r, d_in), B (d_out, r)), the prototype is the top right
 singular vector of ΔW: a unit vector in the layer's input space, of arbitrary sign, unchanged by s.
-It is computed exactly from the factors without forming ΔW: Aᵀ = Q_a R_a, B = Q_b R_b (thin QR), so
-ΔW ∝ Q_b (R_b R_aᵀ) Q_aᵀ and, with R_b R_aᵀ = U S Vᵀ (an r×r SVD), v₁ = Q_a V[:, 0], σ₁ = S[0].
+It is computed exactly from the factors without forming ΔW, from the r×r Grams of A and B (`top_right_singular`, a Cholesky and an r×r eigh),
+batched over every layer of an expert that has the same shapes; `top_right_singular_qr` (QR of Aᵀ and B,
+then an r×r SVD) and `top_right_singular_dense` (SVD of ΔW) are the references the tests compare against.
 A group of linears with tied A (q/k/v, tie_params) gets one prototype from A and the B's concatenated.
 """
 
@@ -24,11 +25,51 @@ DEFAULTS = {"name": None, "scale": False, "tie_params": None}
 
 
 def top_right_singular(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(v₁ (d_in,), σ₁) of ΔW = B A, exactly, from A (r, d_in) and B (d_out, r), in float64 internally."""
-    qa, ra = torch.linalg.qr(A.double().T)  # (d_in, r), (r, r)
-    _qb, rb = torch.linalg.qr(B.double())  # (d_out, r), (r, r)
-    _, s, vh = torch.linalg.svd(rb @ ra.T)  # the r×r core of ΔW = Q_b core Q_aᵀ
-    return (qa @ vh[0]).to(A.dtype), s[0].to(A.dtype)
+    """(v₁ (..., d_in), σ₁ (...)) of ΔW = B A from A (..., r, d_in), B (..., d_out, r), batched, exactly.
+
+    With A Aᵀ = L Lᵀ (Cholesky), Aᵀ = K Lᵀ with K = Aᵀ L⁻ᵀ (d_in, r) orthonormal, so ΔW = (B L) Kᵀ and
+    v₁ = K z for z the top eigenvector of the r×r matrix Lᵀ (Bᵀ B) L. Only r×r factorisations and O(r²·d)
+    products, in float64: the Grams square the conditioning of A and B, which costs accuracy only in
+    directions far below the top one. A rank-deficient A (no Cholesky) takes `_top_right_singular_eigh`.
+    """
+    a = A.double()
+    bt = B.mT.to(torch.float64, memory_format=torch.contiguous_format)  # both Grams along contiguous rows
+    gb = bt @ bt.mT
+    lower, info = torch.linalg.cholesky_ex(a @ a.mT)
+    if bool(info.any()):
+        return _top_right_singular_eigh(a, gb, A.dtype)
+    s2, z = torch.linalg.eigh(lower.mT @ gb @ lower)  # ascending
+    y = torch.linalg.solve_triangular(lower.mT, z[..., -1:], upper=True)  # (..., r, 1): v = Aᵀ y = K z
+    v = (y.mT @ a).squeeze(-2)
+    return v.to(A.dtype), s2[..., -1].clamp(min=0).sqrt().to(A.dtype)
+
+
+def _top_right_singular_eigh(a: torch.Tensor, gb: torch.Tensor, dtype: torch.dtype):
+    # A Aᵀ = W Λ Wᵀ, A = W Λ^½ K with K = Λ^-½ Wᵀ A orthonormal over the kept directions (λ above eps·λ_max;
+    # the others carry < 1e-8 of ΔW); CᵀC = Λ^½ Wᵀ (Bᵀ B) W Λ^½. A zero A gives v = 0.
+    lam, w = torch.linalg.eigh(a @ a.mT)
+    root = lam.clamp(min=0).sqrt()
+    keep = lam > lam[..., -1:] * (lam.shape[-1] * torch.finfo(lam.dtype).eps)
+    wr = w * root[..., None, :]
+    s2, z = torch.linalg.eigh(wr.mT @ gb @ wr)
+    y = (w * torch.where(keep, 1 / root, 0)[..., None, :]) @ z[..., -1:]
+    v = (y.mT @ a).squeeze(-2)
+    v = v / v.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(v.dtype).tiny)
+    return v.to(dtype), s2[..., -1].clamp(min=0).sqrt().to(dtype)
+
+
+def top_right_singular_qr(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: Aᵀ = Q_a R_a, B = Q_b R_b (thin QR), ΔW = Q_b (R_b R_aᵀ) Q_aᵀ and an r×r SVD of the core."""
+    qa, ra = torch.linalg.qr(A.double().mT)  # (..., d_in, r), (..., r, r)
+    rb = torch.linalg.qr(B.double(), mode="r")[1]  # (..., r, r)
+    _, s, vh = torch.linalg.svd(rb @ ra.mT)
+    return (qa @ vh[..., 0, :, None]).squeeze(-1).to(A.dtype), s[..., 0].to(A.dtype)
+
+
+def top_right_singular_dense(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: the dense SVD of ΔW = B A (d_out × d_in), in float64."""
+    _, s, vh = torch.linalg.svd(B.double() @ A.double(), full_matrices=False)
+    return vh[..., 0, :].to(A.dtype), s[..., 0].to(A.dtype)
 
 
 def tie_groups(modules: Sequence[str], tie_params: str | None) -> list[list[str]]:
@@ -47,16 +88,23 @@ def arrow_prototypes(
     factors: Mapping[str, LoraFactors], *, scale: bool = False, tie_params: str | None = None
 ) -> dict[str, torch.Tensor]:
     """Module -> prototype (d_in,) of one expert; with `scale`, multiplied by σ₁² (mttl's eigenvalue)."""
-    protos = {}
+    batches: dict[tuple, list[tuple[list[str], torch.Tensor, torch.Tensor]]] = {}
     for group in tie_groups(list(factors), tie_params):
         A = factors[group[0]].A
         for m in group[1:]:
             if not torch.equal(factors[m].A, A):
                 raise ValueError(f"tie_params={tie_params!r}: {m} does not share lora_A with {group[0]}")
         B = torch.cat([factors[m].B for m in group], dim=0)  # tie_op="concat"
-        v, s = top_right_singular(A, B)
-        for m in group:
-            protos[m] = v * s**2 if scale else v
+        batches.setdefault((A.shape, B.shape, A.dtype, B.dtype, A.device), []).append((group, A, B))
+    protos = {}
+    for items in batches.values():  # one batched solve per distinct layer shape
+        vs, ss = top_right_singular(
+            torch.stack([a for _, a, _ in items]), torch.stack([b for _, _, b in items])
+        )
+        for (group, _, _), v, s in zip(items, vs, ss):
+            v = v.clone()  # its own storage, not a view of the batch (safetensors refuses shared memory)
+            for m in group:
+                protos[m] = v * s**2 if scale else v
     return protos
 
 

@@ -64,6 +64,7 @@ class TrainConfig:
     max_steps: int = 1000
     warmup_steps: int = 0
     schedule: str = "linear"  # a key of SCHEDULES
+    min_lr_ratio: float = 0.0  # cosine only: decay to min_lr_ratio * lr instead of 0 (nanoGPT-style floors)
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0  # None: no clipping
     seed: int = 0
@@ -79,6 +80,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives a list
         lookup(SCHEDULES, self.schedule, "schedule")
+        if not 0.0 <= self.min_lr_ratio < 1.0:
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1), got {self.min_lr_ratio}")
+        if self.min_lr_ratio and self.schedule != "cosine":
+            raise ValueError(f"TrainConfig.min_lr_ratio applies to the cosine schedule, not {self.schedule!r}")
         lookup(dict.fromkeys(MIXED_PRECISION), self.mixed_precision, "mixed_precision")
         for name in ("max_steps", "grad_accum", "batch_size", "log_every", "keep_last"):
             if getattr(self, name) < 1:
@@ -150,10 +155,11 @@ def train(
         # Not given to `accelerator.prepare`: its wrapper steps the schedule once per process per update,
         # while `max_steps` counts updates.
         scheduler = get_scheduler(
-            SCHEDULES[cfg.schedule],
+            "cosine_with_min_lr" if cfg.min_lr_ratio else SCHEDULES[cfg.schedule],
             optimizer,
             num_warmup_steps=cfg.warmup_steps,
             num_training_steps=cfg.max_steps,
+            scheduler_specific_kwargs={"min_lr_rate": cfg.min_lr_ratio} if cfg.min_lr_ratio else None,
         )
         step, epoch, consumed = 0, 0, 0
         if checkpoint is not None:

@@ -1,6 +1,7 @@
 """The shared training loop: learning, determinism, exact resume, accumulation, clipping, freezing, errors."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -214,6 +215,22 @@ def test_nan_loss_raises_with_the_step_and_saves_nothing_bad(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_1", "step_2"]
 
 
+def test_cosine_floor_follows_the_formula(tmp_path):
+    # lr_t = lr * (r + (1 - r) * (1 + cos(pi * (t - w) / (T - w))) / 2) after w warmup steps, r = min_lr_ratio.
+    lr, steps, warmup, ratio = 1e-2, 20, 4, 0.1
+    cfg = config(lr=lr, max_steps=steps, schedule="cosine", warmup_steps=warmup, min_lr_ratio=ratio)
+    train(mlp(), mse, regression(), cfg, tmp_path)
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    expected = [
+        lr * t / warmup
+        if t < warmup
+        else lr * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (steps - warmup))))
+        for t in range(steps)
+    ]
+    assert logged == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert min(logged[warmup:]) > ratio * lr * 0.999  # never below the floor
+
+
 def test_bad_config_names_fail_with_close_matches():
     with pytest.raises(KeyError, match="Did you mean 'cosine'"):
         TrainConfig(schedule="cosin")
@@ -221,6 +238,8 @@ def test_bad_config_names_fail_with_close_matches():
         TrainConfig(mixed_precision="bf61")
     with pytest.raises(ValueError, match="grad_accum must be >= 1"):
         TrainConfig(grad_accum=0)
+    with pytest.raises(ValueError, match="applies to the cosine schedule"):
+        TrainConfig(schedule="linear", min_lr_ratio=0.1)
 
 
 # Runs in a fresh process: accelerate fixes mixed precision and the process group once per process.

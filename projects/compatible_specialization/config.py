@@ -42,7 +42,8 @@ DEFAULTS: dict[str, Any] = {
         "grad_accum": 2,
         "lr": 8.0e-4,
         "wd": 0.1,
-        "schedule": "cosine",  # the original decays to 0.1·lr; transformers' cosine decays to 0
+        "schedule": "cosine",
+        "min_lr_ratio": 0.1,  # the original's cosine ends at 0.1·lr (0: transformers' decay to 0)
         "clip": 1.0,
         "early_step": 1000,
         "later_step": 8000,
@@ -55,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
         "lr": 5.0e-3,
         "wd": 0.1,
         "schedule": "cosine",
+        "min_lr_ratio": 0.1,
         "clip": 1.0,
         "topk": 2,
         "renormalize": False,  # the original keeps the top-k softmax weights as they are

@@ -38,6 +38,7 @@ def train_config(opt: dict[str, Any], seed: int) -> TrainConfig:
         betas=(0.9, 0.99),
         max_steps=steps,
         schedule=opt["schedule"],
+        min_lr_ratio=opt["min_lr_ratio"],
         grad_accum=opt["grad_accum"],
         max_grad_norm=opt["clip"],
         seed=seed,

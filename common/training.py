@@ -83,7 +83,9 @@ class TrainConfig:
         if not 0.0 <= self.min_lr_ratio < 1.0:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1), got {self.min_lr_ratio}")
         if self.min_lr_ratio and self.schedule != "cosine":
-            raise ValueError(f"TrainConfig.min_lr_ratio applies to the cosine schedule, not {self.schedule!r}")
+            raise ValueError(
+                f"TrainConfig.min_lr_ratio applies to the cosine schedule, not {self.schedule!r}"
+            )
         lookup(dict.fromkeys(MIXED_PRECISION), self.mixed_precision, "mixed_precision")
         for name in ("max_steps", "grad_accum", "batch_size", "log_every", "keep_last"):
             if getattr(self, name) < 1:

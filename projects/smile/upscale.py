@@ -94,15 +94,54 @@ class SmileMoELinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)  # (N, d_in): routing is per token
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        if self.top_k == 1 and self.k > 0 and self.num_experts > 1 and flat.shape[0] > 0 and not needs_grad:
+            y = self._forward_top1(flat)
+        else:
+            y = self.forward_reference(flat)
+        return y.reshape(*lead, self.out_features)
+
+    def forward_reference(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, d_in) -> (N, d_out): the pretrained Linear plus `routed_lowrank` over the routed experts."""
         weights, indices = self.route(flat)
         if self.k > 0:
             A, B = self.expert_svh, self.expert_u
         else:
             # A dense expert ΔW is the rank-d_out pair A = ΔW, B = I (an expanded view: no copy stored).
             A = self.expert_weight
-            B = torch.eye(self.out_features, dtype=x.dtype, device=x.device).expand(self.num_experts, -1, -1)
-        moe = routed_lowrank(flat, A, B, weights, indices, bias=self.expert_bias)
-        return (self.pretrained(flat) + moe).reshape(*lead, self.out_features)
+            B = torch.eye(self.out_features, dtype=flat.dtype, device=flat.device).expand(
+                self.num_experts, -1, -1
+            )
+        return self.pretrained(flat) + routed_lowrank(flat, A, B, weights, indices, bias=self.expert_bias)
+
+    def _forward_top1(self, flat: torch.Tensor) -> torch.Tensor:
+        """Inference with one expert per token (weight 1): W0 x + b0 in one GEMM; the tokens sorted by expert,
+        each expert's segment gets U_e (S_e V_eᵀ x) + b_e, added back with one index_add. No (N, T·k)
+        intermediate and no per-token weight multiply (the generic path's costs)."""
+        n_tokens = flat.shape[0]
+        logits = self.gate(flat)  # (N, T)
+        # = top_k_route(logits, 1, renormalize=True)[1]: argmax of the softmax, ties to the lowest index
+        # (probabilities, not logits, so that logits rounding to one probability tie-break the same way).
+        expert = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1).argmax(dim=-1)
+        order = expert.argsort(stable=True)
+        counts = torch.bincount(expert, minlength=self.num_experts).tolist()
+        y = self.pretrained(flat)  # (N, d_out)
+        xs = flat.index_select(0, order)  # (N, d_in), grouped by expert
+        parts = torch.empty(n_tokens, self.out_features, dtype=flat.dtype, device=flat.device)
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            h = xs[start : start + count] @ self.expert_svh[e].T  # (c, k)
+            out = parts[start : start + count]
+            if self.expert_bias is None:
+                torch.mm(h, self.expert_u[e].T, out=out)
+            else:
+                torch.addmm(self.expert_bias[e], h, self.expert_u[e].T, out=out)
+            start += count
+        return y.index_add_(0, order, parts)
 
 
 def added_parameters(layers: Sequence[tuple[int, int, bool]], num_experts: int, gate_k: int, k: int) -> int:
@@ -120,6 +159,69 @@ def _svd(weight: torch.Tensor, full_matrices: bool) -> tuple[torch.Tensor, torch
     return u, s, vh
 
 
+TOP_SVD_RTOL = 1e-4  # each returned triplet has ‖W v − σ u‖ ≤ TOP_SVD_RTOL·σ₁ (and Wᵀ u = σ v exactly)
+TOP_SVD_MIN_DIM = 256  # below this the full SVD takes milliseconds: keep it (and the results bit-identical)
+
+
+def top_svd(
+    weight: torch.Tensor,
+    n: int,
+    *,
+    rtol: float = TOP_SVD_RTOL,
+    oversample: int | None = None,
+    max_iter: int = 40,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top n singular triplets u (m, n), s (n,), vh (n, d) of weight (m, d), in float32, to `rtol`.
+
+    Subspace iteration with q = 2n (at least n + 16) columns and a Rayleigh–Ritz step (Halko et al. 2011,
+    alg. 4.4 + 5.1): Q spans W (WᵀW)^i Ω; the SVD of the small Qᵀ W gives Ritz triplets with Wᵀ u = σ v
+    exactly, iterated until every ‖W v − σ u‖ ≤ rtol·σ₁ — the triplets are then exact singular triplets
+    of a matrix within √n·rtol·σ₁ of W. Costs ~4·m·d·q flops per iteration against ~20·m·d·min(m, d) for
+    a full SVD; spectra too flat to converge in `max_iter` (or n near min(m, d)) take the full SVD.
+    """
+    w = weight.float()
+    m, d = w.shape
+    q = min(n + (max(n, 16) if oversample is None else oversample), m, d)
+    if 2 * q > min(m, d):
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        return u[:, :n], s[:n], vh[:n]
+    wt = w.T.contiguous()  # (d, m): a row-major Wᵀ makes Wᵀ Q ~3x faster than through the transposed view
+    gen = torch.Generator(device=w.device).manual_seed(seed)
+    basis = torch.linalg.qr(w @ torch.randn(d, q, generator=gen, device=w.device))[0]  # (m, q)
+    for _ in range(max_iter):
+        z = wt @ basis  # (d, q) = (Qᵀ W)ᵀ
+        y = w @ z  # (m, q) = W Wᵀ Q: the next basis
+        # Ritz values and left vectors from the q×q Gram QᵀWWᵀQ = Zᵀ Z (cheap; accurate for the top n, whose
+        # σ² are far above eps·σ₁²), and the residual ‖W vᵢ − σᵢ uᵢ‖ = ‖Y ubᵢ − σᵢ² uᵢ‖ / σᵢ from Y.
+        evals, evecs = torch.linalg.eigh(z.T @ z)  # ascending
+        s2, ub = evals.flip(0)[:n].clamp(min=0), evecs.flip(1)[:, :n]
+        top2 = s2[0].clamp(min=torch.finfo(s2.dtype).tiny)
+        estimate = (y @ ub - (basis @ ub) * s2).norm(dim=0) / s2.clamp(min=top2 * rtol**2).sqrt()
+        if estimate.max() <= rtol * top2.sqrt():
+            # the answer from a proper SVD of Qᵀ W, checked with the residual itself
+            v, s, ubt = torch.linalg.svd(
+                z, full_matrices=False
+            )  # Qᵀ W = ub diag(s) vᵀ (tall SVD: ~5x faster)
+            u, v, s = basis @ ubt[:n].T, v[:, :n], s[:n]
+            if (w @ v - u * s).norm(dim=0).max() <= rtol * s[0]:
+                return u, s, v.T
+        basis = torch.linalg.qr(y)[0]
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return u[:, :n], s[:n], vh[:n]
+
+
+def _top_triplets(
+    weight: torch.Tensor, n: int, full_matrices: bool, exact: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top n singular triplets: `top_svd` (fast, to TOP_SVD_RTOL), or the full SVD with `exact` or when
+    n exceeds min(m, d) (full_matrices=True then adds null-space directions, as the reference does)."""
+    if exact or n > min(weight.shape) or min(weight.shape) < TOP_SVD_MIN_DIM:
+        u, s, vh = _svd(weight, full_matrices)
+        return u[:, :n], s[:n], vh[:n]
+    return top_svd(weight, n)
+
+
 @torch.no_grad()
 def smile_linear(
     pretrained: nn.Linear,
@@ -131,9 +233,11 @@ def smile_linear(
     routing_use_diff: bool = True,
     full_matrices: bool = True,
     device: torch.device | str = "cpu",
+    exact_svd: bool = False,
 ) -> SmileMoELinear:
     """One upscaled layer from a pretrained Linear and its T fine-tuned copies (raises ExpertNotTrainedError
-    when every delta is zero)."""
+    when every delta is zero). Only the top max(gate_k, k) singular triplets are used: `top_svd` finds them
+    to TOP_SVD_RTOL; `exact_svd=True` takes the full SVD of each delta (the reference)."""
     device = resolve_device(device)
     w0 = pretrained.weight.to(device)
     deltas = [f.weight.to(device) - w0 for f in finetuned]
@@ -142,10 +246,15 @@ def smile_linear(
     base = copy.deepcopy(pretrained).to(device)
     layer = SmileMoELinear(base, len(finetuned), gate_k, k, top_k)
     dtype = w0.dtype
+    n = max(gate_k, k if k > 0 else 0)
     for i, (f, delta) in enumerate(zip(finetuned, deltas)):
-        u, s, vh = _svd(delta, full_matrices)
+        u, s, vh = _top_triplets(delta, n, full_matrices, exact_svd)
         # The router reads the right singular vectors of ΔW_i (or of W_i with routing_use_diff=False).
-        gate_vh = vh if routing_use_diff else _svd(f.weight.to(device), full_matrices)[2]
+        gate_vh = (
+            vh
+            if routing_use_diff
+            else _top_triplets(f.weight.to(device), gate_k, full_matrices, exact_svd)[2]
+        )
         if gate_vh.shape[0] < gate_k:
             raise ValueError(f"gate_k={gate_k} exceeds the {gate_vh.shape[0]} right singular vectors")
         layer.gate.weight[i * gate_k : (i + 1) * gate_k] = gate_vh[:gate_k].to(dtype)
@@ -237,6 +346,7 @@ def smile_upscale(
     average_experts: bool = False,
     targets: Sequence[str] | None = None,
     device: torch.device | str = "cpu",
+    exact_svd: bool = False,
 ) -> tuple[nn.Module, UpscaleInfo]:
     """A new model: every nn.Linear with a non-zero delta becomes a SmileMoELinear (experts in the given
     order); other modules stay pretrained (averaged over the experts with `average_experts`). `targets`
@@ -264,6 +374,7 @@ def smile_upscale(
                 routing_use_diff=routing_use_diff,
                 full_matrices=full_matrices,
                 device=device,
+                exact_svd=exact_svd,
             )
         except ExpertNotTrainedError:
             skipped.append(name)

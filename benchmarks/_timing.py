@@ -81,3 +81,51 @@ def print_table(title: str, times: Mapping[str, Mapping[str, float]], baseline: 
         spread = f"{t['p25_ms']:.3g}–{t['p75_ms']:.3g}"
         row = f"{name:<40}{t['median_ms']:>12.4g}{spread:>20}{t['median_ms'] / base:>18.4g}"
         print(row + "".join(f"{col_vals.get(name, '')!s:>16}" for col_vals in extra.values()))
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux: write 5 to /proc/self/clear_refs); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_peak_rss_mb() -> float:
+    """VmHWM (peak RSS since the last reset) in MB, or ru_maxrss where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
+def _allocations_return_to_the_os() -> None:
+    # glibc serves allocations above a dynamic threshold (up to 32 MB) from its heap and keeps freed
+    # ones, so a case would reuse pages touched by the one before and show no peak; fix it at 64 kB.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_rss_of(fn: Callable[[], object]) -> float:
+    """Peak RSS while running fn, in MB above the RSS before it (one run; the result is dropped)."""
+    import gc
+
+    _allocations_return_to_the_os()
+    gc.collect()
+    reset_peak_rss()
+    before = current_peak_rss_mb()
+    out = fn()
+    peak = current_peak_rss_mb()
+    del out
+    gc.collect()
+    return peak - before

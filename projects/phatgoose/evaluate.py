@@ -11,11 +11,71 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
 
-from common.evaluation import exact_match, generate, rank_classification
+from common.evaluation import encode_pair, eval_mode, exact_match, generate
 from common.io import write_json, write_text
 from projects.phatgoose.moe import moe_modules, set_mode
+
+
+def rank_classify(
+    model: nn.Module,
+    tokenizer: Any,
+    sources: Sequence[str],
+    choices_per_source: Sequence[Sequence[str]],
+    *,
+    batch_size: int = 64,
+) -> list[int]:
+    """Length-normalised rank classification of an encoder-decoder: argmax_c log p(c | source) / |c|.
+
+    The same scores as `common.evaluation.rank_classification(length_normalize=True)` (same token split,
+    `encode_pair`), but each source is encoded once and its encoder states are shared by all its choices,
+    instead of re-encoding the source once per choice. Token-level routing makes each token's output
+    independent of the other rows, so this changes no score; the routing counts then see each source
+    token once. Rows are batched longest first, so that batches pad little.
+    """
+    pairs = [
+        [encode_pair(tokenizer, s, c, encoder_decoder=True) for c in choices]
+        for s, choices in zip(sources, choices_per_source)
+    ]
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0][0]))
+    preds: dict[int, int] = {}
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            ctx = [pairs[i][0][0] for i in chunk]
+            width = max(len(c) for c in ctx)
+            input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for j, c in enumerate(ctx):
+                input_ids[j, : len(c)] = torch.tensor(c)
+                mask[j, : len(c)] = 1
+            input_ids, mask = input_ids.to(device), mask.to(device)
+            hidden = model.get_encoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            row_of = [j for j, i in enumerate(chunk) for _ in pairs[i]]
+            conts = [y for i in chunk for _, y in pairs[i]]
+            labels = torch.full((len(conts), max(len(y) for y in conts)), -100, dtype=torch.long)
+            for k, y in enumerate(conts):
+                labels[k, : len(y)] = torch.tensor(y)
+            rows = torch.tensor(row_of, device=device)
+            logits = model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=hidden.index_select(0, rows)),
+                attention_mask=mask.index_select(0, rows),
+                labels=labels.to(device),
+            ).logits
+            logprobs = F.log_softmax(logits.float(), dim=-1)
+            tok = logprobs.gather(-1, labels.clamp(min=0).to(device)[..., None]).squeeze(-1)
+            real = (labels != -100).to(device)
+            scores = (tok * real).sum(-1) / real.sum(-1)
+            k = 0
+            for i in chunk:
+                n = len(pairs[i])
+                preds[i] = int(scores[k : k + n].argmax())  # ties go to the first choice
+                k += n
+    return [preds[i] for i in range(len(pairs))]
 
 
 def _score(
@@ -26,15 +86,8 @@ def _score(
     max_new_tokens: int,
     batch_size: int,
 ) -> tuple[list[int], list[str]]:
-    rc = rank_classification(
-        model,
-        tokenizer,
-        [r["source"] for r in rows],
-        [r["choices"] for r in rows],
-        [r["label"] for r in rows],
-        length_normalize=True,
-        batch_size=batch_size,
-        disable=True,
+    preds = rank_classify(
+        model, tokenizer, [r["source"] for r in rows], [r["choices"] for r in rows], batch_size=batch_size
     )
     gens = (
         generate(
@@ -43,7 +96,19 @@ def _score(
         if generation
         else []
     )
-    return rc["predictions"], gens
+    return preds, gens
+
+
+def balanced_accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    """Mean over the classes present in `labels` of the recall of that class (a constant predictor scores
+    1/#classes, whatever the class prior)."""
+    if len(predictions) != len(labels) or not labels:
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+    recalls = []
+    for c in sorted(set(labels)):
+        idx = [i for i, y in enumerate(labels) if y == c]
+        recalls.append(sum(predictions[i] == c for i in idx) / len(idx))
+    return sum(recalls) / len(recalls)
 
 
 def evaluate_rows(
@@ -56,7 +121,8 @@ def evaluate_rows(
     max_new_tokens: int = 8,
     batch_size: int = 16,
 ) -> dict[str, Any]:
-    """Accuracy (rank classification, length-normalised) and exact match of greedy generations.
+    """Accuracy and class-balanced accuracy (rank classification, length-normalised), and exact match of
+    greedy generations.
 
     With `experts_of_rows` (Retrieval) each example is routed, whole, to its expert: the rows are scored
     in groups, all MoE modules fixed to that group's expert.
@@ -76,6 +142,7 @@ def evaluate_rows(
         set_mode(model, "route")
     out: dict[str, Any] = {
         "accuracy": sum(p == r["label"] for p, r in zip(preds, rows)) / len(rows),
+        "balanced_accuracy": balanced_accuracy(preds, [r["label"] for r in rows]),
         "predictions": [r["choices"][p] for p, r in zip(preds, rows)],
     }
     if generation:

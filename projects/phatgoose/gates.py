@@ -14,7 +14,14 @@ from pathlib import Path
 from datasets import Dataset
 
 from common.training import train
-from projects.phatgoose.experts import CHECKPOINT, TrainSettings, load_base, seq2seq_collate, seq2seq_loss
+from projects.phatgoose.experts import (
+    CHECKPOINT,
+    TrainSettings,
+    cap_examples,
+    load_base,
+    seq2seq_collate,
+    seq2seq_loss,
+)
 from projects.phatgoose.library import adapter_config, read_expert, write_expert
 from projects.phatgoose.moe import attach_experts
 
@@ -34,9 +41,7 @@ def train_gate(
     modules = attach_experts(model, [expert])  # freezes everything
     gates = {name: m.add_gate() for name, m in modules.items()}
     model.train()  # dropout active, as in the original
-    data = data.select(range(min(len(data), settings.max_train_examples))).select_columns(
-        ["source", "target"]
-    )
+    data = cap_examples(data, settings.max_train_examples)
     out = Path(out)
     train(
         model,

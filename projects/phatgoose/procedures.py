@@ -303,7 +303,7 @@ def evaluate(
                 batch_size=ev.batch_size,
             )
             dist = routing_distribution(model)
-            metrics[name] = {k: res[k] for k in ("accuracy", "exact_match") if k in res}
+            metrics[name] = {k: res[k] for k in ("accuracy", "balanced_accuracy", "exact_match") if k in res}
             if experts_of_rows is not None:
                 metrics[name]["retrieved"] = {
                     n: experts_of_rows.count(i) / len(rows) for i, n in enumerate(names)

@@ -201,3 +201,20 @@ def test_paper_config_model_builds_on_meta_with_the_adapted_linears():
     assert len(linears) == 24 * (7 + 11) and all(isinstance(m, torch.nn.Linear) for m in linears.values())
     lora_params = sum(rank * (m.in_features + m.out_features) for m in linears.values())
     assert hub_id == "google/t5-xl-lm-adapt" and rank == 16 and lora_params == 35_389_440
+
+
+def test_training_cap_takes_a_random_subset_not_the_label_sorted_head():
+    from datasets import Dataset
+
+    from projects.phatgoose.experts import cap_examples, multitask_data
+
+    # The offline train splits are stored sorted by label: the first `cap` rows would be one class.
+    rows = Dataset.from_dict(
+        {"source": [f"s{i}" for i in range(300)], "target": ["a"] * 200 + ["b"] * 100, "label": [0] * 300}
+    )
+    capped = cap_examples(rows, 100)
+    assert len(capped) == 100 and capped.column_names == ["source", "target"]
+    assert set(capped["target"]) == {"a", "b"}
+    assert capped["source"] == cap_examples(rows, 100)["source"]  # fixed: seeds vary training only
+    assert len(cap_examples(rows, 1000)) == 300
+    assert set(multitask_data([rows, rows], 50)["target"]) == {"a", "b"}

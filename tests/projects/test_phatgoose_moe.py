@@ -209,3 +209,42 @@ def test_import_rthree_splits_experts_in_order(tmp_path):
     assert experts[0].scaling == pytest.approx(1 / r)
     with pytest.raises(ValueError, match="names were given"):
         L.import_rthree(tmp_path / "ckpt.safetensors", tmp_path / "lib2", ["only_one"])
+
+
+class _CharTok:
+    """A character-level stand-in tokenizer with `encode` (EOS = 1 appended with special tokens)."""
+
+    bos_token_id = None
+    eos_token_id = 1
+
+    def encode(self, text, add_special_tokens=True):
+        return [2 + (ord(c) % 200) for c in text] + ([1] if add_special_tokens else [])
+
+
+def test_encoder_once_rank_classification_matches_the_common_one():
+    from common.evaluation import rank_classification
+    from projects.phatgoose.evaluate import rank_classify
+
+    base = micro_model("t5")
+    experts = [_expert(base, n, s)[0] for s, n in enumerate("abc")]
+    model = copy.deepcopy(base)
+    torch.manual_seed(3)
+    for e in experts:
+        e.router = {m: torch.randn(a.shape[-1]) for m, a in e.A.items()}
+    attach_experts(model, experts)
+    sources = ["hello there", "a", "the quick brown fox", "xyz", "some longer text here!", "ok"]
+    choices = [["yes", "no", "maybe"], ["p", "qq", "rrr"], ["x", "y", "zz"]] * 2
+    ref = rank_classification(
+        model, _CharTok(), sources, choices, [0] * 6, length_normalize=True, batch_size=4, disable=True
+    )
+    assert rank_classify(model, _CharTok(), sources, choices, batch_size=4) == ref["predictions"]
+    assert rank_classify(model, _CharTok(), sources, choices, batch_size=1) == ref["predictions"]
+
+
+def test_balanced_accuracy_scores_a_constant_predictor_one_over_the_classes():
+    from projects.phatgoose.evaluate import balanced_accuracy
+
+    labels = [0] * 8 + [1, 2]
+    assert balanced_accuracy([0] * 10, labels) == pytest.approx(1 / 3)
+    assert balanced_accuracy(labels, labels) == 1.0
+    assert balanced_accuracy([0] * 8 + [1, 1], labels) == pytest.approx(2 / 3)

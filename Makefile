@@ -25,7 +25,7 @@ else
 RUN_ENV := $(OFFLINE_ENV) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 endif
 
-.PHONY: setup test test-all smoke lint tables tiny-bases benchmarks clean $(addprefix table-,$(PROJECTS))
+.PHONY: setup test test-all smoke lint tables tiny-bases benchmarks bench clean $(addprefix table-,$(PROJECTS))
 
 STAMP := $(VENV)/.installed
 setup: $(STAMP)
@@ -62,6 +62,8 @@ tables: $(addprefix table-,$(PROJECTS))
 $(addprefix table-,$(PROJECTS)): table-%: setup
 	@if [ -f projects/$*/table.sh ]; then $(RUN_ENV) SCALE=$(SCALE) PY=$(PY) bash projects/$*/table.sh; \
 	 else echo "table-$*: not built yet (see the project's issue)"; fi
+
+bench: benchmarks
 
 benchmarks: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(RUN_ENV) $(PY) $$b || exit 1; done

@@ -34,9 +34,21 @@ DEFAULTS: dict[str, Any] = {
     "scale": "tiny",
     "out": "runs/smile/tiny/experts/seed_0",
     "train": {"lr": 1e-4, "weight_decay": 0.1, "max_steps": 200, "warmup_steps": 20, "batch_size": 64},
+    "trainable": "all",  # all: the whole vision tower; linear: only the nn.Linear layers SMILE upscales
     "max_train_examples": None,
     "max_eval_examples": None,
 }
+TRAINABLE = ("all", "linear")
+
+
+def trainable_parameters(model: torch.nn.Module, which: str) -> list[torch.nn.Parameter]:
+    """The parameters fine-tuned: all of them, or only those of the nn.Linear layers (SMILE upscales
+    exactly these and keeps every other module pretrained, spec §"Which layers are upscaled")."""
+    if which not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}, got {which!r}")
+    if which == "all":
+        return list(model.parameters())
+    return [p for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()]
 
 
 def finetune_task(cfg: dict[str, Any], task: str, out: Path) -> dict[str, float]:
@@ -71,7 +83,7 @@ def finetune_task(cfg: dict[str, Any], task: str, out: Path) -> dict[str, float]
         )
 
     run = out.with_name(out.name + ".training")
-    train(vision, loss_fn, epoch_batches, tc, run, params=list(vision.parameters()))
+    train(vision, loss_fn, epoch_batches, tc, run, params=trainable_parameters(vision, cfg["trainable"]))
     vision.eval().save_pretrained(out)
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
     return validate(cfg, task, out)

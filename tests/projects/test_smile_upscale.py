@@ -195,3 +195,17 @@ def test_router_from_finetuned_weights_and_averaged_other_modules():
     torch.testing.assert_close(up[3].weight, (fts[0][3].weight + fts[1][3].weight) / 2)
     kept, _ = smile_upscale(base, fts, gate_k=2, k=2)
     assert torch.equal(kept[3].weight, base[3].weight)
+
+
+def test_linear_only_finetuning_selects_exactly_the_upscaled_layers():
+    from projects.smile.finetune import trainable_parameters
+
+    vision = micro_model("clip_vision")
+    linear = trainable_parameters(vision, "linear")
+    expected = {id(p) for m in vision.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
+    assert {id(p) for p in linear} == expected and len(linear) == len(expected)
+    others = [n for n, p in vision.named_parameters() if id(p) not in expected]
+    assert any("layer_norm" in n for n in others) and any("embeddings" in n for n in others)
+    assert len(trainable_parameters(vision, "all")) == len(list(vision.parameters()))
+    with pytest.raises(ValueError, match="trainable must be one of"):
+        trainable_parameters(vision, "lora")

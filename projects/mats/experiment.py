@@ -16,11 +16,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 import yaml
 from torch import nn
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from common.config import load_config
-from common.evaluation import rank_classification
+from common.evaluation import IGNORE_INDEX, encode_pair, eval_mode, rank_classification
 from projects.mats.model import is_encoder_decoder, model_name
 from projects.mats.tasks import load_mixture
 
@@ -54,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "eval_run": {"eval_batch_size": 32, "length_normalization": False},
     "metadata": {"num_examples": 1000, "gram_batch_size": 8, "seed": 0},
+    "merge": {"lambda_step": 0.1},  # λ swept over 0, step, ..., 1 on validation
     "experiment": {
         "exp_out": "exp_out",
         "instruction_format": "p3",
@@ -133,23 +137,124 @@ def register_checkpoint(
     write_text(path, yaml.safe_dump(registry, sort_keys=True))
 
 
+def _encoded_example(
+    tokenizer: Any, question: str, choices: Sequence[str], max_source_len: int
+) -> tuple[list[int], list[list[int]]]:
+    """(encoder ids, [decoder target ids per choice]) as `model.encode` builds training batches: lm-eval's
+    pair split, the question cut to its last `max_source_len` tokens, EOS after each continuation."""
+    key = (tokenizer.name_or_path, len(tokenizer), question, tuple(choices), max_source_len)
+    if key not in _ENCODED:
+        # The encoder-decoder context does not depend on the choice.
+        pairs = [encode_pair(tokenizer, question, " " + c, encoder_decoder=True) for c in choices]
+        context = pairs[0][0][-max_source_len:]
+        _ENCODED[key] = (context, [[*y, tokenizer.eos_token_id] for _, y in pairs])
+    return _ENCODED[key]
+
+
+_ENCODED: dict[tuple, tuple[list[int], list[list[int]]]] = {}  # tokenisation of evaluation examples
+
+
+def choice_log_likelihoods(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    max_source_len: int,
+    batch_size: int = 32,
+) -> list[list[float]]:
+    """Σ_t log p(choice_t | question) of every choice (+ EOS) of every example, for an encoder-decoder.
+
+    The encoder reads each question once, and the decoder's cross-attention projects its states once; both
+    are repeated for the question's choices, which the decoder scores teacher-forced. Same scores as
+    `common.evaluation.rank_classification(append_eos=True)` on the truncated question (tested), which
+    runs the encoder and the cross-attention projections once per choice.
+    """
+    encoded = [_encoded_example(tokenizer, ex["question"], ex["choices"], max_source_len) for ex in examples]
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))  # little padding per batch
+    out: dict[int, list[float]] = {}
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            contexts = [encoded[i][0] for i in chunk]
+            width = max(len(c) for c in contexts)
+            input_ids = torch.tensor([c + [tokenizer.pad_token_id] * (width - len(c)) for c in contexts])
+            mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in contexts])
+            states = inner.get_encoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            rows = torch.tensor([j for j, i in enumerate(chunk) for _ in encoded[i][1]])
+            targets = [y for i in chunk for y in encoded[i][1]]
+            t_width = max(len(y) for y in targets)
+            labels = torch.tensor([y + [IGNORE_INDEX] * (t_width - len(y)) for y in targets])
+            logits = inner(
+                encoder_outputs=(states[rows],),
+                attention_mask=mask[rows],
+                labels=labels,
+                cache=_cross_attention_cache(inner, states, rows),
+                use_cache=True,
+            ).logits.float()
+            token = F.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            sums = (token * (labels != IGNORE_INDEX)).sum(1).tolist()
+            k = 0
+            for i in chunk:
+                n = len(encoded[i][1])
+                out[i], k = sums[k : k + n], k + n
+    return [out[i] for i in range(len(encoded))]
+
+
+def _cross_attention_cache(model: nn.Module, states: torch.Tensor, rows: torch.Tensor) -> EncoderDecoderCache:
+    """The decoder's cross-attention keys and values, projected once per question and repeated for its
+    choices (the decoder would otherwise project the repeated encoder states once per choice)."""
+    cross = DynamicCache(config=model.config)
+    for idx, block in enumerate(model.decoder.block):
+        attention = block.layer[1].EncDecAttention
+        shape = (*states.shape[:-1], -1, attention.key_value_proj_dim)  # (B, T, heads, d_kv)
+        keys = attention.k(states).view(shape).transpose(1, 2)
+        values = attention.v(states).view(shape).transpose(1, 2)
+        cross.update(keys[rows], values[rows], idx)
+    return EncoderDecoderCache(DynamicCache(config=model.config), cross)  # marks every layer as filled
+
+
 def evaluate(
     model: nn.Module, tokenizer: Any, data: Mapping[str, Sequence[Mapping[str, Any]]], cfg: Mapping[str, Any]
 ) -> dict[str, float]:
-    """Rank-classification accuracy per task (summed log-likelihood by default) and their mean, `average`."""
+    """Rank-classification accuracy per task (summed log-likelihood by default) and their mean, `average`.
+
+    An encoder-decoder reads the question cut to its last `model.max_source_len` tokens, as in training
+    (`model.encode`); a decoder-only model goes through `common.evaluation.rank_classification`.
+    """
     scores = {}
+    length_normalize = cfg["eval_run"]["length_normalization"]
     for task, examples in data.items():
-        scores[task] = rank_classification(
-            model,
-            tokenizer,
-            [ex["question"] for ex in examples],
-            [[" " + c for c in ex["choices"]] for ex in examples],
-            [ex["label"] for ex in examples],
-            length_normalize=cfg["eval_run"]["length_normalization"],
-            batch_size=cfg["eval_run"]["eval_batch_size"],
-            append_eos=is_encoder_decoder(model),
-            disable=True,
-        )["accuracy"]
+        if is_encoder_decoder(model):
+            lls = choice_log_likelihoods(
+                model,
+                tokenizer,
+                examples,
+                max_source_len=cfg["model"]["max_source_len"],
+                batch_size=cfg["eval_run"]["eval_batch_size"],
+            )
+            correct = 0
+            for ex, row in zip(examples, lls):
+                if length_normalize:  # by the number of scored tokens, EOS included
+                    targets = _encoded_example(
+                        tokenizer, ex["question"], ex["choices"], cfg["model"]["max_source_len"]
+                    )[1]
+                    row = [s / len(y) for s, y in zip(row, targets)]
+                # ties go to the first choice, as `rank_classification`
+                correct += max(range(len(row)), key=row.__getitem__) == ex["label"]
+            scores[task] = correct / len(examples)
+        else:
+            scores[task] = rank_classification(
+                model,
+                tokenizer,
+                [ex["question"] for ex in examples],
+                [[" " + c for c in ex["choices"]] for ex in examples],
+                [ex["label"] for ex in examples],
+                length_normalize=length_normalize,
+                batch_size=cfg["eval_run"]["eval_batch_size"],
+                append_eos=False,
+                disable=True,
+            )["accuracy"]
     scores["average"] = statistics.fmean(scores[t] for t in data)
     return scores
 

@@ -22,8 +22,6 @@ from projects.mats.methods import METHODS
 from projects.mats.model import build, load_state, read_state, state_of
 from projects.mats.tasks import tasks_of
 
-LAMBDA_SWEEP = [round(0.1 * i, 1) for i in range(11)]  # the original's get_listModelLambda
-
 
 def metadata_dir(checkpoint: str | Path) -> Path:
     return Path(checkpoint).parent / "gram_matrix"
@@ -95,9 +93,14 @@ def load_stats(
     return out
 
 
-def lambdas(model_lambda: float | None) -> list[float]:
-    """None or -1 sweeps 0, 0.1, ..., 1 (the original's convention); otherwise the one value."""
-    return LAMBDA_SWEEP if model_lambda is None or model_lambda == -1 else [float(model_lambda)]
+def lambdas(model_lambda: float | None, step: float = 0.1) -> list[float]:
+    """None or -1 sweeps 0, step, ..., 1 (the original's convention, step 0.1); otherwise the one value."""
+    if model_lambda is not None and model_lambda != -1:
+        return [float(model_lambda)]
+    n = round(1 / step)
+    if abs(n * step - 1) > 1e-9:
+        raise ValueError(f"merge.lambda_step {step} does not divide 1")
+    return [round(i / n, 4) for i in range(n + 1)]
 
 
 def run_merge(
@@ -134,7 +137,7 @@ def run_merge(
     out_dir = merge_dir(cfg, mixture, descriptor, method_dir)
     sweep, log = [], []
     best = None
-    for lam in tqdm(lambdas(model_lambda), desc=f"{method} λ"):
+    for lam in tqdm(lambdas(model_lambda, cfg["merge"]["lambda_step"]), desc=f"{method} λ"):
         block_log: list[dict] = []
         extra = {"log": block_log} if method == "conjugate_gradient" else {}
         merged = merge(base, experts, stats=stats, model_lambda=lam, **hparams, **extra)

@@ -10,6 +10,7 @@ arithmetic model chosen on validation, as the README's commands.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from projects.mats.tasks import tasks_of
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 SCALE_CONFIGS = {"tiny": ("tiny_t5.yaml", "tiny_ia3.yaml"), "micro": ("micro_t5.yaml", "micro_ia3.yaml")}
-MIXTURE = {"tiny": "tiny_eight", "micro": "micro_two"}
+MIXTURE = {"tiny": "tiny_six", "micro": "micro_two"}
+MULTITASK_CONFIGS = {"tiny": ["tiny_multitask_run.yaml"], "micro": []}  # after the model configs
 
 
 def _merged(out: Path, method_dir: str) -> Path:
@@ -53,8 +55,10 @@ def run_seed(scale: str, fmt: str, seed: int, runs: Path) -> dict[str, Any]:
     registry = root / "checkpoints.yaml"
     common = ["-o", f"experiment.exp_out={root / 'exp_out'}", f"experiment.checkpoint_registry={registry}",
               f"train_run.seed={seed}", f"experiment.run_name=seed{seed}"]  # fmt: skip
+    multitask = [str(CONFIGS / f) for f in MULTITASK_CONFIGS[scale]]
     for task in (*tasks_of(mixture), mixture):  # the experts, then the multitask model
-        main(["train", "-c", *configs, "-td", f"train_dataset={task}", "-ed", f"evaluation_dataset={task}",
+        files = [*configs, *multitask] if task == mixture else configs
+        main(["train", "-c", *files, "-td", f"train_dataset={task}", "-ed", f"evaluation_dataset={task}",
               "--register", str(registry), *common])  # fmt: skip
     args = ["-c", *configs, "-d", mixture, "--checkpoint_descriptor", fmt, "--split", "validation", *common]
     main(["save_fisher", *args, "-f", "diagonal"])
@@ -100,16 +104,22 @@ def multitask_score(scale: str, fmt: str, seed: int, runs: Path) -> dict[str, fl
 def cli(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", choices=tuple(SCALE_CONFIGS), default="tiny")
-    ap.add_argument("--format", choices=("full_model", "ia3"), required=True)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--format", nargs="+", choices=("full_model", "ia3"), required=True)
+    ap.add_argument("--seed", nargs="+", type=int, default=[0])
     ap.add_argument("--runs", type=Path, default=Path("runs/mats"))
     a = ap.parse_args(argv)
-    metrics = run_seed(a.scale, a.format, a.seed, a.runs)
-    metrics["multitask"] = multitask_score(a.scale, a.format, a.seed, a.runs)
-    rd = RunDir(a.runs / a.scale / a.format / f"seed{a.seed}", project="mats", experiment=f"{a.scale}_{a.format}",
-                scale=a.scale, seed=a.seed, config=vars(a) | {"runs": str(a.runs)})  # fmt: skip
-    rd.write_results({method: scores["average"] for method, scores in metrics.items()}, per_task=metrics)
-    print({method: round(scores["average"], 4) for method, scores in metrics.items()})
+    # One process for several cells shares the loaded data and tokenised questions (`tasks`, `experiment`).
+    for fmt in a.format:
+        for seed in a.seed:
+            start = time.perf_counter()
+            metrics = run_seed(a.scale, fmt, seed, a.runs)
+            metrics["multitask"] = multitask_score(a.scale, fmt, seed, a.runs)
+            config = {"scale": a.scale, "format": fmt, "seed": seed, "runs": str(a.runs)}
+            rd = RunDir(a.runs / a.scale / fmt / f"seed{seed}", project="mats", experiment=f"{a.scale}_{fmt}",
+                        scale=a.scale, seed=seed, config=config)  # fmt: skip
+            rd.write_results({method: scores["average"] for method, scores in metrics.items()}, per_task=metrics,
+                             seconds=round(time.perf_counter() - start, 1))  # fmt: skip
+            print(fmt, seed, {method: round(scores["average"], 4) for method, scores in metrics.items()})
 
 
 if __name__ == "__main__":

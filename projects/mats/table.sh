@@ -9,9 +9,6 @@ if [ "$SCALE" = "paper" ]; then
   echo "table-mats: paper scale needs the P3 prompts (not wired yet) and GPUs; see projects/mats/README.md"
   exit 1
 fi
-for fmt in ia3 full_model; do
-  for seed in 0 1 2; do
-    $PY -m projects.mats.reproduce --scale "$SCALE" --format "$fmt" --seed "$seed" --runs runs/mats
-  done
-done
+# One process for the six cells: the data and tokenised questions are loaded once.
+$PY -m projects.mats.reproduce --scale "$SCALE" --format ia3 full_model --seed 0 1 2 --runs runs/mats
 $PY -m projects.mats.analyze --runs runs/mats --scale "$SCALE"

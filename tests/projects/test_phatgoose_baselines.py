@@ -218,3 +218,24 @@ def test_training_cap_takes_a_random_subset_not_the_label_sorted_head():
     assert capped["source"] == cap_examples(rows, 100)["source"]  # fixed: seeds vary training only
     assert len(cap_examples(rows, 1000)) == 300
     assert set(multitask_data([rows, rows], 50)["target"]) == {"a", "b"}
+
+
+def test_analyze_tables_show_accuracy_balanced_accuracy_and_timings():
+    from projects.phatgoose.analyze import table, timing
+
+    def record(seed, acc, bal):
+        m = {"H": acc, "mean_accuracy": acc, "H/balanced": bal, "mean_balanced_accuracy": bal}
+        return {
+            "seed": seed,
+            "config": {"heldout": ["H"]},
+            "metrics": {"phatgoose": m, "retrieval": {**m, "mean_exact_match": 0.5}},
+            "provenance": {"wall_time_s": 600.0},
+            "seconds_by_phase": {"train experts": 300.0},
+        }
+
+    records = [record(0, 0.8, 1 / 3), record(1, 0.6, 1 / 3)]
+    acc, bal = table(records), table(records, balanced=True)
+    assert "| PHATGOOSE | 70.0 ± 14.1 | 70.0 ± 14.1 | — |" in acc
+    assert "| Retrieval | 70.0 ± 14.1 | 70.0 ± 14.1 | 50.0 ± 0.0 |" in acc
+    assert "| PHATGOOSE | 33.3 ± 0.0 | 33.3 ± 0.0 |" in bal
+    assert "| 0 | 10.0 | 5.0 |" in timing(records)

@@ -78,14 +78,21 @@ def aggregate(
 
 
 def check_claim(claim: Mapping[str, Any], stats: Mapping[str, tuple[float, float, int]]) -> str:
-    """'yes' / 'no' / 'not run' for one claim, compared on means."""
+    """'yes' / 'no' / 'not run' for one claim, compared on means; qualified with ", within the seed
+    spread" when the two means differ by less than the larger of their standard deviations over seeds."""
     op = lookup(OPS, claim["op"], "comparison")
     lhs = stats.get(claim["lhs"])
     rhs = claim["rhs"]
-    rhs_value = float(rhs) if isinstance(rhs, (int, float)) else (stats.get(rhs) or (None,))[0]
+    if isinstance(rhs, (int, float)):
+        rhs_value, rhs_std = float(rhs), 0.0
+    else:
+        rhs_value, rhs_std = (stats.get(rhs) or (None, 0.0))[:2]
     if lhs is None or rhs_value is None or math.isnan(lhs[0]):
         return "not run"
-    return "yes" if op(lhs[0], rhs_value) else "no"
+    verdict = "yes" if op(lhs[0], rhs_value) else "no"
+    if abs(lhs[0] - rhs_value) < max(lhs[1], rhs_std):
+        verdict += ", within the seed spread"
+    return verdict
 
 
 def _pm(stat: tuple[float, float, int] | None) -> str:

@@ -64,8 +64,6 @@ def finetune_mlps(
     wanted = sorted({0, *(s for s in snapshot_steps if s <= cfg.max_steps)})
     paths = {s: run_dir / "snapshots" / f"step_{s}.safetensors" for s in wanted}
     meta = {**meta, "n_layer": model.config.n_layer, "n_embd": model.config.n_embd}
-    for name, p in model.named_parameters():
-        p.requires_grad_(".mlp." in name)
     if not paths[0].exists():
         save_specialist(paths[0], model, {**meta, "step": 0})
 
@@ -74,7 +72,7 @@ def finetune_mlps(
             save_specialist(paths[step], model, {**meta, "step": step})
 
     windows = RandomWindows(stream, context, cfg.max_steps * opt["batch_size"], seed)
-    mlp_params = [p for n, p in model.named_parameters() if ".mlp." in n]
+    mlp_params = [p for n, p in model.named_parameters() if ".mlp." in n]  # `train` freezes the rest
     train(model, _causal_lm, windows, cfg, run_dir, params=mlp_params, callbacks=[snapshot])
     missing = [s for s, p in paths.items() if not p.exists()]
     if missing:  # a finished run resumed from its final checkpoint cannot rewrite lost snapshots
@@ -94,11 +92,7 @@ def train_routers(
 ) -> list[tuple[int, float]]:
     """Train only the routers of a routed model in place (plain mean CE, no load balancing); the loss curve."""
     cfg = train_config(opt, seed)
-    params = router_parameters(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
+    params = router_parameters(model)  # `train` freezes every other parameter
     windows = RandomWindows(stream, context, cfg.max_steps * opt["batch_size"], seed)
     return train(model, _causal_lm, windows, cfg, run_dir, params=list(params.values())).losses
 

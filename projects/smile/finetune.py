@@ -1,7 +1,7 @@
 """Fine-tune the CLIP vision tower on one task with frozen zero-shot text heads: the tiny-scale experts.
 
-Stands in for tanganke's `clip-vit-base-patch32_<task>` checkpoints: full fine-tuning of the vision tower
-(every weight), the class embeddings of "a photo of a {class}." from the CLIP text tower, the visual
+Stands in for tanganke's `clip-vit-base-patch32_<task>` checkpoints: fine-tuning of the vision tower
+(every weight, or with `trainable=linear` only its nn.Linear layers), the class embeddings of "a photo of a {class}." from the CLIP text tower, the visual
 projection and the temperature frozen. Each expert is saved as a `CLIPVisionModel` folder.
 
     python -m projects.smile.finetune --config projects/smile/configs/tiny_finetune.yaml seed=0 \
@@ -53,19 +53,10 @@ def trainable_parameters(model: torch.nn.Module, which: str) -> list[torch.nn.Pa
 
 def finetune_task(cfg: dict[str, Any], task: str, out: Path) -> dict[str, float]:
     """Fine-tune one expert, save it to `out`, and return its validation metrics on its own task."""
-    clip_path = resolve_path(cfg["clip_model"])
-    pool_cfg = {
-        "clip_model": clip_path,
-        "tasks": [task],
-        "data": cfg["data"],
-        "templates": cfg["templates"],
-        "max_examples": cfg["max_train_examples"],
-        "split": "train",
-    }
-    train_pool = CLIPTaskPool(pool_cfg)  # the train split and the frozen heads
+    train_pool = _task_pool(cfg, task, "train")  # the train split and the frozen heads
     pixels, labels = train_pool.data[task]
     text, projection, scale = train_pool.text[task], train_pool.projection, train_pool.logit_scale
-    vision = load_model(clip_path, "clip_vision").train()
+    vision = load_model(resolve_path(cfg["clip_model"]), "clip_vision").train()
     tc = TrainConfig(**{**cfg["train"], "seed": cfg["seed"], "schedule": "cosine", "log_every": 20})
 
     def epoch_batches(epoch: int) -> list[dict[str, torch.Tensor]]:
@@ -91,15 +82,22 @@ def finetune_task(cfg: dict[str, Any], task: str, out: Path) -> dict[str, float]
 
 def validate(cfg: dict[str, Any], task: str, expert: Path) -> dict[str, float]:
     """An expert's accuracy and loss on its own task's validation split."""
-    pool_cfg = {
-        "clip_model": resolve_path(cfg["clip_model"]),
-        "tasks": [task],
-        "data": cfg["data"],
-        "templates": cfg["templates"],
-        "max_examples": cfg["max_eval_examples"],
-        "split": "validation",
-    }
-    return CLIPTaskPool(pool_cfg).evaluate(load_model(expert, "clip_vision"))[task]
+    return _task_pool(cfg, task, "validation").evaluate(load_model(expert, "clip_vision"))[task]
+
+
+def _task_pool(cfg: dict[str, Any], task: str, split: str) -> CLIPTaskPool:
+    """One task's data on `split` (capped by max_train_examples / max_eval_examples) and its frozen heads."""
+    cap = cfg["max_train_examples"] if split == "train" else cfg["max_eval_examples"]
+    return CLIPTaskPool(
+        {
+            "clip_model": resolve_path(cfg["clip_model"]),
+            "tasks": [task],
+            "data": cfg["data"],
+            "templates": cfg["templates"],
+            "max_examples": cap,
+            "split": split,
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,4 +9,4 @@ CONFIG=projects/mbc_arrow/configs/${SCALE}_notebook.yaml
 for SEED in 1 2 3; do
   "$PY" -m projects.mbc_arrow.main notebook -c "$CONFIG" -k seed=$SEED output_dir="$OUT/seed$SEED"
 done
-"$PY" -m projects.mbc_arrow.analyze --runs "$OUT" --out "$OUT/table"
+"$PY" -m projects.mbc_arrow.analyze --runs "$OUT" --out "$OUT/table" --routing

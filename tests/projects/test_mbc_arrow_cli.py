@@ -166,6 +166,20 @@ def test_notebook_and_analyze(tmp_path):
     assert set(out["rouge"]) == {"oracle", "uniform", "arrow", "oracle_mbc", "uniform_mbc", "arrow_mbc"}
     assert (tmp_path / "seed1" / "rouge_in_distribution.png").is_file()
     proc = run_cli(
-        ["-m", "projects.mbc_arrow.analyze", "--runs", str(tmp_path), "--out", str(tmp_path / "t")]
+        [
+            "-m",
+            "projects.mbc_arrow.analyze",
+            "--runs",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "t"),
+            "--routing",
+        ]
     )
     assert "Rouge-L" in proc.stdout and (tmp_path / "t" / "table.md").is_file()
+    routing = json.loads((tmp_path / "t" / "routing.json").read_text())
+    for lib in ("private", "mbc"):
+        (found,) = routing[lib]
+        assert [sum(row) for row in found["matrix"]] == pytest.approx([1.0] * len(found["tasks"]))
+        assert found["chance"] == pytest.approx(1 / len(found["experts"]))
+    assert (tmp_path / "t" / "routing_private.png").is_file()

@@ -154,3 +154,17 @@ def test_selector_config_errors_name_the_choices():
         selector_config("arow")
     with pytest.raises(KeyError, match="has no keys"):
         selector_config({"name": "arrow", "topk": 4})
+
+
+def test_routing_matrix_counts_tokens_over_layers_by_hand():
+    from projects.mbc_arrow.routing_analysis import own_expert_rate, routing_matrix
+
+    # task "b" example: 2 layers × 3 tokens -> experts 0,0,1 | 1,1,1 => 2/6 to expert 0, 4/6 to expert 1
+    # task "a" examples: one of 1 layer × 2 tokens (expert 2, 2), one of 1 × 2 (expert 0, 2) => 1/4, 0, 3/4
+    top1 = [torch.tensor([[0, 0, 1], [1, 1, 1]]), torch.tensor([[2, 2]]), torch.tensor([[0, 2]])]
+    order, m = routing_matrix(top1, ["b", "a", "a"], n_experts=3)
+    assert order == ["a", "b"]
+    torch.testing.assert_close(m, torch.tensor([[0.25, 0.0, 0.75], [2 / 6, 4 / 6, 0.0]], dtype=torch.float64))
+    own = own_expert_rate(m, order, {"a": 2, "b": 0})
+    assert own["per_task"] == pytest.approx({"a": 0.75, "b": 2 / 6})
+    assert own["mean"] == pytest.approx((0.75 + 2 / 6) / 2)

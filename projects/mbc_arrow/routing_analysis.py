@@ -1,0 +1,83 @@
+"""Where Arrow sends each task's tokens: the routing distribution of a library on a task mixture.
+
+For every adapted linear and token, Arrow's top-1 expert is argmax_e |x · proto_e| (paper §4.2; the router
+temperature and top_k do not change the argmax). `routing_matrix` counts, per task, the fraction of tokens
+(over all layers) that go to each expert; `own_expert_rate` is the fraction going to the example's own
+expert (its task's expert, or its cluster's under MBC), beside chance 1/E. An Arrow library whose
+prototypes carry task information routes well above chance; one whose prototypes do not sits at chance,
+whatever its top_k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from projects.mbc_arrow.expert_model import MultiExpertModel
+from projects.mbc_arrow.tasks import PROMPT
+
+
+def routing_matrix(
+    top1: Sequence[torch.Tensor], tasks: Sequence[str], n_experts: int
+) -> tuple[list[str], torch.Tensor]:
+    """(sorted task names, M (T, E)) from each example's top-1 expert indices (layers, tokens).
+
+    M[t, e] = fraction of task t's (layer, token) routing decisions that pick expert e; rows sum to 1.
+    Every example weighs by its number of tokens, as each token is routed on its own.
+    """
+    order = sorted(set(tasks))
+    counts = torch.zeros(len(order), n_experts, dtype=torch.float64)
+    for idx, task in zip(top1, tasks, strict=True):
+        counts[order.index(task)] += torch.bincount(idx.reshape(-1), minlength=n_experts).double()
+    return order, counts / counts.sum(1, keepdim=True).clamp(min=1)
+
+
+def own_expert_rate(matrix: torch.Tensor, order: Sequence[str], task_to_expert: Mapping[str, int]) -> dict:
+    """Per task, the routed fraction to its own expert; and their mean over tasks."""
+    per_task = {t: float(matrix[i, task_to_expert[t]]) for i, t in enumerate(order)}
+    return {"per_task": per_task, "mean": sum(per_task.values()) / len(per_task)}
+
+
+@torch.no_grad()
+def arrow_routing(
+    library_id: str, examples: Sequence[Mapping[str, Any]], max_input_length: int
+) -> dict[str, Any]:
+    """Arrow's routing distribution of a library over `examples` (dicts with task and source), one at a time
+    (no padding tokens), with the prototypes Arrow uses (`MultiExpertModel.set_selector('arrow')`)."""
+    model = MultiExpertModel.from_pretrained_library(library_id, {"name": "task_name"})
+    model.set_selector({"name": "arrow", "top_k": 1})
+    seen: list[torch.Tensor] = []
+
+    def hook(layer: torch.nn.Module, args: tuple, _out: Any) -> None:
+        seen.append((args[0] @ layer.protos.T.to(args[0].dtype)).abs().argmax(-1).reshape(-1))
+
+    handles = [layer.register_forward_hook(hook) for layer in model.layers().values()]
+    top1, tasks = [], []
+    try:
+        for ex in tqdm(examples, desc="arrow routing", leave=False):
+            seen.clear()
+            enc = model.tokenizer(
+                PROMPT.format(source=ex["source"]),
+                return_tensors="pt",
+                truncation=True,
+                max_length=max_input_length,
+            )
+            model.model(**enc)
+            top1.append(torch.stack(seen))
+            tasks.append(ex["task"])
+    finally:
+        for h in handles:
+            h.remove()
+    n_exp = len(model.expert_names)
+    order, matrix = routing_matrix(top1, tasks, n_exp)
+    own = own_expert_rate(matrix, order, model.task_to_expert)
+    return {
+        "experts": list(model.expert_names),
+        "tasks": order,
+        "matrix": matrix.tolist(),
+        "own_expert_rate": own,
+        "chance": 1.0 / n_exp,
+    }

@@ -92,24 +92,41 @@ def flan(task_names: Iterable[str] | None = None) -> tuple[DatasetDict, dict]:
     return splits, record | {"sizes": {k: len(v) for k, v in splits.items()}}
 
 
-def p3(config: str) -> tuple[DatasetDict, dict]:
-    """One bigscience/P3 prompted dataset (a dataset x promptsource template, e.g. 'cosmos_qa_..._answer')."""
+def p3(config: str, local_path: str | os.PathLike | None = None) -> tuple[DatasetDict, dict]:
+    """One bigscience/P3 prompted dataset (a dataset x promptsource template, e.g. 'cosmos_qa_..._answer').
+
+    `local_path`: a copy of that config on disk, in the hub's columns (`inputs_pretokenized`,
+    `targets_pretokenized`, `answer_choices` for multiple-choice templates), saved with `save_to_disk`;
+    it is read the same way, online or not. P3 keeps the whitespace a template puts around its target
+    (often leading newlines) but not around the answer choices, so the label is found after stripping.
+    """
     hub_id = "bigscience/P3"
-    ds: DatasetDict = _load(hub_id, _TEXT_TASKS + " with common.data.as_multiple_choice", config)
+    if local_path is not None:
+        from datasets import load_from_disk
+
+        ds: DatasetDict = load_from_disk(str(local_path))
+    else:
+        ds = _load(hub_id, _TEXT_TASKS + " with common.data.as_multiple_choice", config)
 
     def fmt(r: Mapping[str, Any]) -> dict[str, Any]:
         choices = r.get("answer_choices") or []
         target = r["targets_pretokenized"].strip()
+        stripped = [c.strip() for c in choices]
         return {
             "task": config,
             "source": r["inputs_pretokenized"],
             "target": target,
             "choices": choices,
-            "label": choices.index(target) if target in choices else -1,
+            "label": stripped.index(target) if target in stripped else -1,
         }
 
     splits = DatasetDict({k: v.map(fmt, remove_columns=v.column_names) for k, v in ds.items()})
-    return splits, {"hub_id": hub_id, "config": config, "sizes": {k: len(v) for k, v in splits.items()}}
+    record = {
+        "hub_id": hub_id,
+        "config": config,
+        "local_path": None if local_path is None else str(local_path),
+    }
+    return splits, record | {"sizes": {k: len(v) for k, v in splits.items()}}
 
 
 # fusion_bench's Flan-T5 GLUE prompts (fusion_bench/tasks/flan_t5_text_generation/glue_prompt_templates.py),

@@ -23,7 +23,15 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from common.config import load_config
-from common.evaluation import IGNORE_INDEX, encode_pair, eval_mode, rank_classification
+from common.evaluation import (
+    IGNORE_INDEX,
+    encode_pair,
+    eval_mode,
+    exact_match,
+    generate,
+    normalize_answer,
+    rank_classification,
+)
 from projects.mats.model import is_encoder_decoder, model_name
 from projects.mats.tasks import load_mixture
 
@@ -214,10 +222,43 @@ def _cross_attention_cache(model: nn.Module, states: torch.Tensor, rows: torch.T
     return EncoderDecoderCache(DynamicCache(config=model.config), cross)  # marks every layer as filled
 
 
+def squad_f1(prediction: str, references: Sequence[str]) -> float:
+    """SQuAD v1.1 token F1 (after `normalize_answer`), the best over the references."""
+    best = 0.0
+    pred = normalize_answer(prediction).split()
+    for ref in references:
+        gold = normalize_answer(ref).split()
+        common = sum(min(pred.count(w), gold.count(w)) for w in set(pred))
+        if common:
+            precision, recall = common / len(pred), common / len(gold)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def generation_score(
+    model: nn.Module, tokenizer: Any, examples: Sequence[Mapping[str, Any]], cfg: Mapping[str, Any]
+) -> float:
+    """A generative task's score as the original's ROPES: greedy decoding of at most 64 tokens, scored by
+    the mean of SQuAD exact match and F1 against the target (P3 keeps one answer), as a fraction."""
+    max_len = cfg["model"]["max_source_len"]
+    prompts = []
+    for ex in examples:  # an encoder-decoder reads the question's last max_source_len tokens, as in training
+        ids = tokenizer(ex["question"], add_special_tokens=False)["input_ids"]
+        cut = is_encoder_decoder(model) and len(ids) > max_len - 1
+        prompts.append(tokenizer.decode(ids[-(max_len - 1) :]) if cut else ex["question"])
+    predictions = generate(
+        model, tokenizer, prompts, 64, batch_size=cfg["eval_run"]["eval_batch_size"], disable=True
+    )
+    references = [[ex["target"]] for ex in examples]
+    f1 = statistics.fmean(squad_f1(p, r) for p, r in zip(predictions, references))
+    return (exact_match(predictions, references) + f1) / 2
+
+
 def evaluate(
     model: nn.Module, tokenizer: Any, data: Mapping[str, Sequence[Mapping[str, Any]]], cfg: Mapping[str, Any]
 ) -> dict[str, float]:
-    """Rank-classification accuracy per task (summed log-likelihood by default) and their mean, `average`.
+    """Rank-classification accuracy per task (summed log-likelihood by default) and their mean, `average`;
+    a generative task (examples without choices, ROPES) is scored by `generation_score`.
 
     An encoder-decoder reads the question cut to its last `model.max_source_len` tokens, as in training
     (`model.encode`); a decoder-only model goes through `common.evaluation.rank_classification`.
@@ -225,7 +266,9 @@ def evaluate(
     scores = {}
     length_normalize = cfg["eval_run"]["length_normalization"]
     for task, examples in data.items():
-        if is_encoder_decoder(model):
+        if not examples[0]["choices"]:
+            scores[task] = generation_score(model, tokenizer, examples, cfg)
+        elif is_encoder_decoder(model):
             lls = choice_log_likelihoods(
                 model,
                 tokenizer,

@@ -36,7 +36,7 @@ from projects.mats.experiment import (
 from projects.mats.merge_run import fisher_file, gram_file, run_merge
 from projects.mats.metadata import fisher, gram_matrices
 from projects.mats.model import build, load_state, merged_parameters, read_state
-from projects.mats.tasks import load_task, tasks_of
+from projects.mats.tasks import P3_HOLDOUT, P3_TEMPLATES, load_task, tasks_of
 from projects.mats.training import run_dir_of, train_model
 
 # merge command -> (method, default λ, fixed hyperparameters); λ None sweeps 0..1 on validation.
@@ -119,7 +119,15 @@ def _config(args: argparse.Namespace, files: Sequence[str] | None = None) -> dic
 
 
 def _launch_distributed(argv: Sequence[str], world_size: int) -> None:
-    """Re-run this command under `accelerate launch` with `world_size` processes (the original's -w)."""
+    """Re-run this command under `accelerate launch` with `world_size` processes (the original's -w, one
+    per GPU); without that many GPUs it stops with a clear error instead of launching CPU processes."""
+    import torch
+
+    if torch.cuda.device_count() < world_size:
+        raise SystemExit(
+            f"train -w {world_size}: needs {world_size} GPUs, this machine has {torch.cuda.device_count()}; "
+            "drop -w (or use -w 1) to train in this process"
+        )
     rest, skip = [], False
     for a in argv:
         if skip:
@@ -146,6 +154,11 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> None:
         print(f"model {cfg['model']['base']}: {count_parameters(model)} parameters, "
               f"{sum(p.numel() for p in merged.values())} merged ({cfg['model']['format']}); "
               f"run dir {run_dir_of(cfg)}")  # fmt: skip
+        for task in tasks_of(cfg["train_dataset"]["train_dataset"]):
+            if task in P3_TEMPLATES:
+                configs = P3_TEMPLATES[task]
+                print(f"data {task}: bigscience/P3 configs {', '.join(configs)}; validation = the last "
+                      f"{P3_HOLDOUT.get(task, 1000)} train examples")  # fmt: skip
         return
     if args.world_size > 1 and "LOCAL_RANK" not in os.environ:
         _launch_distributed(argv, args.world_size)
@@ -266,6 +279,9 @@ def cmd_inference(args: argparse.Namespace) -> None:
         if idx is None:
             idx = read_json(run / "results.json")["metrics"]["best_checkpoint_idx"]
         weights = run / f"checkpoint_{idx}.safetensors"
+        if not weights.is_file():  # training keeps the best checkpoint only
+            kept = sorted(p.name for p in run.glob("checkpoint_*.safetensors"))
+            raise SystemExit(f"inference: {run} has no checkpoint {idx}; it keeps {kept}")
         out = run / f"inference_checkpoint_{idx}"
     else:
         weights = Path(args.merged_model)

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from projects.mats.model import encode, example_log_probs, is_encoder_decoder
+from projects.mats.tasks import answer
 
 FISHER_KINDS = ("diagonal", "blockwise")
 # Modules whose input lives on encoder positions (the original's `input_mask` regex); others are decoder.
@@ -36,7 +37,12 @@ def answers(
 ) -> list[str]:
     """The answer each example's gradient is taken at: gold, or sampled from p(choice) (true Fisher)."""
     if not true_fisher:
-        return [ex["choices"][ex["label"]] for ex in examples]
+        return [answer(ex) for ex in examples]
+    if any(not ex["choices"] for ex in examples):
+        raise NotImplementedError(
+            "the true Fisher of a generative task (ROPES) samples a generation (the original's sample_label); "
+            "not implemented: use the empirical Fisher"
+        )
     generator = torch.Generator().manual_seed(seed)
     out = []
     with torch.no_grad():

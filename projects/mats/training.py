@@ -27,7 +27,7 @@ from projects.mats.model import (
     merged_parameters,
     state_of,
 )
-from projects.mats.tasks import load_mixture
+from projects.mats.tasks import answer, load_mixture
 
 
 class EarlyStop(Exception):
@@ -86,7 +86,7 @@ def train_model(cfg: Mapping[str, Any], run_dir: str | Path | None = None, scale
         return encode(
             tokenizer,
             [ex["question"] for ex in examples],
-            [ex["choices"][ex["label"]] for ex in examples],
+            [answer(ex) for ex in examples],
             encoder_decoder=enc_dec,
             max_source_len=max_len,
         )

@@ -152,6 +152,10 @@ def test_dry_run_paper_config():
                     str(CONFIGS / "paper_ia3.yaml"), str(CONFIGS / "paper_individual_task_run_ia3.yaml"),
                     "-td", "train_dataset=paws"])  # fmt: skip
     assert "783432704 parameters, 282624 merged (ia3)" in proc.stdout
+    # The data plan, offline: paws's 11 P3 configs in promptsource's order, validation = last 1000 of train.
+    plan = next(line for line in proc.stdout.splitlines() if line.startswith("data paws: "))
+    assert plan.count("paws_labeled_final_") == 11 and plan.endswith("the last 1000 train examples")
+    assert "data cosmos_qa" not in proc.stdout  # a single-task run reads its own dataset only
 
 
 @slow

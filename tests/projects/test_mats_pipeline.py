@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from common.config import ConfigError
@@ -99,3 +100,35 @@ def test_clear_errors(world):
         # (IA)^3 vectors loaded into a fully fine-tuned model
         ia3_ckpt = next((root / "offline/champ_category/micro-t5/ia3/s0").glob("checkpoint_*.safetensors"))
         main(["inference", *FULL, "--merged_model", str(ia3_ckpt)])
+
+
+def test_decoder_only_experts_merge_and_infer(tmp_path, capsys):
+    # The seed's OPT-1.3b inference example, at micro scale: a decoder-only base (GPT-Neo) through train,
+    # Grams, a merge, and both kinds of inference.
+    registry = tmp_path / "checkpoints.yaml"
+    common = ["-o", f"experiment.exp_out={tmp_path}", f"experiment.checkpoint_registry={registry}"]
+    neo = [*FULL, "-m", "base=gpt_neo"]
+    for task in TASKS:
+        main(["train", *neo, "-td", f"train_dataset={task}", "-ed", f"evaluation_dataset={task}",
+              "--register", str(registry), *common, "experiment.run_name=s0"])  # fmt: skip
+    args = ["-d", "micro_two", "--checkpoint_descriptor", "full_model", *common]
+    main(["save_gram_matrix", *neo, *args])
+    main(["regmean", *neo, *args, "--model_lambda", "0.5"])
+    merged = tmp_path / "merging/offline/micro_two/micro-gpt_neo/full_model/regmean/model_lambda_0.5"
+    capsys.readouterr()
+    main(["inference", "--merged_model", str(merged / "merged_model.safetensors"), "-ed", "evaluation_split=test",
+          "-i", "micro_two"])  # fmt: skip
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["model"] == "micro-gpt_neo" and set(out["test"]) == {*TASKS, "average"}
+    run = tmp_path / "offline/champ_category/micro-gpt_neo/full_model/s0"
+    idx = json.loads((run / "results.json").read_text())["metrics"]["best_checkpoint_idx"]
+    main(["inference", "-e", str(run), "--checkpoint_idx", str(idx), "-ed", "split=train"])
+    assert "champ_category" in yaml.safe_load(capsys.readouterr().out)["train"]
+    with pytest.raises(SystemExit, match=rf"no checkpoint {idx + 1}; it keeps \['checkpoint_{idx}"):
+        main(["inference", "-e", str(run), "--checkpoint_idx", str(idx + 1)])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="the machine has the GPUs -w 2 asks for")
+def test_world_size_without_gpus_fails_clearly():
+    with pytest.raises(SystemExit, match=r"train -w 2: needs 2 GPUs, this machine has \d"):
+        main(["train", *FULL, "-w", "2"])

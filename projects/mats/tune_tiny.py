@@ -49,22 +49,20 @@ def run_one(task: str, lr: float, steps: int, patience: int | None, seed: int, r
 
 def cli(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--settings", nargs="+", required=True, metavar="LR:STEPS")
+    ap.add_argument("--settings", nargs="+", required=True, metavar="LR:STEPS[:PATIENCE]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/mats/tiny/tune_ia3/results.jsonl"))
     a = ap.parse_args(argv)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     done = set()
     if a.out.exists():
-        done = {
-            (r["task"], r["lr"], r["steps"], r["seed"])
-            for r in map(json.loads, a.out.read_text().splitlines())
-        }
-    for lr, steps in map(_parse, a.settings):
+        rows = map(json.loads, a.out.read_text().splitlines())
+        done = {(r["task"], r["lr"], r["steps"], r.get("patience"), r["seed"]) for r in rows}
+    for lr, steps, patience in map(_parse, a.settings):
         for task in tasks_of(MIXTURE["tiny"]):
-            if (task, lr, steps, a.seed) in done:
+            if (task, lr, steps, patience, a.seed) in done:
                 continue
-            row = run_one(task, lr, steps, a.seed, a.out.parent)
+            row = run_one(task, lr, steps, patience, a.seed, a.out.parent)
             with a.out.open("a") as f:  # one line per expert, so an interrupted sweep resumes
                 f.write(json.dumps(row) + "\n")
             print(row)

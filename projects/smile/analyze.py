@@ -1,6 +1,7 @@
 """The paper's tables from the sweep summaries (mean ± std over seeds), beside the paper's numbers:
 methods vs individual experts, the (gate_k, k) grid with parameter ratios (and a plot of accuracy against
-size), the top_k ablation, and singular projection merging (Space I / II / II+III).
+size), the top_k ablation, and singular projection merging (Space I / II / II+III); for each arm found
+under `runs` (tiny CLIP in seed_*/, tiny T5 in t5_full/seed_*/ and t5_lora/seed_*/).
 
     python -m projects.smile.analyze runs=runs/smile/tiny out=runs/smile/tiny/table
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +25,44 @@ PAPER = Path(__file__).parent / "paper.yaml"
 DEFAULTS = {"runs": "runs/smile/tiny", "out": "runs/smile/tiny/table"}
 
 
-def summaries(runs: str | Path) -> list[dict[str, Any]]:
-    """Every seed's sweep summary metrics under `runs`, by seed."""
-    found = sorted(Path(runs).glob("seed_*/summary/results.json"))
-    if not found:
-        raise FileNotFoundError(f"no sweep summaries (seed_*/summary/results.json) under {runs}")
-    return [read_json(p)["metrics"] for p in found]
+@dataclass(frozen=True)
+class Arm:
+    """One tiny arm's sweeps: where they are, its paper.yaml experiment, how its table is labelled."""
+
+    folder: str  # under `runs`, holding seed_*/summary/results.json
+    experiment: str
+    title: str
+    pretrained: str  # the pretrained row's label
+    paper_column: str
+    paper_smile: str  # the paper's SMILE configuration, beside its number
+
+
+ARMS = (
+    Arm("", "tiny_clip", "tiny CLIP", "pretrained (zero-shot heads)", "paper B/32 (%)", " (16, 32), 1.61x"),
+    Arm(
+        "t5_full",
+        "tiny_t5_full",
+        "tiny T5, full fine-tuning",
+        "pretrained",
+        "paper Flan-T5-base (%)",
+        " (8, 32), 1.52x",
+    ),
+    Arm(
+        "t5_lora",
+        "tiny_t5_lora",
+        "tiny T5, LoRA (rank 4, q and v)",
+        "pretrained",
+        "paper Flan-T5-base LoRA-16 (%)",
+        " (2, 4), 1.02x",
+    ),
+)
+
+
+def summaries(runs: str | Path, folder: str = "") -> list[dict[str, Any]]:
+    """Every seed's sweep summary metrics under `runs`/`folder`, by seed (none: an empty list)."""
+    return [
+        read_json(p)["metrics"] for p in sorted((Path(runs) / folder).glob("seed_*/summary/results.json"))
+    ]
 
 
 def _get(metrics: dict[str, Any], key: str) -> Any:
@@ -51,12 +85,14 @@ def cell(runs: list[dict[str, Any]], key: str, percent: bool = True) -> str:
         return "—"
 
 
-def tables(runs: list[dict[str, Any]], paper: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    p = paper["experiments"]["tiny_clip"]["paper"]
+def tables(
+    runs: list[dict[str, Any]], paper: dict[str, Any], arm: Arm = ARMS[0]
+) -> dict[str, list[dict[str, Any]]]:
+    p = paper["experiments"][arm.experiment]["paper"]
     pct = lambda key: f"{100 * p[key]:.1f}" if key in p else "—"  # noqa: E731
     selected = [r["smile_selected_config"] for r in runs]
     methods = [
-        ("pretrained (zero-shot heads)", "pretrained", "1.00"),
+        (arm.pretrained, "pretrained", "1.00"),
         ("individual experts (own task)", "individual", "8 models"),
         ("simple average", "simple_average", "1.00"),
         ("task arithmetic (λ on validation)", "task_arithmetic", "1.00"),
@@ -71,11 +107,11 @@ def tables(runs: list[dict[str, Any]], paper: dict[str, Any]) -> dict[str, list[
             "method": name,
             "accuracy (%)": cell(runs, key),
             "params (x base)": ratio,
-            "paper B/32 (%)": pct(key),
+            arm.paper_column: pct(key),
         }
         for name, key, ratio in methods
     ]
-    main[-1]["paper B/32 (%)"] += " (16, 32), 1.61x"
+    main[-1][arm.paper_column] += arm.paper_smile
     main.append(
         {
             "method": "SMILE configs chosen",
@@ -100,11 +136,21 @@ def tables(runs: list[dict[str, Any]], paper: dict[str, Any]) -> dict[str, list[
         for t in (1, 2, 4, 8)
         if any(f"top_k_{t}" in r for r in runs)
     ]
-    spaces = ("ft", "space_I", "space_II", "space_II_III")
-    tasks = list(runs[0]["projection"]["ft"])
-    projection = [{"task": t} | {s: cell(runs, f"projection.{s}.{t}") for s in spaces} for t in tasks]
-    projection.append({"task": "paper B/32 average"} | {s: pct(f"projection.{s}.average") for s in spaces})
-    return {"main": main, "grid": grid, "top_k": topk, "projection": projection}
+    out = {"main": main, "grid": grid, "top_k": topk}
+    if "projection" in runs[0]:
+        spaces = ("ft", "space_I", "space_II", "space_II_III")
+        tasks = list(runs[0]["projection"]["ft"])
+        projection = [{"task": t} | {s: cell(runs, f"projection.{s}.{t}") for s in spaces} for t in tasks]
+        projection.append(
+            {"task": "paper B/32 average"} | {s: pct(f"projection.{s}.average") for s in spaces}
+        )
+        out["projection"] = projection
+    else:  # the projection table already lists each expert on its own task
+        out["per_task"] = [
+            {"task": t, "individual expert (%)": cell(runs, f"individual_per_task.{t}")}
+            for t in runs[0]["individual_per_task"]
+        ]
+    return out
 
 
 def mistral_table(runs: str | Path) -> list[dict[str, Any]]:
@@ -131,7 +177,7 @@ def _model_order(name: str) -> tuple[int, str, int]:
     return (1, experts, int(k))
 
 
-def plot_grid(runs: list[dict[str, Any]], rd: RunDir) -> None:
+def plot_grid(runs: list[dict[str, Any]], rd: RunDir, plot_name: str = "grid_accuracy_vs_params") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,10 +205,10 @@ def plot_grid(runs: list[dict[str, Any]], rd: RunDir) -> None:
             color="C1" if key == "individual" else "C2",
         )
     ax.set_xscale("log")
-    ax.set_xlabel("parameters (x base vision tower)")
+    ax.set_xlabel("parameters (x base model)")
     ax.set_ylabel("8-task average accuracy (%)")
     ax.legend(fontsize=7)
-    rd.save_plot(fig, "grid_accuracy_vs_params", {"points": points})
+    rd.save_plot(fig, plot_name, {"points": points})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -171,20 +217,29 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("overrides", nargs="*")
     cfg = load_config(DEFAULTS, overrides=parser.parse_args(argv).overrides)
-    runs = summaries(cfg["runs"])
     paper = yaml.safe_load(PAPER.read_text())
     rd = RunDir(
         cfg["out"], project="smile", experiment="tiny_clip_table", scale="tiny", seed=None, config=cfg
     )
-    out = [f"# SMILE, tiny CLIP, {len(runs)} seeds (mean ± std)\n"]
+    found = {arm: summaries(cfg["runs"], arm.folder) for arm in ARMS}
+    if not any(found.values()):
+        raise FileNotFoundError(f"no sweep summaries (seed_*/summary/results.json) under {cfg['runs']}")
     titles = {
         "main": "Eight tasks: SMILE vs merging and the individual experts",
         "grid": "SMILE over (gate_k, k): accuracy (%) and parameters (x base)",
         "top_k": "Experts per token (top_k)",
         "projection": "Singular projection merging: own-task accuracy (%)",
+        "per_task": "Individual experts on their own task",
     }
-    for name, rows in tables(runs, paper).items():
-        out.append(f"## {titles[name]}\n\n{markdown_table(rows)}\n")
+    out = []
+    for arm, runs in found.items():
+        if not runs:
+            continue
+        out.append(f"# SMILE, {arm.title}, {len(runs)} seeds (mean ± std)\n")
+        for name, rows in tables(runs, paper, arm).items():
+            if rows:
+                out.append(f"## {titles[name]}\n\n{markdown_table(rows)}\n")
+        plot_grid(runs, rd, "grid_accuracy_vs_params" + (f"_{arm.folder}" if arm.folder else ""))
     lm = mistral_table(cfg["runs"])
     if lm:
         out.append(
@@ -192,7 +247,6 @@ def main(argv: list[str] | None = None) -> None:
             f"better)\n\n{markdown_table(lm)}\n"
         )
     write_text(Path(cfg["out"]) / "table.md", "\n".join(out))
-    plot_grid(runs, rd)
     print("\n".join(out))
 
 

@@ -7,7 +7,9 @@ for a cached tiny-world base; `{expert_root}` in a path is replaced by the pool'
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,13 +57,49 @@ def pool_models(cfg: Mapping[str, Any]) -> dict[str, str]:
 
 
 def load_modelpool(cfg: Mapping[str, Any]) -> tuple[nn.Module | None, dict[str, nn.Module]]:
-    """(pretrained or None, {name: fine-tuned model}) as the pool's family, in `cfg.dtype`."""
+    """(pretrained or None, {name: fine-tuned model}) as the pool's family, in `cfg.dtype`.
+
+    With `adapters: true` every model but `_pretrained_` is a PEFT LoRA adapter (a local folder or a hub
+    id), merged into a copy of the pretrained model (`merge_lora`), as fusion_bench's LoRA pools do."""
     family = lookup(POOL_FAMILIES, cfg["type"], "model pool type")
     dtype = lookup(DTYPES, cfg.get("dtype") or "float32", "modelpool.dtype")
+    paths = pool_models(cfg)
+    if cfg.get("adapters") and PRETRAINED not in paths:
+        raise ValueError(
+            "a pool of adapters (adapters: true) needs a '_pretrained_' model to merge them into"
+        )
     models = {}
-    for name, path in tqdm(pool_models(cfg).items(), desc="load models", disable=None):
-        models[name] = load_model(path, family, dtype=dtype)
+    for name, path in tqdm(paths.items(), desc="load models", disable=None):
+        if cfg.get("adapters") and name != PRETRAINED:
+            models[name] = merge_lora(models[PRETRAINED], _local(path))
+        else:
+            models[name] = load_model(path, family, dtype=dtype)
     return models.pop(PRETRAINED, None), models
+
+
+def _local(path: str) -> str:
+    """A local folder as is; a hub id downloaded (paper scale)."""
+    if Path(path).exists():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path)
+
+
+@torch.no_grad()
+def merge_lora(base: nn.Module, adapter: str | Path) -> nn.Module:
+    """A copy of `base` with a saved LoRA adapter merged into full weights: W <- W + (alpha/r)·B A per
+    adapted Linear (Hu et al. 2021, eq. 3), what peft's `merge_and_unload` computes; `base` is unchanged."""
+    from common.adapters import load_adapter, lora_factors_from_state
+
+    saved = load_adapter(adapter)
+    model = copy.deepcopy(base)
+    for key, factors in lora_factors_from_state(saved.state, saved.config).items():
+        layer = model.get_submodule(key.removeprefix("base_model.model."))
+        if not isinstance(layer, nn.Linear) or layer.weight.shape != (factors.B.shape[0], factors.A.shape[1]):
+            raise ValueError(f"adapter {adapter}: {key} does not match a Linear of the base model")
+        layer.weight += factors.delta().to(layer.weight)
+    return model
 
 
 # --- CLIP image classification with frozen zero-shot text heads ------------------------------------------
@@ -224,8 +262,15 @@ class DummyTaskPool:
         return {}
 
 
+def _text_generation(cfg: Mapping[str, Any]) -> Any:
+    from projects.smile.text_generation import TextGenerationTaskPool
+
+    return TextGenerationTaskPool(cfg)
+
+
 TASKPOOLS = {
     "CLIPVisionModelTaskPool": CLIPTaskPool,
+    "FlanT5GLUETextGenerationTaskPool": _text_generation,
     "LMEvalTaskPool": LMEvalTaskPool,
     "DummyTaskPool": DummyTaskPool,
 }

@@ -1,7 +1,7 @@
-"""The tiny CLIP table for one seed, in one process (pools loaded once): the seed README's loops of
-`main.py` runs (single models, SMILE over the (gate_k, k) grid, the top_k ablation, projection merging)
-plus the merging baselines. Each run writes a fusion_bench-shaped report; the seed's summary goes to
-`<out>/summary/results.json` (read by analyze.py).
+"""One seed's tiny table, in one process (pools loaded once): the seed README's loops of `main.py` runs
+(single models, SMILE over the (gate_k, k) grid, the top_k ablation, projection merging) plus the merging
+baselines, for any model pool and task pool (tiny CLIP; tiny T5, full or LoRA). Each run writes a
+fusion_bench-shaped report; the seed's summary goes to `<out>/summary/results.json` (read by analyze.py).
 
     python -m projects.smile.sweep --config projects/smile/configs/tiny_sweep.yaml seed=0 \
         expert_root=runs/smile/tiny/experts/seed_0 out=runs/smile/tiny/seed_0
@@ -25,21 +25,22 @@ from common.io import write_json
 from common.rundir import RunDir, seed_everything
 from projects.smile.main import group_file
 from projects.smile.methods import METHODS, model_info
-from projects.smile.pools import CLIPTaskPool, load_modelpool
+from projects.smile.pools import build_taskpool, load_modelpool
 
 DEFAULTS: dict[str, Any] = {
     "modelpool": "CLIPVisionModelPool/tiny_clip_TA8",
     "taskpool": "CLIPVisionModelTaskPool/tiny_clip_TA8",
     "expert_root": "runs/smile/tiny/experts/seed_0",
     "out": "runs/smile/tiny/seed_0",
+    "experiment": "tiny_clip",  # the summary's experiment name (paper.yaml, RESULTS.md)
     "seed": 0,
     "scale": "tiny",
     "max_examples": None,  # per task and split (null: all)
     "grid": {"gate_k": [1, 2, 4, 8, 16], "k": [4, 8, 16, 32, -1]},
     "max_params_ratio": 2.0,  # the selected SMILE config: best validation accuracy within this size
-    "top_k": {"gate_k": 4, "k": 16, "values": [1, 2, 4, 8]},
+    "top_k": {"gate_k": 4, "k": 16, "values": [1, 2, 4, 8]},  # null: no top_k ablation
     "task_arithmetic_lambdas": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
-    "projection": {"k": 8},
+    "projection": {"k": 8},  # null: no singular projection merging
 }
 
 
@@ -64,35 +65,43 @@ class Sweep:
             "max_examples": cfg["max_examples"]
         }
         self.tasks = list(task_cfg["tasks"])
-        self.pools = {split: CLIPTaskPool(task_cfg | {"split": split}) for split in ("validation", "test")}
+        self.pools = {split: build_taskpool(task_cfg | {"split": split}) for split in ("validation", "test")}
 
-    def run(self, name: str, method_cfg: dict[str, Any], models: dict | None = None) -> dict[str, Any]:
-        """Run a method, evaluate on validation and test, write reports/<name>.json; return the reports.
-        `dummy` with one model evaluates that model (the pretrained one with none)."""
+    def run(
+        self,
+        name: str,
+        method_cfg: dict[str, Any],
+        models: dict | None = None,
+        splits: tuple[str, ...] = ("validation", "test"),
+    ) -> dict[str, Any]:
+        """Run a method, evaluate on `splits` (validation only where a choice is made on it), write
+        reports/[validation/]<name>.json; return the reports by split. `dummy` with one model evaluates
+        that model (the pretrained one with none)."""
         models = self.models if models is None else models
         base = None if method_cfg["name"] == "dummy" and models else self.pretrained
         model, extra = METHODS[method_cfg["name"]](method_cfg, base, models)
         report = {"model_info": model_info(model, self.pretrained) | extra}
-        both = {split: report | pool.evaluate(model) for split, pool in self.pools.items()}
-        write_json(self.out / "reports" / f"{name}.json", {"method": method_cfg, **both["test"]})
-        write_json(
-            self.out / "reports" / "validation" / f"{name}.json", {"method": method_cfg, **both["validation"]}
-        )
-        return both
+        out = {split: report | self.pools[split].evaluate(model) for split in splits}
+        for split, r in out.items():
+            folder = self.out / "reports" / ("" if split == "test" else split)
+            write_json(folder / f"{name}.json", {"method": method_cfg, **r})
+        return out
 
 
 def sweep(cfg: dict[str, Any]) -> dict[str, Any]:
     s = Sweep(cfg)
     acc = lambda r, t="average": r[t]["accuracy"]  # noqa: E731
     m: dict[str, Any] = {}
-    m["pretrained"] = acc(s.run("pretrained", {"name": "dummy"}, {})["test"])
+    test = ("test",)  # nothing is chosen on these runs' validation scores
+    m["pretrained"] = acc(s.run("pretrained", {"name": "dummy"}, {}, test)["test"])
     own = {}
     for task, expert in s.models.items():
-        r = s.run(f"individual_{task}", {"name": "dummy"}, {task: expert})
+        r = s.run(f"individual_{task}", {"name": "dummy"}, {task: expert}, test)
         own[task] = acc(r["test"], task)
     m["individual"] = sum(own.values()) / len(own)
     m["individual_per_task"] = own
-    m["simple_average"] = acc(s.run("simple_average", {"name": "simple_average", "device": "cpu"})["test"])
+    average = s.run("simple_average", {"name": "simple_average", "device": "cpu"}, splits=test)
+    m["simple_average"] = acc(average["test"])
     ta = {
         lam: s.run(
             f"task_arithmetic_{lam}", {"name": "task_arithmetic", "device": "cpu", "scaling_factor": lam}
@@ -117,13 +126,17 @@ def sweep(cfg: dict[str, Any]) -> dict[str, Any]:
     m["smile_selected_params_ratio"] = grid[chosen]["test"]["model_info"]["params_ratio"]
     m["smile_selected_config"] = {"gate_k": chosen[0], "k": chosen[1]}
 
-    tk = cfg["top_k"]
+    tk = cfg["top_k"] or {"values": []}
     for top_k in tk["values"]:
         if top_k > len(s.models):
             continue
-        r = s.run(f"smile_top_k={top_k}", _smile_cfg(gate_k=tk["gate_k"], k=tk["k"], top_k=top_k))
+        r = s.run(
+            f"smile_top_k={top_k}", _smile_cfg(gate_k=tk["gate_k"], k=tk["k"], top_k=top_k), splits=test
+        )
         m[f"top_k_{top_k}"] = acc(r["test"])
 
+    if not cfg["projection"]:
+        return m
     spaces = {"space_I": ("low", False), "space_II": ("high", False), "space_II_III": ("high", True)}
     proj: dict[str, dict[str, float]] = {"ft": own}
     for space, (rank, full) in spaces.items():
@@ -131,7 +144,7 @@ def sweep(cfg: dict[str, Any]) -> dict[str, Any]:
         for task, expert in s.models.items():
             method = {"name": "singular_projection_merging", "device": "cpu", "k": cfg["projection"]["k"]}
             method |= {"rank": rank, "full_matrices": full}
-            r = s.run(f"projection_{space}_{task}", method, {task: copy.deepcopy(expert)})
+            r = s.run(f"projection_{space}_{task}", method, {task: copy.deepcopy(expert)}, test)
             proj[space][task] = acc(r["test"], task)
     m["projection"] = {sp: {**v, "average": sum(v.values()) / len(v)} for sp, v in proj.items()}
     return m
@@ -150,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run = RunDir(
         Path(cfg["out"]) / "summary",
         project="smile",
-        experiment="tiny_clip",
+        experiment=cfg["experiment"],
         scale=cfg["scale"],
         seed=cfg["seed"],
         config=cfg,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make table-smile: the tiny CLIP table (3 seeds: experts fine-tuned, then SMILE grid, top_k ablation,
-# baselines and projection merging per seed; then the tiny Mistral arm), then analyze.py.
-# Env: SCALE=tiny|paper, PY=<python>, SEEDS (default "0 1 2"), ARMS (default "clip mistral").
+# baselines and projection merging per seed), the tiny Flan-T5 tables (full and LoRA experts: fine-tuned,
+# then baselines and the SMILE grid per seed), the tiny Mistral arm, then analyze.py.
+# Env: SCALE=tiny|paper, PY=<python>, SEEDS (default "0 1 2"), ARMS (default "clip t5_full t5_lora mistral").
 set -euo pipefail
 SCALE=${SCALE:-tiny}
 PY=${PY:-python}
@@ -17,17 +18,46 @@ if [ "$SCALE" = paper ]; then
                 report_save_path="$OUT/eight_tasks/gate_k=${gate_k}_k=${k}.json"
         done
     done
+    # The seed README's Flan-T5-base grids (full and LoRA-16 experts) on GLUE as text generation.
+    for gate_k in 4 8 16 32; do
+        for k in 16 32 64 128; do
+            $PY -m projects.smile.main method=smile_upscaling/smile_upscaling method.device=cpu \
+                method.gate_k=$gate_k method.k=$k scale=paper modelpool=Seq2SeqLMPool/flan-t5-base_glue \
+                taskpool=flan-t5_glue_text_generation \
+                report_save_path="runs/smile/paper/flan-t5-base/glue_text_generation/gate_k=${gate_k}_k=${k}.json"
+        done
+    done
+    for gate_k in 2 4 8; do
+        for k in 4 8 16; do
+            $PY -m projects.smile.main method=smile_upscaling/smile_upscaling method.device=cuda \
+                method.gate_k=$gate_k method.k=$k scale=paper modelpool=Seq2SeqLMPool/flan-t5-base_glue_lora16 \
+                taskpool=flan-t5_glue_text_generation \
+                report_save_path="runs/smile/paper/flan-t5-base_lora16/glue_text_generation/gate_k=${gate_k}_k=${k}.json"
+        done
+    done
     exit 0
 fi
 OUT=runs/smile/$SCALE
 SEEDS=${SEEDS:-0 1 2}
-ARMS=${ARMS:-clip mistral}
+ARMS=${ARMS:-clip t5_full t5_lora mistral}
 for seed in $SEEDS; do
     [[ " $ARMS " == *" clip "* ]] || continue
     $PY -m projects.smile.finetune --config projects/smile/configs/tiny_finetune.yaml \
         seed=$seed out=$OUT/experts/seed_$seed
     $PY -m projects.smile.sweep --config projects/smile/configs/tiny_sweep.yaml \
         seed=$seed expert_root=$OUT/experts/seed_$seed out=$OUT/seed_$seed
+done
+# Flan-T5 arms: eight tiny T5 experts per seed (full fine-tunes; LoRA adapters merged into full deltas), then
+# the seed's sweep (individual, simple average, task arithmetic, SMILE over the (gate_k, k) grid).
+for arm in t5_full t5_lora; do
+    [[ " $ARMS " == *" $arm "* ]] || continue
+    finetune=projects/smile/configs/tiny_finetune_t5.yaml
+    [ "$arm" = t5_lora ] && finetune=projects/smile/configs/tiny_finetune_t5_lora.yaml
+    for seed in $SEEDS; do
+        $PY -m projects.smile.finetune_t5 --config $finetune seed=$seed out=$OUT/$arm/experts/seed_$seed
+        $PY -m projects.smile.sweep --config projects/smile/configs/tiny_sweep_$arm.yaml \
+            seed=$seed expert_root=$OUT/$arm/experts/seed_$seed out=$OUT/$arm/seed_$seed
+    done
 done
 # Mistral arm: math and code experts of the tiny Mistral, SMILE over k (gate_k=4), lm-eval bits per byte.
 for seed in $SEEDS; do

@@ -77,6 +77,12 @@ class SmileMoELinear(nn.Module):
         has_bias = pretrained.bias is not None
         self.expert_bias = nn.Parameter(torch.empty(num_experts, d_out, **empty)) if has_bias else None
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The shared pretrained weight, for code that reads a Linear's `.weight` (T5's feed-forward checks
+        `wo.weight.dtype` before calling it); the layer's output is `forward`'s, not `x @ weight.T`."""
+        return self.pretrained.weight
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "

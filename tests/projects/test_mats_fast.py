@@ -20,9 +20,9 @@ from projects.mats.merging import (
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(
-        merging, "_CHUNK", 64
-    )  # many chunks on small tensors: chunk edges and ties across them
+    # many chunks on small tensors: chunk edges and ties across them
+    monkeypatch.setattr(merging, "_CHUNK", 64)
+    monkeypatch.setattr(merging, "_TA_CHUNK", 64)
 
 
 def _models(n_models=4, ties_at_threshold=False, seed=0, dtype=torch.float32):
@@ -56,17 +56,33 @@ def test_kth_largest_abs_is_exact():
         assert greater == int((x.abs() > t).sum()) and equal == int((x.abs() == t).sum())
 
 
-def test_task_arithmetic_is_bit_identical_to_the_reference():
-    base, models = _models()
-    for lam in (1.0, 0.3):
-        fast, ref = (
-            task_arithmetic(base, models, model_lambda=lam),
-            _task_arithmetic_reference(base, models, model_lambda=lam),
-        )
-        assert all(torch.equal(fast[k], ref[k]) for k in base)
-    base16, models16 = _models(dtype=torch.bfloat16)
+@pytest.mark.parametrize("n_models", [1, 2, 4])
+def test_task_arithmetic_matches_the_reference_to_rounding(n_models):
+    # Σθi − Mθ0 rounds at the scale of |θ|: within M² ulp of max|θ| (times λ) of the reference, which is
+    # far below |τ| (a wrong formula, e.g. a mean, would miss by ~|τ|)
+    base, models = _models(n_models=n_models)
+    eps = torch.finfo(torch.float32).eps
+    for lam in (1.0, 0.3, -0.5):
+        fast = task_arithmetic(base, models, model_lambda=lam)
+        ref = _task_arithmetic_reference(base, models, model_lambda=lam)
+        scale = max(t.abs().max().item() for m in (base, *models) for t in m.values())
+        for k in base:
+            assert fast[k].dtype == torch.float32 and fast[k].shape == base[k].shape
+            tol = 2 * n_models**2 * max(abs(lam), 1.0) * eps * scale
+            torch.testing.assert_close(fast[k], ref[k], atol=tol, rtol=0)
+    base64, models64 = _models(n_models=n_models, dtype=torch.float64)
+    fast, ref = task_arithmetic(base64, models64), _task_arithmetic_reference(base64, models64)
+    assert all(torch.allclose(fast[k], ref[k], atol=1e-12, rtol=0) for k in base64)
+    base16, models16 = _models(dtype=torch.bfloat16)  # other dtypes take the reference
     fast, ref = task_arithmetic(base16, models16), _task_arithmetic_reference(base16, models16)
     assert all(torch.equal(fast[k], ref[k]) and fast[k].dtype == torch.bfloat16 for k in base16)
+
+
+def test_task_arithmetic_names_a_non_finite_model():
+    base, models = _models()
+    models[2]["b.weight"][200] = float("nan")
+    with pytest.raises(MergeError, match=r"model 2: b\.weight"):
+        task_arithmetic(base, models)
 
 
 @pytest.mark.parametrize("variant", ["mats", "mergekit", "peft"])

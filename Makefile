@@ -25,7 +25,7 @@ else
 RUN_ENV := $(OFFLINE_ENV) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 endif
 
-.PHONY: setup test test-all smoke lint tables tiny-bases benchmarks bench clean $(addprefix table-,$(PROJECTS))
+.PHONY: setup test test-all smoke lint tables tiny-bases benchmarks bench bench-peers clean $(addprefix table-,$(PROJECTS))
 
 STAMP := $(VENV)/.installed
 setup: $(STAMP)
@@ -65,8 +65,20 @@ $(addprefix table-,$(PROJECTS)): table-%: setup
 
 bench: benchmarks
 
+# THP_MEM_ALLOC_ENABLE: torch's allocator asks for huge pages (fewer page faults on fresh merge outputs).
 benchmarks: setup
-	@for b in benchmarks/*.py; do echo "== $$b"; $(RUN_ENV) $(PY) $$b || exit 1; done
+	@for b in benchmarks/*.py; do echo "== $$b"; $(RUN_ENV) THP_MEM_ALLOC_ENABLE=1 $(PY) $$b || exit 1; done
+
+# The peer libraries in their own venv (not CI): the benchmark scripts time them there when it exists.
+PEERS_VENV ?= .venv-peers
+PEERS ?= mergekit==0.1.5 fusion-bench==0.2.33
+bench-peers: $(PEERS_VENV)/.installed
+$(PEERS_VENV)/.installed:
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q $(TORCH_INDEX) "$(TORCH)"
+	@for p in $(PEERS); do $(PEERS_VENV)/bin/python -m pip install -q "$(TORCH)" "$$p" \
+	  || { echo "bench-peers: $$p failed to install into $(PEERS_VENV) (see pip's error above)"; exit 1; }; done
+	touch $@
 
 clean:
 	rm -rf runs .pytest_cache

@@ -22,7 +22,14 @@ from projects.mats.tasks import tasks_of
 CONFIGS = Path(__file__).resolve().parent / "configs"
 SCALE_CONFIGS = {"tiny": ("tiny_t5.yaml", "tiny_ia3.yaml"), "micro": ("micro_t5.yaml", "micro_ia3.yaml")}
 MIXTURE = {"tiny": "tiny_six", "micro": "micro_two"}
-MULTITASK_CONFIGS = {"tiny": ["tiny_multitask_run.yaml"], "micro": []}  # after the model configs
+# The multitask model's run configs, after the model configs: {scale: {format: files}}.
+MULTITASK_CONFIGS = {
+    "tiny": {
+        "full_model": ["tiny_multitask_run.yaml"],
+        "ia3": ["tiny_multitask_run.yaml", "tiny_multitask_run_ia3.yaml"],
+    },
+    "micro": {"full_model": [], "ia3": []},
+}
 
 
 def _merged(out: Path, method_dir: str) -> Path:
@@ -55,7 +62,7 @@ def run_seed(scale: str, fmt: str, seed: int, runs: Path) -> dict[str, Any]:
     registry = root / "checkpoints.yaml"
     common = ["-o", f"experiment.exp_out={root / 'exp_out'}", f"experiment.checkpoint_registry={registry}",
               f"train_run.seed={seed}", f"experiment.run_name=seed{seed}"]  # fmt: skip
-    multitask = [str(CONFIGS / f) for f in MULTITASK_CONFIGS[scale]]
+    multitask = [str(CONFIGS / f) for f in MULTITASK_CONFIGS[scale][fmt]]
     for task in (*tasks_of(mixture), mixture):  # the experts, then the multitask model
         files = [*configs, *multitask] if task == mixture else configs
         main(["train", "-c", *files, "-td", f"train_dataset={task}", "-ed", f"evaluation_dataset={task}",

@@ -6,7 +6,7 @@ set -euo pipefail
 SCALE=${SCALE:-tiny}
 PY=${PY:-python}
 if [ "$SCALE" = "paper" ]; then
-  echo "table-mats: paper scale needs the P3 prompts (not wired yet) and GPUs; see projects/mats/README.md"
+  echo "table-mats: paper scale needs GPUs and bigscience/P3 (the hub, or MOERGING_P3_DIR); run the README's commands with the paper_*.yaml configs"
   exit 1
 fi
 # One process for the six cells: the data and tokenised questions are loaded once.

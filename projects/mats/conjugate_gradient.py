@@ -62,7 +62,7 @@ def cg_solve(
         x.add_(p, alpha=alpha)
         r.sub_(ap, alpha=alpha)
         rs_new = torch.vdot(r.reshape(-1), r.reshape(-1)).item()
-        p.mul_(rs_new / rs).add_(r)
+        torch.add(r, p, alpha=rs_new / rs, out=p)  # p = r + β p in one pass (mul_ then add_ took two)
         rs = rs_new
         it += 1
     final = (b - matvec(x)).norm().item()

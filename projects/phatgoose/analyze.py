@@ -68,15 +68,17 @@ def table(records: list[dict[str, Any]], balanced: bool = False) -> str:
 
 
 def timing(records: list[dict[str, Any]]) -> str:
-    """Wall time per seed and by phase (minutes), from each seed's results."""
+    """Wall time per seed and by phase, and CPU time of the process (minutes), from each seed's results."""
     rows = []
     for r in records:
         row = {
             "seed": r["seed"],
             "total (min)": f"{r['provenance'].get('wall_time_s', float('nan')) / 60:.1f}",
+            "CPU total (min)": f"{r.get('cpu_time_s', float('nan')) / 60:.1f}",
         }
         for phase, sec in r.get("seconds_by_phase", {}).items():
-            row[phase] = f"{sec / 60:.1f}"
+            cpu = r.get("cpu_seconds_by_phase", {}).get(phase, float("nan"))
+            row[phase] = f"{sec / 60:.1f} ({cpu / 60:.1f})"
         rows.append(row)
     return markdown_table(rows)
 
@@ -147,9 +149,9 @@ def main(argv: list[str] | None = None) -> None:
         f"Held-out zero-shot accuracy (%), rank classification (length-normalised), {seeds}.\n\n"
         + table(records)
         + f"\n\nHeld-out class-balanced accuracy (%, mean recall over the gold classes: a constant answer "
-        f"scores 33.3 on a sentiment task, 50.0 on the topic task if it is coachella or self-driving, else 0), {seeds}.\n\n"
+        f"scores 100/k on a task whose test split has k gold classes), {seeds}.\n\n"
         + table(records, balanced=True)
-        + "\n\nWall time per seed and by phase (minutes).\n\n"
+        + "\n\nWall time per seed and by phase, minutes (in parentheses: the process's CPU time).\n\n"
         + timing(records)
         + "\n"
     )

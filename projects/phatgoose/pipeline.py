@@ -35,18 +35,20 @@ METRICS = ("accuracy", "balanced_accuracy")  # rank classification; balanced = m
 
 
 class Timer:
-    """Wall seconds per phase, summed over repeated phases (`with timer("experts"): ...`)."""
+    """Wall and CPU (this process) seconds per phase, summed over repeated phases (`with timer("experts"): ...`)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         try:
             yield
         finally:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.time() - t0
+            self.cpu_seconds[phase] = self.cpu_seconds.get(phase, 0.0) + time.process_time() - c0
 
 
 def build_library(seed: int, experts: list[str], timer: Timer | None = None) -> None:
@@ -81,7 +83,7 @@ def run_table(seed: int) -> dict[str, Any]:
     """Build everything for `seed` under main.exp_out/seed_<seed> and evaluate every method."""
     root = Path(C.main_settings()["exp_out"]).parent / f"seed_{seed}"
     gin.bind_parameter("main.exp_out", str(root / "exp_out"))
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     experts = P.expert_names("Full")
     heldout = [P.dataset_name(d) for d in C.scoped("P/EVALUATE", C.eval_settings).datasets]
     check_heldout_disjoint(experts, heldout)
@@ -159,6 +161,8 @@ def run_table(seed: int) -> dict[str, Any]:
         metrics,
         details={k: v for k, v in results.items() if k not in ("best_single_expert",)},
         seconds_by_phase={k: round(v, 1) for k, v in timer.seconds.items()},
+        cpu_seconds_by_phase={k: round(v, 1) for k, v in timer.cpu_seconds.items()},
+        cpu_time_s=round(time.process_time() - cpu_started, 1),
         best_single_expert_choice=choice,
     )
     return metrics

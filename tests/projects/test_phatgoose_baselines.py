@@ -159,14 +159,18 @@ def test_bad_binding_values_fail_clearly():
     gin.clear_config()
 
 
+@pytest.mark.slow
 def test_heldout_tasks_share_no_text_with_experts():
-    from projects.phatgoose.tasks import TINY_EXPERTS, TINY_HELDOUT, check_heldout_disjoint, dataset_name
+    from projects.phatgoose.tasks import TINY_EXPERTS, TINY_HELDOUT, check_heldout_disjoint
 
     check_heldout_disjoint(list(TINY_EXPERTS), list(TINY_HELDOUT))
+
+
+def test_dataset_names_and_unknown_dataset_error():
+    from projects.phatgoose.tasks import dataset_name, load_task
+
     assert dataset_name("D/TWEET_TOPIC_UNSEEN/EVAL") == "TWEET_TOPIC_UNSEEN"
     with pytest.raises(KeyError, match="Did you mean"):
-        from projects.phatgoose.tasks import load_task
-
         load_task("TWEET_SENTIMENT_AIRLNE")
 
 
@@ -230,7 +234,9 @@ def test_analyze_tables_show_accuracy_balanced_accuracy_and_timings():
             "config": {"heldout": ["H"]},
             "metrics": {"phatgoose": m, "retrieval": {**m, "mean_exact_match": 0.5}},
             "provenance": {"wall_time_s": 600.0},
+            "cpu_time_s": 480.0,
             "seconds_by_phase": {"train experts": 300.0},
+            "cpu_seconds_by_phase": {"train experts": 240.0},
         }
 
     records = [record(0, 0.8, 1 / 3), record(1, 0.6, 1 / 3)]
@@ -238,4 +244,4 @@ def test_analyze_tables_show_accuracy_balanced_accuracy_and_timings():
     assert "| PHATGOOSE | 70.0 ± 14.1 | 70.0 ± 14.1 | — |" in acc
     assert "| Retrieval | 70.0 ± 14.1 | 70.0 ± 14.1 | 50.0 ± 0.0 |" in acc
     assert "| PHATGOOSE | 33.3 ± 0.0 | 33.3 ± 0.0 |" in bal
-    assert "| 0 | 10.0 | 5.0 |" in timing(records)
+    assert "| 0 | 10.0 | 8.0 | 5.0 (4.0) |" in timing(records)

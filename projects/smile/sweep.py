@@ -73,19 +73,29 @@ class Sweep:
         method_cfg: dict[str, Any],
         models: dict | None = None,
         splits: tuple[str, ...] = ("validation", "test"),
+        only: str | None = None,
     ) -> dict[str, Any]:
-        """Run a method, evaluate on `splits` (validation only where a choice is made on it), write
-        reports/[validation/]<name>.json; return the reports by split. `dummy` with one model evaluates
-        that model (the pretrained one with none)."""
+        """Run a method, evaluate on `splits` (validation only where a choice is made on it) and on every
+        task or `only` one, write reports/[validation/]<name>.json; return the reports by split. `dummy`
+        with one model evaluates that model (the pretrained one with none)."""
         models = self.models if models is None else models
         base = None if method_cfg["name"] == "dummy" and models else self.pretrained
         model, extra = METHODS[method_cfg["name"]](method_cfg, base, models)
         report = {"model_info": model_info(model, self.pretrained) | extra}
-        out = {split: report | self.pools[split].evaluate(model) for split in splits}
+        out = {split: report | self._pool(split, only).evaluate(model) for split in splits}
         for split, r in out.items():
             folder = self.out / "reports" / ("" if split == "test" else split)
             write_json(folder / f"{name}.json", {"method": method_cfg, **r})
         return out
+
+    def _pool(self, split: str, only: str | None) -> Any:
+        """The split's task pool, or a shallow copy holding only task `only`'s data."""
+        pool = self.pools[split]
+        if only is None:
+            return pool
+        one = copy.copy(pool)
+        one.data = {only: pool.data[only]}
+        return one
 
 
 def sweep(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +106,7 @@ def sweep(cfg: dict[str, Any]) -> dict[str, Any]:
     m["pretrained"] = acc(s.run("pretrained", {"name": "dummy"}, {}, test)["test"])
     own = {}
     for task, expert in s.models.items():
-        r = s.run(f"individual_{task}", {"name": "dummy"}, {task: expert}, test)
+        r = s.run(f"individual_{task}", {"name": "dummy"}, {task: expert}, test, only=task)
         own[task] = acc(r["test"], task)
     m["individual"] = sum(own.values()) / len(own)
     m["individual_per_task"] = own

@@ -19,7 +19,7 @@ from datasets import Dataset
 from scipy.stats import spearmanr
 from torch import nn
 
-from common.evaluation import IGNORE_INDEX, exact_match, generate
+from common.evaluation import IGNORE_INDEX, exact_match
 
 REGRESSION = ("stsb",)  # GLUE tasks scored by Spearman's ρ
 
@@ -91,33 +91,57 @@ def encode_pairs(
 
 
 @torch.no_grad()
-def target_loss(model: nn.Module, tokenizer: Any, ds: Dataset, batch_size: int) -> float:
+def target_loss(
+    model: nn.Module, tokenizer: Any, ds: Dataset, batch_size: int, max_source_length: int | None = None
+) -> float:
     """Mean per-token cross-entropy of the targets given the sources (teacher forcing)."""
     total, tokens = 0.0, 0
     device = next(model.parameters()).device
     for i in range(0, len(ds), batch_size):
         rows = ds[i : i + batch_size]
-        batch = {k: v.to(device) for k, v in encode_pairs(tokenizer, rows["source"], rows["target"]).items()}
+        pairs = encode_pairs(tokenizer, rows["source"], rows["target"], max_source_length)
+        batch = {k: v.to(device) for k, v in pairs.items()}
         logits = model(**batch).logits.float()
         total += float(F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum"))
         tokens += int((batch["labels"] != IGNORE_INDEX).sum())
     return total / tokens
 
 
-def generate_sorted(model: nn.Module, tokenizer: Any, prompts: list[str], **kw: Any) -> list[str]:
-    """`common.evaluation.generate` on the prompts sorted by length (less padding), in the input order."""
+@torch.no_grad()
+def generate_answers(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    max_source_length: int | None = None,
+) -> list[str]:
+    """Greedy answers in the input order (special tokens dropped, stripped); prompts are batched shortest
+    first (less padding) and truncated to `max_source_length` tokens as in training."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    outputs = generate(model, tokenizer, [prompts[i] for i in order], disable=True, **kw)
-    result = [""] * len(prompts)
-    for i, out in zip(order, outputs):
-        result[i] = out
-    return result
+    device = next(model.parameters()).device
+    answers = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        enc = tokenizer(
+            [prompts[i] for i in rows],
+            padding=True,
+            truncation=max_source_length is not None,
+            max_length=max_source_length,
+            return_tensors="pt",
+        ).to(device)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        for i, text in zip(rows, tokenizer.batch_decode(out, skip_special_tokens=True)):
+            answers[i] = text.strip()
+    return answers
 
 
 class TextGenerationTaskPool:
     """evaluate(seq2seq model) -> {task: {accuracy (ρ for STS-B), exact_match, loss}, average}.
 
-    cfg: tokenizer (a model path), data (hub | tiny), tasks, split, max_examples, max_new_tokens, batch_size.
+    cfg: tokenizer (a model path), data (hub | tiny), tasks, split, max_examples, max_new_tokens, batch_size,
+    max_source_length (null: no truncation).
     """
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
@@ -138,14 +162,18 @@ class TextGenerationTaskPool:
         batch = int(self.cfg.get("batch_size", 32))
         report: dict[str, Any] = {}
         for task, ds in self.data.items():
-            new_tokens = int(self.cfg["max_new_tokens"])
             sources, targets = list(ds["source"]), list(ds["target"])
-            predictions = generate_sorted(
-                model, self.tokenizer, sources, max_new_tokens=new_tokens, batch_size=batch
+            predictions = generate_answers(
+                model,
+                self.tokenizer,
+                sources,
+                max_new_tokens=int(self.cfg["max_new_tokens"]),
+                batch_size=batch,
+                max_source_length=self.cfg.get("max_source_length"),
             )
             em = exact_match(predictions, targets, normalize=False)
             score = spearman_of_text(predictions, targets) if task in REGRESSION else em
-            loss = target_loss(model, self.tokenizer, ds, batch)
+            loss = target_loss(model, self.tokenizer, ds, batch, self.cfg.get("max_source_length"))
             report[task] = {"accuracy": score, "exact_match": em, "loss": loss}
         report["average"] = {
             key: sum(report[t][key] for t in self.data) / len(self.data) for key in ("accuracy", "loss")

@@ -96,7 +96,7 @@ def test_task_pool_scores_a_hand_made_case(monkeypatch):
         "s three": "n/a",
     }
     monkeypatch.setattr(
-        text_generation, "generate_sorted", lambda model, tok, prompts, **kw: [answers[p] for p in prompts]
+        text_generation, "generate_answers", lambda model, tok, prompts, **kw: [answers[p] for p in prompts]
     )
     model = _micro_t5()
     report = pool.evaluate(model)
@@ -112,17 +112,17 @@ def test_task_pool_scores_a_hand_made_case(monkeypatch):
     assert report["lang"]["loss"] == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_generate_sorted_keeps_the_input_order(monkeypatch):
-    seen = []
+def test_batched_answers_come_back_in_the_input_order():
+    from transformers import AutoTokenizer
 
-    def fake_generate(model, tokenizer, prompts, **kw):
-        seen.append(list(prompts))
-        return [p.upper() for p in prompts]
-
-    monkeypatch.setattr(text_generation, "generate", fake_generate)
-    prompts = ["ccc", "a", "bb"]
-    assert text_generation.generate_sorted(None, None, prompts, max_new_tokens=1) == ["CCC", "A", "BB"]
-    assert seen == [["a", "bb", "ccc"]]  # decoded shortest first (less padding)
+    model, tokenizer = _micro_t5(), AutoTokenizer.from_pretrained(tiny_base("t5", "micro"))
+    prompts = ["a much longer prompt than the others here", "short", "a middle prompt"]
+    batched = text_generation.generate_answers(model, tokenizer, prompts, max_new_tokens=3, batch_size=3)
+    alone = [
+        text_generation.generate_answers(model, tokenizer, [p], max_new_tokens=3, batch_size=1)[0]
+        for p in prompts
+    ]
+    assert batched == alone and len(set(batched)) > 1
 
 
 def test_paper_flan_t5_task_pool_config_resolves_from_the_seed_command():

@@ -69,7 +69,9 @@ def load_modelpool(cfg: Mapping[str, Any]) -> tuple[nn.Module | None, dict[str, 
             "a pool of adapters (adapters: true) needs a '_pretrained_' model to merge them into"
         )
     models = {}
-    for name, path in tqdm(paths.items(), desc="load models", disable=None):
+    order = sorted(paths, key=lambda name: name != PRETRAINED)  # the base first: adapters merge into it
+    for name in tqdm(order, desc="load models", disable=None):
+        path = paths[name]
         if cfg.get("adapters") and name != PRETRAINED:
             models[name] = merge_lora(models[PRETRAINED], _local(path))
         else:

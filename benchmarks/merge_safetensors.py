@@ -12,7 +12,7 @@ Cases:
   handle per file, `get_tensor` per name as its `LazyTensorLoader`, the same merge per tensor, the merged
   tensors kept until the output shard is written (`--shard-mb`, mergekit's default 5 GB: one shard here);
 - mergekit (peer), when `make bench-peers` has made `.venv-peers`: `mergekit-pytorch` (its merge of raw
-  safetensors files) on the same files, task arithmetic only, in that venv (its own import excluded);
+  safetensors files) on the same files, task arithmetic or TIES, in that venv (its import excluded);
 - read only: the streamed reads alone (a sum over each view), no merge or write (the floor; the files
   sit in the page cache).
 Usage: python benchmarks/merge_safetensors.py [--models 8 --tensors 16 --rows 1024 --cols 1024]
@@ -56,18 +56,23 @@ print(json.dumps({"seconds": seconds, "peak_rss_mb_above_start": peak - start_rs
 """
 
 
-def peer_command(folder: Path, models: int, model_lambda: float) -> list[str]:
-    """mergekit-pytorch task arithmetic (θ0 + Σ λ τi: weight λ per model, no normalisation) on the files."""
+def peer_command(folder: Path, models: int, method: str, hparams: dict) -> list[str]:
+    """mergekit-pytorch on the files: task arithmetic θ0 + Σ λ τi (weight λ per model, no normalisation), or
+    TIES (density = top_k/100, weight 1, its default normalisation: the disjoint mean = our variant="mergekit")."""
     import yaml
 
+    if method == "task_arithmetic":
+        weight, parameters = hparams["model_lambda"], {"normalize": False}
+    else:
+        weight, parameters = 1.0, {"density": hparams["top_k"] / 100}
     config = {
-        "merge_method": "task_arithmetic",
+        "merge_method": method,
         "base_model": str(folder / "base.safetensors"),
         "models": [
-            {"model": str(folder / f"model{j}.safetensors"), "parameters": {"weight": model_lambda}}
+            {"model": str(folder / f"model{j}.safetensors"), "parameters": {"weight": weight}}
             for j in range(models)
         ],
-        "parameters": {"normalize": False},
+        "parameters": parameters,
         "dtype": "float32",
     }
     (folder / "mergekit.yaml").write_text(yaml.safe_dump(config))
@@ -146,8 +151,10 @@ def run_case(case: str, folder: Path, models: int, method: str, hparams: dict, s
     return {"seconds": seconds, "peak_rss_mb_above_start": peak - start_rss, "start_rss_mb": start_rss}
 
 
-def compare_with_peer(folder: Path, models: int, method: str, hparams: dict) -> float:
-    """Max |difference| between the streamed merge and mergekit's output (left by its last run)."""
+def compare_with_peer(folder: Path, models: int, method: str, hparams: dict) -> dict[str, float]:
+    """Max |difference| between the streamed merge and mergekit's output (left by its last run), and the
+    fraction of entries differing by more than 1e-6 (TIES: a sign elected on a sum that is zero up to
+    rounding may go either way in another summation order)."""
     from safetensors.torch import load_file
 
     from projects.mats.streaming import merge_safetensors
@@ -157,7 +164,11 @@ def compare_with_peer(folder: Path, models: int, method: str, hparams: dict) -> 
     ours, theirs = load_file(str(folder / "ours.safetensors")), {}
     for f in (folder / "out-mergekit").glob("*.safetensors"):
         theirs.update(load_file(str(f)))
-    return max((ours[k] - theirs[k]).abs().max().item() for k in ours)
+    diffs = [(ours[k] - theirs[k]).abs() for k in ours]
+    return {
+        "max_abs_diff": max(d.max().item() for d in diffs),
+        "fraction_above_1e-6": sum(int((d > 1e-6).sum()) for d in diffs) / sum(d.numel() for d in diffs),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -186,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     tensor_mb = 4 * args.rows * args.cols / 2**20
-    with_peer = PEER_PYTHON.exists() and args.method == "task_arithmetic"
+    with_peer = PEER_PYTHON.exists() and args.method in ("task_arithmetic", "ties")
     runs: dict[str, list[dict]] = {c: [] for c in (*CASES, PEER) if c != PEER or with_peer}
     peer_vs_streamed = None
     with tempfile.TemporaryDirectory(prefix="merge-bench-", dir=args.tmp) as tmp:
@@ -196,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.repeats):
             for case in runs:
                 if case == PEER:
-                    cmd = peer_command(folder, args.models, hparams["model_lambda"])
+                    cmd = peer_command(folder, args.models, args.method, hparams)
                 else:
                     cmd = [sys.executable, __file__, "--case", case, "--folder", tmp]
                     cmd += [
@@ -250,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mergekit": "timed in .venv-peers (mergekit-pytorch)"
         if with_peer
         else "not installed: emulated only",
-        "max_abs_diff_streamed_vs_mergekit": peer_vs_streamed,
+        "streamed_vs_mergekit": peer_vs_streamed,
     }
     write_json(args.out, result)
     print(f"wrote {args.out}")

@@ -41,13 +41,14 @@ DEFAULTS: dict[str, Any] = {
     "top_k": {"gate_k": 4, "k": 16, "values": [1, 2, 4, 8]},  # null: no top_k ablation
     "task_arithmetic_lambdas": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
     "projection": {"k": 8},  # null: no singular projection merging
+    "smile": {"full_matrices": True},  # for every SMILE run, over method/smile_upscaling/smile_upscaling.yaml
 }
 
 
-def _smile_cfg(**kw: Any) -> dict[str, Any]:
+def _smile_cfg(overrides: dict[str, Any], **kw: Any) -> dict[str, Any]:
     from common.config import read_config_file
 
-    return read_config_file(group_file("method", "smile_upscaling/smile_upscaling")) | kw
+    return read_config_file(group_file("method", "smile_upscaling/smile_upscaling")) | overrides | kw
 
 
 class Sweep:
@@ -124,7 +125,7 @@ def sweep(cfg: dict[str, Any]) -> dict[str, Any]:
     grid = {}
     for gate_k in tqdm(cfg["grid"]["gate_k"], desc="SMILE grid", disable=None):
         for k in cfg["grid"]["k"]:
-            r = s.run(f"smile_gate_k={gate_k}_k={k}", _smile_cfg(gate_k=gate_k, k=k))
+            r = s.run(f"smile_gate_k={gate_k}_k={k}", _smile_cfg(cfg["smile"], gate_k=gate_k, k=k))
             grid[(gate_k, k)] = r
             m[f"smile_g{gate_k}_k{k}"] = acc(r["test"])
             m[f"smile_g{gate_k}_k{k}_params_ratio"] = r["test"]["model_info"]["params_ratio"]
@@ -141,7 +142,9 @@ def sweep(cfg: dict[str, Any]) -> dict[str, Any]:
         if top_k > len(s.models):
             continue
         r = s.run(
-            f"smile_top_k={top_k}", _smile_cfg(gate_k=tk["gate_k"], k=tk["k"], top_k=top_k), splits=test
+            f"smile_top_k={top_k}",
+            _smile_cfg(cfg["smile"], gate_k=tk["gate_k"], k=tk["k"], top_k=top_k),
+            splits=test,
         )
         m[f"top_k_{top_k}"] = acc(r["test"])
 

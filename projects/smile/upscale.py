@@ -246,14 +246,18 @@ def smile_linear(
     to TOP_SVD_RTOL; `exact_svd=True` takes the full SVD of each delta (the reference)."""
     device = resolve_device(device)
     w0 = pretrained.weight.to(device)
-    deltas = [f.weight.to(device) - w0 for f in finetuned]
-    if all(torch.allclose(d, torch.zeros_like(d)) for d in deltas):
+
+    def delta_of(f: nn.Linear) -> torch.Tensor:  # one ΔW_i at a time: peak memory holds one, not T
+        return f.weight.to(device) - w0
+
+    if all(torch.allclose(d := delta_of(f), torch.zeros_like(d)) for f in finetuned):
         raise ExpertNotTrainedError("all fine-tuned copies equal the pretrained layer")
     base = copy.deepcopy(pretrained).to(device)
     layer = SmileMoELinear(base, len(finetuned), gate_k, k, top_k)
     dtype = w0.dtype
     n = max(gate_k, k if k > 0 else 0)
-    for i, (f, delta) in enumerate(zip(finetuned, deltas)):
+    for i, f in enumerate(finetuned):
+        delta = delta_of(f)
         u, s, vh = _top_triplets(delta, n, full_matrices, exact_svd)
         # The router reads the right singular vectors of ΔW_i (or of W_i with routing_use_diff=False).
         gate_vh = (

@@ -100,7 +100,7 @@ class SafetensorsReader:
         """Drop the pages of tensor `name` from RSS (views of it read the file again if used after this)."""
         info = self.tensors[name]
         start = info.begin - info.begin % mmap.PAGESIZE
-        if info.end > start:
+        if info.end > start and hasattr(mmap, "MADV_DONTNEED"):  # not on Windows: pages then stay mapped
             self._map.madvise(mmap.MADV_DONTNEED, start, info.end - start)
 
     def close(self) -> None:

@@ -7,6 +7,14 @@ too, for diagnosis only: they never pick a setting; the held-out tasks are left 
 
 Each line of the output is one trained expert: its settings, the training and evaluation wall times,
 and accuracy / class-balanced accuracy per validation set. Settings already in the file are skipped.
+
+The gate budget (`--gate_configs steps:lr:batch`): with the frozen experts of one table seed, train the
+gates of every library expert at that budget, build the PHATGOOSE library (gates as router keys) and
+score it on the held-out tasks' VALIDATION splits (P/EVALUATE/VALIDATION), with the share of top-k picks
+each expert gets (mean over modules, as `analyze.routing_summary`):
+
+    python -m projects.phatgoose.tune_tiny --experts_dir runs/phatgoose/tiny/seed_0/exp_out \
+        --gate_configs 40:5e-3:8 200:5e-3:8 --out runs/phatgoose/tune/gates.jsonl
 """
 
 from __future__ import annotations
@@ -18,14 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import gin
-
 from projects.phatgoose import configurables as C
-from projects.phatgoose.evaluate import evaluate_rows
-from projects.phatgoose.experts import load_base, train_lora_expert
+from projects.phatgoose import library as L
+from projects.phatgoose.evaluate import evaluate_rows, routing_distribution, start_routing_record
+from projects.phatgoose.experts import CHECKPOINT, TrainSettings, load_base, train_lora_expert
+from projects.phatgoose.gates import train_gate
 from projects.phatgoose.library import read_expert
 from projects.phatgoose.moe import attach_experts, set_mode
-from projects.phatgoose.tasks import load_task, subsample
+from projects.phatgoose.tasks import SETTINGS, dataset_name, load_task, subsample
 
 TINY_GIN = "projects/phatgoose/configs/tiny.gin"
 
@@ -89,17 +97,129 @@ def run_one(
     }
 
 
+def _parse_gate(config: str) -> dict:
+    steps, lr, batch = config.split(":")
+    return {"steps": int(steps), "lr": float(lr), "batch_size": int(batch)}
+
+
+def gate_settings(cfg: dict) -> TrainSettings:
+    """P/TRAIN/GATE's trainer settings (the expert optimizer, §3) with `cfg`'s steps, lr and batch."""
+    settings = C.scoped("P/TRAIN/GATE", C.trainer_settings)
+    settings.num_steps, settings.lr, settings.batch_size = cfg["steps"], cfg["lr"], cfg["batch_size"]
+    return settings
+
+
+def run_gates(experts_dir: str | Path, cfg: dict, seed: int, eval_batch: int) -> dict:
+    """Gates of every library expert at budget `cfg`; PHATGOOSE scored on the held-out validation splits.
+
+    Reads the frozen experts `<experts_dir>/datasets_concatenated/<NAME>_t5_lora/checkpoint` (a table
+    seed's, after put_index_to_lora); trains only the gates (`gates.train_gate`), uses them as router
+    keys (`use_input_gate_as_router`), concatenates in the library order and evaluates with
+    P/EVALUATE/VALIDATION's datasets, split and example count, recording the routing.
+    """
+    settings = gate_settings(cfg)
+    base = C.scoped("M/MODEL", C.model_name)
+    moe = C.scoped("M/MODEL", C.moe_settings)
+    ev = C.scoped("P/EVALUATE/VALIDATION", C.eval_settings)
+    names = list(C.dataset_setting() or SETTINGS["Full"])
+    tmp = Path(tempfile.mkdtemp(prefix="phatgoose_gates_"))
+    try:
+        paths = []
+        t0, c0 = time.time(), time.process_time()
+        for n in names:
+            expert = Path(experts_dir) / "datasets_concatenated" / f"{n}_t5_lora" / CHECKPOINT
+            if not expert.is_dir():
+                raise FileNotFoundError(f"no trained expert {n} at {expert}: run the table for this seed")
+            ckpt = train_gate(base, expert, load_task(n)["train"], tmp / n, settings, seed=seed)
+            paths.append(L.use_input_gate_as_router(ckpt))
+        train_s, train_cpu_s = time.time() - t0, time.process_time() - c0
+        L.run_concatenate(paths, tmp / "library", names)
+        model, tok = load_base(base)
+        attach_experts(
+            model,
+            L.read_library(tmp / "library"),
+            topk_value=moe.topk_value,
+            normalize_topk=moe.normalize_topk,
+        )
+        scores = {}
+        t0, c0 = time.time(), time.process_time()
+        for d in ev.datasets:
+            rows = list(subsample(load_task(d)[ev.split], ev.num_examples))
+            start_routing_record(model)
+            res = evaluate_rows(model, tok, rows, generation=False, batch_size=eval_batch)
+            dist = routing_distribution(model)
+            share = {n: sum(p[i] for p in dist.values()) / len(dist) for i, n in enumerate(names)}
+            scores[dataset_name(d)] = {
+                "accuracy": res["accuracy"],
+                "balanced_accuracy": res["balanced_accuracy"],
+                "routing_share": share,
+            }
+        eval_s, eval_cpu_s = time.time() - t0, time.process_time() - c0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "experts_dir": str(experts_dir),
+        **cfg,
+        "seed": seed,
+        "split": ev.split,
+        "gate_train_s": train_s,
+        "gate_train_cpu_s": train_cpu_s,
+        "eval_s": eval_s,
+        "eval_cpu_s": eval_cpu_s,
+        "validation": scores,
+    }
+
+
+def _sweep_gates(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if out.exists():
+        for line in out.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["experts_dir"], r["steps"], r["lr"], r["batch_size"], r["seed"]))
+    for config in args.gate_configs:
+        cfg = _parse_gate(config)
+        if (args.experts_dir, cfg["steps"], cfg["lr"], cfg["batch_size"], args.seed) in done:
+            continue
+        rec = run_gates(args.experts_dir, cfg, args.seed, args.eval_batch)
+        with out.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        parts = []
+        for task, r in rec["validation"].items():
+            top = max(r["routing_share"], key=r["routing_share"].get)
+            parts.append(
+                f"{task.lower()} acc {100 * r['accuracy']:.1f} bal {100 * r['balanced_accuracy']:.1f}"
+                f" (top {top} {100 * r['routing_share'][top]:.1f}%)"
+            )
+        print(
+            f"gates {config}: " + " | ".join(parts) + f" | gates {rec['gate_train_s']:.0f}s"
+            f" ({rec['gate_train_cpu_s']:.0f}s CPU) eval {rec['eval_s']:.0f}s ({rec['eval_cpu_s']:.0f}s CPU)",
+            flush=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="+", default=["TWEET_SENTIMENT_AIRLINE"])
-    p.add_argument("--configs", nargs="+", required=True, help="steps:lr:rank:batch")
+    p.add_argument("--configs", nargs="+", default=[], help="steps:lr:rank:batch")
+    p.add_argument("--gate_configs", nargs="+", default=[], help="gate budgets steps:lr:batch")
+    p.add_argument("--experts_dir", help="a table seed's exp_out, whose experts the gate sweep reuses")
+    p.add_argument("--gin_files", nargs="+", default=[TINY_GIN])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n_val", type=int, default=200)
     p.add_argument("--eval_batch", type=int, default=64)
     p.add_argument("--diagnostic", nargs="*", default=[], help="other tasks to score (never to choose)")
     p.add_argument("--out", default="runs/phatgoose/tune/results.jsonl")
     args = p.parse_args(argv)
-    gin.parse_config_files_and_bindings([TINY_GIN], [])
+    if bool(args.configs) == bool(args.gate_configs):
+        p.error("give either --configs (expert budgets) or --gate_configs (gate budgets)")
+    if args.gate_configs and not args.experts_dir:
+        p.error("--gate_configs needs --experts_dir (a table seed's exp_out)")
+    C.parse(args.gin_files)
+    if args.gate_configs:
+        _sweep_gates(args)
+        return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = set()

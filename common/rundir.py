@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
-from common.config import dump_config
+from common.config import dump_config, read_config_file
 from common.io import write_json, write_text
 
 SCHEMA = "moerging.results/v1"
@@ -81,6 +82,31 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def check_same_config(
+    path: str | os.PathLike, config: Mapping[str, Any], may_change: Sequence[str] = ()
+) -> None:
+    """Refuse to reuse a run folder whose saved `config.yaml` differs from `config` outside `may_change`.
+
+    A pipeline that reuses finished pieces of a folder (trained experts, cached results) calls this first,
+    so that pieces made under another config are never mixed in silently.
+    """
+    saved_path = Path(path) / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = read_config_file(saved_path)
+    as_saved = yaml.safe_load(dump_config(config)) or {}  # as it would read back (tuples -> lists, ...)
+    now = {k: v for k, v in as_saved.items() if k not in may_change}
+    before = {k: v for k, v in saved.items() if k not in may_change}
+    changed = {
+        k: (before.get(k), now.get(k)) for k in sorted(set(now) | set(before)) if before.get(k) != now.get(k)
+    }
+    if changed:
+        raise ValueError(
+            f"{path} holds a run made with another config (key: saved, now): {changed}; "
+            "use a new output folder or remove this one"
+        )
 
 
 class RunDir:

@@ -86,3 +86,17 @@ def test_results_md_aggregates_seeds_and_checks_claims(tmp_path):
     )
     md = render(records, tmp_path / "projects")
     assert "| moe | 2 ± 1 (n=3) | 1.9 |" in md and "| routing helps | yes, within the seed spread |" in md
+
+
+def test_check_same_config_refuses_a_folder_made_with_another_config(tmp_path):
+    from common.rundir import check_same_config
+
+    cfg = {"lr": 0.1, "tasks": ("a", "b"), "train": {"steps": 5}}
+    check_same_config(tmp_path, cfg)  # no config.yaml yet: nothing to compare
+    RunDir(tmp_path, project="p", experiment="e", scale="micro", seed=0, config=cfg)
+    check_same_config(tmp_path, dict(cfg))  # same config (the tuple reads back as a list)
+    check_same_config(tmp_path, {**cfg, "tasks": ["c"]}, may_change=("tasks",))
+    with pytest.raises(ValueError, match=r"'train': \(\{'steps': 5\}, \{'steps': 6\}\)"):
+        check_same_config(tmp_path, {**cfg, "train": {"steps": 6}})
+    with pytest.raises(ValueError, match="'new_key': \\(None, 1\\)"):
+        check_same_config(tmp_path, {**cfg, "new_key": 1})

@@ -21,7 +21,7 @@ import transformers
 
 from common.config import load_config
 from common.models import load_model
-from common.rundir import RunDir, seed_everything
+from common.rundir import RunDir, check_same_config, seed_everything
 from common.training import TrainConfig, train
 from projects.smile.pools import CLIPTaskPool, clip_logits, resolve_path
 
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError("no tasks to fine-tune on: set tasks=[...] or pass a config with tasks")
     seed_everything(cfg["seed"])
     out = Path(cfg["out"])
+    check_same_config(out, cfg, may_change=("tasks",))  # experts in `out` are reused below
     run = RunDir(
         out, project="smile", experiment="finetune", scale=cfg["scale"], seed=cfg["seed"], config=cfg
     )

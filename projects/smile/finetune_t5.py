@@ -22,7 +22,7 @@ from torch import nn
 from common.adapters import add_adapter, lora_config, save_adapter
 from common.config import load_config, read_config_file
 from common.models import load_model
-from common.rundir import RunDir, seed_everything
+from common.rundir import RunDir, check_same_config, seed_everything
 from common.training import TrainConfig, train
 from projects.smile.finetune import trainable_parameters
 from projects.smile.main import group_file
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"task {task!r} is not in task pool {cfg['taskpool']}: {sorted(specs)}")
     seed_everything(cfg["seed"])
     out = Path(cfg["out"])
+    check_same_config(out, cfg, may_change=("tasks",))  # experts in `out` are reused below
     run = RunDir(
         out, project="smile", experiment="finetune_t5", scale=cfg["scale"], seed=cfg["seed"], config=cfg
     )

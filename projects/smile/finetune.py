@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,19 +112,38 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(DEFAULTS, args.config, args.overrides)
     if not cfg["tasks"]:
         raise ValueError("no tasks to fine-tune on: set tasks=[...] or pass a config with tasks")
+    finetune_experts(
+        cfg,
+        "finetune",
+        cfg["tasks"],
+        train_one=lambda task, folder: finetune_task(cfg, task, folder),
+        validate_one=lambda task, folder: validate(cfg, task, folder),
+    )
+
+
+def finetune_experts(
+    cfg: dict[str, Any],
+    experiment: str,
+    tasks: Sequence[str],
+    train_one: Callable[[str, Path], dict[str, float]],
+    validate_one: Callable[[str, Path], dict[str, float]],
+) -> None:
+    """One expert per task in `cfg["out"]/<task>`; an expert already there (made under the same config) is
+    reused and only validated. Writes the validation metrics as the run's results."""
     seed_everything(cfg["seed"])
     out = Path(cfg["out"])
     check_same_config(out, cfg, may_change=("tasks",))  # experts in `out` are reused below
     run = RunDir(
-        out, project="smile", experiment="finetune", scale=cfg["scale"], seed=cfg["seed"], config=cfg
+        out, project="smile", experiment=experiment, scale=cfg["scale"], seed=cfg["seed"], config=cfg
     )
     metrics = {}
-    for task in cfg["tasks"]:
-        if (out / task / "config.json").is_file():  # already fine-tuned (same config folder): reuse
-            print(f"expert {task}: exists at {out / task}, reused")
-            metrics[task] = validate(cfg, task, out / task)
+    for task in tasks:
+        folder = out / task
+        if (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
+            print(f"expert {task}: exists at {folder}, reused")
+            metrics[task] = validate_one(task, folder)
         else:
-            metrics[task] = finetune_task(cfg, task, out / task)
+            metrics[task] = train_one(task, folder)
         print(f"expert {task}: validation accuracy {metrics[task]['accuracy']:.4f}")
     run.write_results(metrics)
 

@@ -22,9 +22,8 @@ from torch import nn
 from common.adapters import add_adapter, lora_config, save_adapter
 from common.config import load_config, read_config_file
 from common.models import load_model
-from common.rundir import RunDir, check_same_config, seed_everything
 from common.training import TrainConfig, train
-from projects.smile.finetune import trainable_parameters
+from projects.smile.finetune import finetune_experts, trainable_parameters
 from projects.smile.main import group_file
 from projects.smile.pools import merge_lora, resolve_path
 from projects.smile.text_generation import TextGenerationTaskPool, encode_pairs, task_specs, task_split
@@ -115,22 +114,13 @@ def main(argv: list[str] | None = None) -> None:
     for task in cfg["tasks"] or []:
         if task not in specs:
             raise ValueError(f"task {task!r} is not in task pool {cfg['taskpool']}: {sorted(specs)}")
-    seed_everything(cfg["seed"])
-    out = Path(cfg["out"])
-    check_same_config(out, cfg, may_change=("tasks",))  # experts in `out` are reused below
-    run = RunDir(
-        out, project="smile", experiment="finetune_t5", scale=cfg["scale"], seed=cfg["seed"], config=cfg
+    finetune_experts(
+        cfg,
+        "finetune_t5",
+        cfg["tasks"] or list(specs),
+        train_one=lambda task, folder: finetune_task(cfg, task, specs[task], folder),
+        validate_one=lambda task, folder: validate(cfg, task, specs[task], folder),
     )
-    metrics = {}
-    for task in cfg["tasks"] or list(specs):
-        done = (out / task / "config.json").is_file() or (out / task / "adapter_config.json").is_file()
-        if done:  # already fine-tuned (same config folder): reuse
-            print(f"expert {task}: exists at {out / task}, reused")
-            metrics[task] = validate(cfg, task, specs[task], out / task)
-        else:
-            metrics[task] = finetune_task(cfg, task, specs[task], out / task)
-        print(f"expert {task}: validation accuracy {metrics[task]['accuracy']:.4f}")
-    run.write_results(metrics)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Where Arrow sends each task's tokens: the routing distribution of a library on a task mixture.
 
-For every adapted linear and token, Arrow's top-1 expert is argmax_e |x · proto_e| (paper §4.2; the router
-temperature and top_k do not change the argmax). `routing_matrix` counts, per task, the fraction of tokens
+For every adapted linear and token, Arrow's top-1 expert is argmax_e |x · proto_e| (paper §4.2), taken from
+the Arrow selector itself with top_k = 1. `routing_matrix` counts, per task, the fraction of tokens
 (over all layers) that go to each expert; `own_expert_rate` is the fraction going to the example's own
 expert (its task's expert, or its cluster's under MBC), beside chance 1/E. An Arrow library whose
 prototypes carry task information routes well above chance; one whose prototypes do not sits at chance,
@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from projects.mbc_arrow.expert_model import MultiExpertModel
+from projects.mbc_arrow.selectors import route
 from projects.mbc_arrow.tasks import PROMPT
 
 
@@ -51,8 +52,9 @@ def arrow_routing(
     model.set_selector({"name": "arrow", "top_k": 1})
     seen: list[torch.Tensor] = []
 
-    def hook(layer: torch.nn.Module, args: tuple, _out: Any) -> None:
-        seen.append((args[0] @ layer.protos.T.to(args[0].dtype)).abs().argmax(-1).reshape(-1))
+    def hook(layer: torch.nn.Module, args: tuple, _out: Any) -> None:  # the selector's own top-1 choice
+        _, idx = route(model.selector, args[0], layer.A.shape[0], protos=layer.protos)
+        seen.append(idx[..., 0].reshape(-1))
 
     handles = [layer.register_forward_hook(hook) for layer in model.layers().values()]
     top1, tasks = [], []

@@ -8,30 +8,19 @@ cost of a routed layer. Usage: python benchmarks/routed_mixture.py [--experts 25
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import environment, print_table, ratios, time_cases
+
 from common.io import write_json
 from common.routing import routed_lowrank, top_k_route
 
 RESULTS = Path(__file__).parent / "results" / "routed_mixture.json"
-
-
-def median_ms(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median wall time of each case in milliseconds; cases take turns so load from other processes
-    on the machine falls on all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for step in range(warmup + repeats):
-        for name, fn in cases.items():
-            start = time.perf_counter()
-            fn()
-            if step >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -62,28 +51,21 @@ def main(argv: list[str] | None = None) -> dict:
     cases |= {impl: mixture(impl) for impl in ("reference", "dense", "grouped", "vectorized")}
     cases["layer (base + vectorized)"] = lambda: base(x) + mixture("vectorized")()
     with torch.inference_mode():
-        times = median_ms(cases, args.repeats)
-    base_ms = times["base Linear"]
-
-    print(
-        f"x {tuple(x.shape)}, E={args.experts}, r={args.rank}, k={args.k}, torch {torch.__version__}, 1 thread"
-    )
-    print(f"{'op':<28}{'median ms':>12}{'x base':>10}")
-    for name, ms in times.items():
-        print(f"{name:<28}{ms:>12.2f}{ms / base_ms:>10.3f}")
+        times = time_cases(cases, args.repeats, warmup=2)
+    shapes = {
+        "x": list(x.shape),
+        "d_out": args.d_out,
+        "experts": args.experts,
+        "rank": args.rank,
+        "k": args.k,
+    }
+    print_table(f"{shapes}, one thread", times, "base Linear")
     result = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "shapes": {
-            "x": list(x.shape),
-            "d_out": args.d_out,
-            "experts": args.experts,
-            "rank": args.rank,
-            "k": args.k,
-        },
+        "environment": environment(),
+        "shapes": shapes,
         "repeats": args.repeats,
-        "median_ms": times,
-        "ratio_vs_base_linear": {name: ms / base_ms for name, ms in times.items()},
+        "times": times,
+        "ratio_vs_base_linear": ratios(times, "base Linear"),
     }
     write_json(args.out, result)
     print(f"wrote {args.out}")

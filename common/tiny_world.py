@@ -243,6 +243,17 @@ def real_base(name: str, *, root: str | Path | None = None) -> Path:
     return cached_dir("real_bases", {"name": name, "version": VERSION}, build, root=root)
 
 
+def resolve_base(spec: str | Path) -> str:
+    """A base-model spec as a `from_pretrained` source: 'tiny:gpt_neo' / 'micro:t5' -> the cached tiny base
+    folder, 'real:smollm2-135m' -> the converted real base folder; a local path or hub id as it is."""
+    scale, sep, name = str(spec).partition(":")
+    if sep and scale in ("tiny", "micro"):
+        return str(tiny_base(name, scale))
+    if sep and scale == "real":
+        return str(real_base(name))
+    return str(spec)
+
+
 # --- data ----------------------------------------------------------------------------------------
 
 

@@ -82,3 +82,17 @@ def test_real_smollm2_base_converts_and_reloads(tmp_path):
     with torch.no_grad():
         loss = model(ids, labels=ids).loss
     assert model.config.model_type == "llama" and loss < 6
+
+
+def test_resolve_base_maps_each_spec_to_its_folder(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(tw, "tiny_base", lambda name, scale: calls.append((scale, name)) or tmp_path / name)
+    monkeypatch.setattr(tw, "real_base", lambda name: calls.append(("real", name)) or tmp_path / name)
+    assert tw.resolve_base("tiny:gpt_neo") == str(tmp_path / "gpt_neo")
+    assert tw.resolve_base("micro:t5") == str(tmp_path / "t5")
+    assert tw.resolve_base("real:smollm2-135m") == str(tmp_path / "smollm2-135m")
+    assert calls == [("tiny", "gpt_neo"), ("micro", "t5"), ("real", "smollm2-135m")]
+    # hub ids and paths (even with a ':' elsewhere) are left alone
+    assert tw.resolve_base("EleutherAI/gpt-neo-125m") == "EleutherAI/gpt-neo-125m"
+    assert tw.resolve_base("/models/x:y") == "/models/x:y"
+    assert len(calls) == 3

@@ -27,6 +27,7 @@ import torch
 
 from common.adapters import ADAPTER_CONFIG, LoraFactors, SavedAdapter, load_adapter, lora_factors_from_state
 from common.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from common.tiny_world import resolve_base
 
 FORMAT = {"format": "moerging.expert_library", "version": 1}
 INFO = "expert_info.json"
@@ -66,16 +67,6 @@ class Expert:
         """Model module name (no PEFT prefix) -> LoraFactors."""
         raw = lora_factors_from_state(self.adapter.state, self.adapter.config)
         return {k.removeprefix(_PEFT_PREFIX): v for k, v in raw.items()}
-
-
-def resolve_base(spec: str) -> str:
-    """'tiny:gpt_neo' / 'micro:gpt_neo' -> the cached tiny base folder; a path or hub id as it is."""
-    scale, sep, name = str(spec).partition(":")
-    if sep and scale in ("tiny", "micro"):
-        from common.tiny_world import tiny_base
-
-        return str(tiny_base(name, scale))
-    return str(spec)
 
 
 def same_base(a: str, b: str) -> bool:

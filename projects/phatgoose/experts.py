@@ -20,7 +20,7 @@ from torch import nn
 
 from common.adapters import add_adapter, lora_config, save_adapter
 from common.models import load_model
-from common.tiny_world import tiny_base
+from common.tiny_world import resolve_base
 from common.training import TrainConfig, train
 from projects.phatgoose.tasks import subsample
 
@@ -58,14 +58,6 @@ class TrainSettings:
             batch_size=self.batch_size,
             log_every=max(1, self.num_steps // 10),
         )
-
-
-def resolve_base(name_or_path: str) -> str:
-    """'tiny:t5' / 'micro:t5' -> the cached tiny base folder; anything else is a hub id or a local path."""
-    scale, sep, name = name_or_path.partition(":")
-    if sep and scale in ("tiny", "micro"):
-        return str(tiny_base(name, scale))
-    return name_or_path
 
 
 def load_base(name_or_path: str) -> tuple[nn.Module, Any]:

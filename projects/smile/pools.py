@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from common.models import load_model
 from common.registry import lookup
-from common.tiny_world import tiny_base
+from common.tiny_world import resolve_base
 
 PRETRAINED = "_pretrained_"  # the reserved name of the base model in a pool, as in fusion_bench
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -32,15 +32,12 @@ POOL_FAMILIES = {
 
 
 def resolve_path(path: str, expert_root: str | None = None) -> str:
-    """`tiny:clip` -> the cached tiny base folder; `{expert_root}/x` -> under the pool's expert_root."""
+    """`tiny:clip` / `real:smollm2-135m` -> the cached base folder; `{expert_root}/x` -> under expert_root."""
     if "{expert_root}" in path:
         if not expert_root:
             raise ValueError(f"model path {path!r} needs modelpool.expert_root to be set")
         path = path.replace("{expert_root}", str(expert_root))
-    scale, _, name = path.partition(":")
-    if name and scale in ("tiny", "micro"):
-        return str(tiny_base(name, scale))
-    return path
+    return resolve_base(path)
 
 
 def pool_models(cfg: Mapping[str, Any]) -> dict[str, str]:

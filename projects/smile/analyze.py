@@ -153,10 +153,17 @@ def tables(
     return out
 
 
-def mistral_table(runs: str | Path) -> list[dict[str, Any]]:
-    """The tiny Mistral arm: bits per byte (lower is better) per domain, mean ± std over seeds, by model."""
+LM_ARMS = {
+    "mistral": "Tiny Mistral: math and code experts (full fine-tunes), SMILE over k (gate_k=4)",
+    "smollm2": "SmolLM2-135M: math and code LoRA-16 experts merged into full deltas, SMILE over k (gate_k=8)",
+}
+
+
+def lm_table(runs: str | Path, arm: str = "mistral") -> list[dict[str, Any]]:
+    """A causal-LM arm (`mistral`: tiny Mistral, full experts; `smollm2`: SmolLM2-135M, LoRA experts): bits per
+    byte (lower is better) per domain, mean ± std over seeds, by model."""
     by_model: dict[str, list[dict[str, Any]]] = {}
-    for path in sorted(Path(runs).glob("mistral/seed_*/*/results.json")):
+    for path in sorted(Path(runs).glob(f"{arm}/seed_*/*/results.json")):
         by_model.setdefault(path.parent.name, []).append(read_json(path)["metrics"])
     rows = []
     for name, reports in sorted(by_model.items(), key=lambda kv: _model_order(kv[0])):
@@ -240,12 +247,10 @@ def main(argv: list[str] | None = None) -> None:
             if rows:
                 out.append(f"## {titles[name]}\n\n{markdown_table(rows)}\n")
         plot_grid(runs, rd, "grid_accuracy_vs_params" + (f"_{arm.folder}" if arm.folder else ""))
-    lm = mistral_table(cfg["runs"])
-    if lm:
-        out.append(
-            "## Tiny Mistral: math and code experts, SMILE over k (gate_k=4), lm-eval bits per byte (lower is "
-            f"better)\n\n{markdown_table(lm)}\n"
-        )
+    for arm, title in LM_ARMS.items():
+        lm = lm_table(cfg["runs"], arm)
+        if lm:
+            out.append(f"## {title}, lm-eval bits per byte (lower is better)\n\n{markdown_table(lm)}\n")
     write_text(Path(cfg["out"]) / "table.md", "\n".join(out))
     print("\n".join(out))
 

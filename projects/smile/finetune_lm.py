@@ -1,8 +1,12 @@
 """Fine-tune copies of a causal LM on text domains: the tiny stand-ins for the Mistral-7B experts
-(MetaMath: math, speechless-code: code). Full fine-tuning, each expert saved with `save_pretrained`.
+(MetaMath: math, speechless-code: code). `method: full` fine-tunes every weight and saves the model with
+`save_pretrained`; `method: lora` trains a PEFT LoRA and saves the adapter folder, which a model pool with
+`adapters: true` merges into full deltas before upscaling (the SmolLM2-135M arm).
 
     python -m projects.smile.finetune_lm --config projects/smile/configs/tiny_finetune_lm.yaml seed=0 \
         out=runs/smile/tiny/lm_experts/seed_0
+    python -m projects.smile.finetune_lm --config projects/smile/configs/tiny_finetune_lm_smollm2.yaml seed=0 \
+        out=runs/smile/tiny/smollm2/experts/seed_0
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 import transformers
 from transformers import AutoTokenizer
 
+from common.adapters import add_adapter, lora_config, save_adapter
 from common.config import load_config
 from common.data import load
 from common.models import load_model
@@ -32,6 +37,8 @@ DEFAULTS: dict[str, Any] = {
         "code": {"dataset": "stdlib_code", "fields": ["text"]},
     },
     "seq_len": 128,
+    "method": "full",  # full: every weight; lora: a PEFT LoRA (lora.r, lora.alpha, lora.targets)
+    "lora": {"r": 16, "alpha": 16, "targets": None},  # targets null: the family's defaults
     "seed": 0,
     "scale": "tiny",
     "out": "runs/smile/tiny/lm_experts/seed_0",
@@ -54,17 +61,31 @@ def token_windows(tokenizer: Any, texts: list[str], seq_len: int) -> torch.Tenso
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
 
 
+METHODS = ("full", "lora")
+
+
 def finetune_expert(cfg: dict[str, Any], spec: dict[str, Any], out: Path) -> float:
     """Fine-tune one copy of the base on a domain, save it to `out`; returns the final training loss."""
+    if cfg["method"] not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {cfg['method']!r}")
     base = resolve_path(cfg["base"])
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = load_model(base).train()
+    if cfg["method"] == "lora":  # peft leaves only the adapters trainable
+        lora = cfg["lora"]
+        model = add_adapter(
+            model,
+            lora_config(model.config.model_type, lora["r"], lora["alpha"], target_modules=lora["targets"]),
+        )
     data = token_windows(tokenizer, domain_texts(spec, "train"), cfg["seq_len"])
     tc = TrainConfig(**{**cfg["train"], "seed": cfg["seed"], "schedule": "cosine", "log_every": 20})
     run = out.with_name(out.name + ".training")
     result = train(model, lambda m, batch: m(input_ids=batch, labels=batch).loss, data, tc, run)
-    model.eval().save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if cfg["method"] == "lora":
+        save_adapter(model.eval(), out)
+    else:
+        model.eval().save_pretrained(out)
+        tokenizer.save_pretrained(out)
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
     return result.losses[-1][1]
 
@@ -85,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     losses = {}
     for name, spec in cfg["experts"].items():
-        if (out / name / "config.json").is_file():
+        if any((out / name / f).is_file() for f in ("config.json", "adapter_config.json")):
             print(f"expert {name}: exists at {out / name}, reused")
             continue
         losses[name] = finetune_expert(cfg, spec, out / name)

@@ -211,10 +211,39 @@ class CLIPTaskPool:
         return report
 
 
+def line_chunks(text: str, max_chars: int) -> list[str]:
+    """`text` cut at line breaks into consecutive pieces of at most `max_chars` characters (a longer line is
+    cut inside); whitespace-only pieces are dropped, the others joined back give the text."""
+    pieces, current = [], ""
+    for line in text.splitlines(keepends=True):
+        while len(line) > max_chars:
+            if current:
+                pieces.append(current)
+                current = ""
+            pieces.append(line[:max_chars])
+            line = line[max_chars:]
+        if len(current) + len(line) > max_chars:
+            pieces.append(current)
+            current = ""
+        current += line
+    pieces.append(current)
+    return [p for p in pieces if p.strip()]
+
+
+def evenly_spread(items: list[Any], limit: int | None) -> list[Any]:
+    """`limit` items at evenly spaced positions (all of them if there are fewer or no limit)."""
+    if not limit or len(items) <= limit:
+        return items
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
 class LMEvalTaskPool:
     """Causal-LM domains scored by lm-eval (offline, local files): rolling log-likelihood of each test text.
 
-    cfg: tokenizer (a model path), tasks {name: {dataset, fields, split, limit}}, batch_size, work_dir.
+    cfg: tokenizer (a model path), tasks {name: {dataset, fields, split, limit, max_chars}}, batch_size,
+    work_dir. With `max_chars`, texts are cut at line breaks into pieces of at most that many characters
+    and `limit` pieces are taken evenly spread over all of them (long source files cost a real LM minutes
+    each; spreading keeps every file and every part of a file in reach).
     """
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
@@ -233,7 +262,13 @@ class LMEvalTaskPool:
         work.mkdir(parents=True, exist_ok=True)
         self.tasks = []
         for name, spec in cfg["tasks"].items():
-            texts = domain_texts(spec, spec.get("split", "test"))[: spec.get("limit") or None]
+            texts = domain_texts(spec, spec.get("split", "test"))
+            if spec.get("max_chars"):
+                texts = evenly_spread(
+                    [p for t in texts for p in line_chunks(t, spec["max_chars"])], spec.get("limit")
+                )
+            else:
+                texts = texts[: spec.get("limit") or None]
             data = work / f"{name}.jsonl"
             data.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
             self.tasks.append(

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make table-smile: the tiny CLIP table (3 seeds: experts fine-tuned, then SMILE grid, top_k ablation,
 # baselines and projection merging per seed), the tiny Flan-T5 tables (full and LoRA experts: fine-tuned,
-# then baselines and the SMILE grid per seed), the tiny Mistral arm, then analyze.py.
+# then baselines and the SMILE grid per seed), the tiny Mistral arm, then analyze.py. The slow real-model arm
+# (SmolLM2-135M with math and code LoRA experts, ~30 CPU-min a seed) runs only when asked: ARMS=smollm2.
 # Env: SCALE=tiny|paper, PY=<python>, SEEDS (default "0 1 2"), ARMS (default "clip t5_full t5_lora mistral").
 set -euo pipefail
 SCALE=${SCALE:-tiny}
@@ -81,6 +82,28 @@ for seed in $SEEDS; do
                 method.rank_of_expert=$k "${LM[@]}" "modelpool.models=$models" \
                 experiment=tiny_mistral run_dir=$RUNS/smile_${v}_k$k
         done
+    done
+done
+# SmolLM2 arm: math and code LoRA-16 experts of the real SmolLM2-135M, merged into full deltas by the pool;
+# the base, each expert, and SMILE over both for k in {8, 32, 128} (gate_k=8, top-1), lm-eval bits per byte.
+for seed in $SEEDS; do
+    [[ " $ARMS " == *" smollm2 "* ]] || continue
+    EXPERTS=$OUT/smollm2/experts/seed_$seed
+    $PY -m projects.smile.finetune_lm --config projects/smile/configs/tiny_finetune_lm_smollm2.yaml \
+        seed=$seed out=$EXPERTS
+    LM=(modelpool=AutoModelForCausalLMPool/smollm2_lora modelpool.expert_root=$EXPERTS
+        taskpool=LMEvalTaskPool/smollm2_domains seed=$seed experiment=tiny_smollm2)
+    RUNS=$OUT/smollm2/seed_$seed
+    $PY -m projects.smile.main method=dummy "${LM[@]}" 'modelpool.models=[{name: _pretrained_, path: "real:smollm2-135m"}]' \
+        run_dir=$RUNS/M0
+    for e in math code; do  # one adapter merged into the base: task arithmetic with λ = 1 is the expert itself
+        $PY -m projects.smile.main method=task_arithmetic method.scaling_factor=1.0 "${LM[@]}" \
+            "modelpool.models=[{name: _pretrained_, path: 'real:smollm2-135m'}, {name: $e, path: '{expert_root}/$e'}]" \
+            run_dir=$RUNS/M_$e
+    done
+    for k in 8 32 128; do
+        $PY -m projects.smile.main method=smile_upscaling/smile_mistral_upscaling method.rank_of_router=8 \
+            method.rank_of_expert=$k "${LM[@]}" run_dir=$RUNS/smile_both_k$k
     done
 done
 $PY -m projects.smile.analyze runs=$OUT out=$OUT/table

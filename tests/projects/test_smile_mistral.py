@@ -198,3 +198,73 @@ def test_lm_experts_and_lm_eval_task_pool(tmp_path):
     metrics = json.loads(report.read_text())
     assert set(metrics) == {"model_info", "math", "code", "average"} and metrics["math"]["bits_per_byte"] > 0
     assert metrics["model_info"]["smile"]["experts"] == ["math", "code"]
+
+
+def test_line_chunks_cut_at_line_breaks_and_rejoin():
+    from projects.smile.pools import line_chunks
+
+    text = "a = 1\nbb = 22\n\n" + "x" * 25 + "\nlast\n"
+    pieces = line_chunks(text, 10)
+    assert all(len(p) <= 10 for p in pieces)
+    assert "".join(pieces) == text
+    assert pieces[:2] == ["a = 1\n", "bb = 22\n\n"]  # "a = 1\nbb = 22\n" is 14 > 10 characters
+    assert pieces[2:5] == ["x" * 10, "x" * 10, "x" * 5 + "\n"]  # a long line is cut inside
+    assert line_chunks("x\n" + " " * 20, 10) == ["x\n"]  # whitespace-only pieces are dropped
+
+
+def test_evenly_spread_takes_spaced_items():
+    from projects.smile.pools import evenly_spread
+
+    assert evenly_spread(list(range(10)), 4) == [0, 2, 5, 7]
+    assert evenly_spread(list(range(3)), 4) == [0, 1, 2] and evenly_spread(list(range(3)), None) == [0, 1, 2]
+
+
+@pytest.mark.smoke
+def test_lora_lm_experts_merge_in_the_pool_and_score(tmp_path):
+    """finetune_lm method=lora saves PEFT adapters; a pool with adapters: true merges each into the base
+    as peft's merge_and_unload does; the SmolLM2 arm's commands run on the micro Mistral."""
+    from peft import PeftModel
+
+    from projects.smile.pools import load_modelpool
+
+    experts = tmp_path / "lora_experts"
+    config = "projects/smile/configs/micro_finetune_lm.yaml"
+    run_cli(
+        ["-m", "projects.smile.finetune_lm", "--config", config, "method=lora", f"out={experts}"], timeout=240
+    )
+    assert (experts / "math" / "adapter_config.json").is_file() and not (
+        experts / "math" / "config.json"
+    ).exists()
+    pool = {
+        "type": "AutoModelForCausalLMPool",
+        "models": [
+            {"name": "_pretrained_", "path": "micro:mistral"},
+            {"name": "math", "path": str(experts / "math")},
+        ],
+        "adapters": True,
+    }
+    pretrained, models = load_modelpool(pool)
+    reference = PeftModel.from_pretrained(load_model(tiny_base("mistral", "micro")), experts / "math")
+    reference = reference.merge_and_unload()
+    ids = torch.randint(0, pretrained.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(models["math"](ids).logits, reference(ids).logits, atol=1e-5)
+        assert not torch.allclose(models["math"](ids).logits, pretrained(ids).logits, atol=1e-5)
+    report = tmp_path / "M_math" / "report.json"
+    run_cli(
+        [
+            "-m",
+            "projects.smile.main",
+            "method=task_arithmetic",
+            "method.scaling_factor=1.0",
+            "modelpool=AutoModelForCausalLMPool/smollm2_lora",
+            f"modelpool.models=[{{name: _pretrained_, path: 'micro:mistral'}}, {{name: math, path: '{experts}/math'}}]",
+            "taskpool=LMEvalTaskPool/smollm2_domains",
+            "taskpool.tokenizer=micro:mistral",
+            *(f"taskpool.tasks.{d}.limit=4" for d in ("math", "code", "general")),
+            f"report_save_path={report}",
+        ],
+        timeout=240,
+    )
+    metrics = json.loads(report.read_text())
+    assert all(metrics[d]["bits_per_byte"] > 0 for d in ("math", "code", "general"))

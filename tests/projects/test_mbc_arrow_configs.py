@@ -10,7 +10,7 @@ from common.models import build_meta
 from projects.mbc_arrow.main import DEFAULTS
 from projects.mbc_arrow.train_expert import peft_targets, tie_lora_a
 
-CONFIGS = ["paper_gptneo_125m", "paper_phi2", "tiny_notebook", "micro_notebook"]
+CONFIGS = ["paper_gptneo_125m", "paper_phi2", "tiny_notebook", "real_notebook", "micro_notebook"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

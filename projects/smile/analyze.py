@@ -20,6 +20,7 @@ import yaml
 from common.config import load_config
 from common.io import read_json, write_text
 from common.rundir import RunDir, markdown_table
+from projects.smile.routing import own_expert_share
 
 PAPER = Path(__file__).parent / "paper.yaml"
 DEFAULTS = {"runs": "runs/smile/tiny", "out": "runs/smile/tiny/table"}
@@ -71,11 +72,11 @@ def _get(metrics: dict[str, Any], key: str) -> Any:
     return metrics
 
 
-def mean_std(values: Sequence[float], percent: bool = True) -> str:
+def mean_std(values: Sequence[float], percent: bool = True, digits: int = 1) -> str:
     scale = 100 if percent else 1
     m = statistics.mean(values) * scale
     s = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{m:.1f} ± {s:.1f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def cell(runs: list[dict[str, Any]], key: str, percent: bool = True) -> str:
@@ -167,11 +168,15 @@ def lm_table(runs: str | Path, arm: str = "mistral") -> list[dict[str, Any]]:
         by_model.setdefault(path.parent.name, []).append(read_json(path)["metrics"])
     rows = []
     for name, reports in sorted(by_model.items(), key=lambda kv: _model_order(kv[0])):
-        domains = [d for d in reports[0] if d not in ("model_info", "average")]
+        domains = [d for d in reports[0] if d not in ("model_info", "average", "routing")]
         row = {"model": name, "params (x base)": f"{reports[0]['model_info'].get('params_ratio', 1.0):.2f}"}
         row |= {
-            f"{d} (bpb)": mean_std([r[d]["bits_per_byte"] for r in reports], percent=False) for d in domains
+            f"{d} (bpb)": mean_std([r[d]["bits_per_byte"] for r in reports], percent=False, digits=3)
+            for d in domains
         }
+        if all("routing" in r for r in reports):  # SMILE: share of a domain's tokens its own expert gets
+            shares = [own_expert_share(r["routing"], r["model_info"]["smile"]["experts"]) for r in reports]
+            row |= {f"{d} → {d} expert (%)": mean_std([s[d] for s in shares]) for d in shares[0]}
         rows.append(row | {"seeds": len(reports)})
     return rows
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from common.models import load_model
 from common.registry import lookup
 from common.tiny_world import resolve_base
+from projects.smile.upscale import SmileMoELinear
 
 PRETRAINED = "_pretrained_"  # the reserved name of the base model in a pool, as in fusion_bench
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -241,7 +242,8 @@ class LMEvalTaskPool:
     """Causal-LM domains scored by lm-eval (offline, local files): rolling log-likelihood of each test text.
 
     cfg: tokenizer (a model path), tasks {name: {dataset, fields, split, limit, max_chars}}, batch_size,
-    work_dir. With `max_chars`, texts are cut at line breaks into pieces of at most that many characters
+    work_dir, routing (N: a SMILE model's routing distribution over the first N texts of each domain,
+    `projects.smile.routing`, in the report under "routing"; null: none). With `max_chars`, texts are cut at line breaks into pieces of at most that many characters
     and `limit` pieces are taken evenly spread over all of them (long source files cost a real LM minutes
     each; spreading keeps every file and every part of a file in reach).
     """
@@ -260,7 +262,7 @@ class LMEvalTaskPool:
         self.batch_size = int(cfg.get("batch_size", 8))
         work = Path(cfg.get("work_dir") or tempfile.mkdtemp(prefix="smile-lm-eval-"))
         work.mkdir(parents=True, exist_ok=True)
-        self.tasks = []
+        self.tasks, self.texts, self.routing = [], {}, cfg.get("routing")
         for name, spec in cfg["tasks"].items():
             texts = domain_texts(spec, spec.get("split", "test"))
             if spec.get("max_chars"):
@@ -269,6 +271,7 @@ class LMEvalTaskPool:
                 )
             else:
                 texts = texts[: spec.get("limit") or None]
+            self.texts[name] = texts
             data = work / f"{name}.jsonl"
             data.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
             self.tasks.append(
@@ -283,6 +286,11 @@ class LMEvalTaskPool:
         raw = evaluate_in_memory(model, self.tokenizer, self.tasks, batch_size=self.batch_size)
         report = {name.removeprefix("smile_"): metrics for name, metrics in raw.items()}
         report["average"] = {"bits_per_byte": sum(r["bits_per_byte"] for r in report.values()) / len(report)}
+        if self.routing and any(isinstance(m, SmileMoELinear) for m in model.modules()):
+            from projects.smile.routing import routing_by_domain
+
+            texts = {name: t[: self.routing] for name, t in self.texts.items()}
+            report["routing"] = routing_by_domain(model, self.tokenizer, texts)
         return report
 
 

@@ -268,3 +268,29 @@ def test_lora_lm_experts_merge_in_the_pool_and_score(tmp_path):
     )
     metrics = json.loads(report.read_text())
     assert all(metrics[d]["bits_per_byte"] > 0 for d in ("math", "code", "general"))
+
+
+def test_routing_by_domain_counts_every_layer_and_follows_the_gates():
+    from projects.smile.routing import own_expert_share, routing_by_domain
+
+    base = load_model(tiny_base("mistral", "micro"))  # with its tokenizer
+    fts = _experts(base, 2)
+    model, _ = upscale_causal_lm(base, {"a": fts[0], "b": fts[1]}, rank_of_router=2, rank_of_expert=2)
+    tok = AutoTokenizer.from_pretrained(tiny_base("mistral", "micro"))
+    texts = {"a": ["x = 1\nprint(x)", "def f():\n    return 2"], "b": ["Tom has 3 apples."]}
+    n_layers = len(smile_layers(model))
+    r = routing_by_domain(model, tok, texts)
+    for domain, found in r.items():
+        n_tok = sum(len(tok(t)["input_ids"]) for t in texts[domain])
+        assert found["tokens"] == n_tok and found["decisions"] == n_tok * n_layers
+        assert sum(found["all"]) == pytest.approx(1.0)
+        assert all(sum(v) == pytest.approx(1.0) for v in found["by_kind"].values())
+        assert set(found["by_kind"]) == set(TARGETS)
+    # a router with expert a's singular vectors zeroed scores it 0 < ‖V_bᵀx‖: every token goes to b
+    for layer in smile_layers(model):
+        layer.gate.weight.data[: layer.gate_k] = 0
+    r = routing_by_domain(model, tok, texts)
+    assert all(found["all"] == [0.0, 1.0] for found in r.values())
+    assert own_expert_share(r, ["a", "b"]) == {"a": 0.0, "b": 1.0}
+    with pytest.raises(ValueError, match="SMILE layers"):
+        routing_by_domain(base, tok, texts)

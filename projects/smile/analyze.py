@@ -165,7 +165,8 @@ def lm_table(runs: str | Path, arm: str = "mistral") -> list[dict[str, Any]]:
     byte (lower is better) per domain, mean ± std over seeds, by model."""
     by_model: dict[str, list[dict[str, Any]]] = {}
     for path in sorted(Path(runs).glob(f"{arm}/seed_*/*/results.json")):
-        by_model.setdefault(path.parent.name, []).append(read_json(path)["metrics"])
+        if path.parent.name != SUMMARY:
+            by_model.setdefault(path.parent.name, []).append(read_json(path)["metrics"])
     rows = []
     for name, reports in sorted(by_model.items(), key=lambda kv: _model_order(kv[0])):
         domains = [d for d in reports[0] if d not in ("model_info", "average", "routing")]
@@ -179,6 +180,53 @@ def lm_table(runs: str | Path, arm: str = "mistral") -> list[dict[str, Any]]:
             row |= {f"{d} → {d} expert (%)": mean_std([s[d] for s in shares]) for d in shares[0]}
         rows.append(row | {"seeds": len(reports)})
     return rows
+
+
+SUMMARY = "summary"
+
+
+def lm_summaries(runs: str | Path, arm: str) -> list[Path]:
+    """Per seed of a causal-LM arm, one `summary/results.json` (experiment `tiny_<arm>_summary`, read by
+    RESULTS.md) flattening its models' reports: `<model>.<domain>` bits per byte, `<model>.params_ratio`,
+    for SMILE models `<model>.own_share.<domain>` (routing) and `<model>.recovery.<domain>` = (M0 − model) /
+    (M0 − M_<domain>), the fraction of the domain expert's gain over the base that the model keeps."""
+    written = []
+    for seed_dir in sorted(Path(runs).glob(f"{arm}/seed_*")):
+        reports = {
+            p.parent.name: read_json(p)
+            for p in sorted(seed_dir.glob("*/results.json"))
+            if p.parent.name != SUMMARY
+        }
+        if not reports:
+            continue
+        metrics: dict[str, float] = {}
+        for name, record in reports.items():
+            report = record["metrics"]
+            metrics[f"{name}.params_ratio"] = report["model_info"].get("params_ratio", 1.0)
+            for domain, values in report.items():
+                if isinstance(values, dict) and "bits_per_byte" in values:
+                    metrics[f"{name}.{domain}"] = values["bits_per_byte"]
+            if "routing" in report:
+                shares = own_expert_share(report["routing"], report["model_info"]["smile"]["experts"])
+                metrics |= {f"{name}.own_share.{d}": v for d, v in shares.items()}
+        for name in reports:
+            for domain in ("math", "code"):
+                base, expert = metrics.get(f"M0.{domain}"), metrics.get(f"M_{domain}.{domain}")
+                if name.startswith("smile_") and base is not None and expert is not None and base != expert:
+                    metrics[f"{name}.recovery.{domain}"] = (base - metrics[f"{name}.{domain}"]) / (
+                        base - expert
+                    )
+        first = next(iter(reports.values()))
+        run = RunDir(
+            seed_dir / SUMMARY,
+            project="smile",
+            experiment=f"tiny_{arm}_summary",
+            scale=first.get("scale", "tiny"),
+            seed=first.get("seed", 0),
+            config={"arm": arm, "models": sorted(reports), "from": str(seed_dir)},
+        )
+        written.append(run.write_results(metrics))
+    return written
 
 
 def _model_order(name: str) -> tuple[int, str, int]:
@@ -253,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
                 out.append(f"## {titles[name]}\n\n{markdown_table(rows)}\n")
         plot_grid(runs, rd, "grid_accuracy_vs_params" + (f"_{arm.folder}" if arm.folder else ""))
     for arm, title in LM_ARMS.items():
+        lm_summaries(cfg["runs"], arm)
         lm = lm_table(cfg["runs"], arm)
         if lm:
             out.append(f"## {title}, lm-eval bits per byte (lower is better)\n\n{markdown_table(lm)}\n")

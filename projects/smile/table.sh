@@ -85,7 +85,8 @@ for seed in $SEEDS; do
     done
 done
 # SmolLM2 arm: math and code LoRA-16 experts of the real SmolLM2-135M, merged into full deltas by the pool;
-# the base, each expert, and SMILE over both for k in {8, 32, 128} (gate_k=8, top-1), lm-eval bits per byte.
+# the base, each expert, SMILE over both for k in {8, 32, 128} (gate_k=8, top-1) and their simple average;
+# lm-eval bits per byte.
 for seed in $SEEDS; do
     [[ " $ARMS " == *" smollm2 "* ]] || continue
     EXPERTS=$OUT/smollm2/experts/seed_$seed
@@ -105,5 +106,6 @@ for seed in $SEEDS; do
         $PY -m projects.smile.main method=smile_upscaling/smile_mistral_upscaling method.rank_of_router=8 \
             method.rank_of_expert=$k "${LM[@]}" run_dir=$RUNS/smile_both_k$k
     done
+    $PY -m projects.smile.main method=simple_average "${LM[@]}" run_dir=$RUNS/simple_average  # the merging baseline
 done
 $PY -m projects.smile.analyze runs=$OUT out=$OUT/table

@@ -24,7 +24,7 @@ from common.adapters import add_adapter, lora_config, save_adapter
 from common.config import load_config
 from common.data import load
 from common.models import load_model
-from common.rundir import RunDir, seed_everything
+from common.rundir import RunDir, check_same_config, seed_everything
 from common.tiny_world import PRETRAIN_SPLIT_SEED
 from common.training import TrainConfig, train
 from projects.smile.pools import resolve_path
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(DEFAULTS, args.config, args.overrides)
     seed_everything(cfg["seed"])
     out = Path(cfg["out"])
+    check_same_config(out, cfg, may_change=("experts",))  # experts already in `out` are reused below
     run = RunDir(
         out, project="smile", experiment="finetune_lm", scale=cfg["scale"], seed=cfg["seed"], config=cfg
     )

@@ -235,6 +235,9 @@ def test_lora_lm_experts_merge_in_the_pool_and_score(tmp_path):
     assert (experts / "math" / "adapter_config.json").is_file() and not (
         experts / "math" / "config.json"
     ).exists()
+    # the folder's experts are reused only under the same config
+    with pytest.raises(AssertionError, match="another config"):
+        run_cli(["-m", "projects.smile.finetune_lm", "--config", config, "method=full", f"out={experts}"])
     pool = {
         "type": "AutoModelForCausalLMPool",
         "models": [

@@ -169,7 +169,7 @@ def lm_table(runs: str | Path, arm: str = "mistral") -> list[dict[str, Any]]:
             by_model.setdefault(path.parent.name, []).append(read_json(path)["metrics"])
     rows = []
     for name, reports in sorted(by_model.items(), key=lambda kv: _model_order(kv[0])):
-        domains = [d for d in reports[0] if d not in ("model_info", "average", "routing")]
+        domains = [d for d in reports[0] if d not in ("model_info", "routing")]  # average last
         row = {"model": name, "params (x base)": f"{reports[0]['model_info'].get('params_ratio', 1.0):.2f}"}
         row |= {
             f"{d} (bpb)": mean_std([r[d]["bits_per_byte"] for r in reports], percent=False, digits=3)

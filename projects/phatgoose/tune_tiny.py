@@ -23,7 +23,6 @@ import argparse
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from projects.phatgoose import configurables as C
@@ -33,9 +32,18 @@ from projects.phatgoose.experts import CHECKPOINT, TrainSettings, load_base, tra
 from projects.phatgoose.gates import train_gate
 from projects.phatgoose.library import read_expert
 from projects.phatgoose.moe import attach_experts, set_mode
+from projects.phatgoose.pipeline import Timer
 from projects.phatgoose.tasks import SETTINGS, dataset_name, load_task, subsample
 
 TINY_GIN = "projects/phatgoose/configs/tiny.gin"
+
+
+def _times(timer: Timer) -> dict[str, float]:
+    """`<phase>_s` (wall) and `<phase>_cpu_s` (this process's CPU) seconds of each timed phase."""
+    out = {}
+    for phase, wall in timer.seconds.items():
+        out |= {f"{phase}_s": wall, f"{phase}_cpu_s": timer.cpu_seconds[phase]}
+    return out
 
 
 def _parse(config: str) -> dict:
@@ -51,50 +59,39 @@ def run_one(
     settings.num_steps, settings.lr, settings.batch_size = cfg["steps"], cfg["lr"], cfg["batch_size"]
     moe = C.scoped("M/MODEL", C.moe_settings)
     base = C.scoped("M/MODEL", C.model_name)
-    tmp = Path(tempfile.mkdtemp(prefix="phatgoose_tune_"))
+    tmp, timer = Path(tempfile.mkdtemp(prefix="phatgoose_tune_")), Timer()
     try:
-        t0, c0 = time.time(), time.process_time()
-        ckpt = train_lora_expert(
-            base,
-            load_task(dataset)["train"],
-            tmp,
-            settings,
-            rank=cfg["rank"],
-            init_scale=moe.init_scale,
-            target_modules=moe.target_modules,
-            name=dataset,
-            seed=seed,
-        )
-        train_s, train_cpu_s = time.time() - t0, time.process_time() - c0
+        with timer("train"):
+            ckpt = train_lora_expert(
+                base,
+                load_task(dataset)["train"],
+                tmp,
+                settings,
+                rank=cfg["rank"],
+                init_scale=moe.init_scale,
+                target_modules=moe.target_modules,
+                name=dataset,
+                seed=seed,
+            )
         model, tok = load_base(base)
         attach_experts(model, [read_expert(ckpt)])
         set_mode(model, "fixed", 0)
         scores = {}
-        t0, c0 = time.time(), time.process_time()
-        for task in (dataset, *diagnostic):
-            rows = list(subsample(load_task(task)["validation"], n_val))
-            res = evaluate_rows(model, tok, rows, generation=False, batch_size=eval_batch)
-            counts: dict[str, int] = {}
-            for p in res["predictions"]:
-                counts[p] = counts.get(p, 0) + 1
-            scores[task] = {
-                "accuracy": res["accuracy"],
-                "balanced_accuracy": res["balanced_accuracy"],
-                "predicted": counts,
-            }
-        eval_s, eval_cpu_s = time.time() - t0, time.process_time() - c0
+        with timer("eval"):
+            for task in (dataset, *diagnostic):
+                rows = list(subsample(load_task(task)["validation"], n_val))
+                res = evaluate_rows(model, tok, rows, generation=False, batch_size=eval_batch)
+                counts: dict[str, int] = {}
+                for p in res["predictions"]:
+                    counts[p] = counts.get(p, 0) + 1
+                scores[task] = {
+                    "accuracy": res["accuracy"],
+                    "balanced_accuracy": res["balanced_accuracy"],
+                    "predicted": counts,
+                }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {
-        "dataset": dataset,
-        **cfg,
-        "seed": seed,
-        "train_s": train_s,
-        "train_cpu_s": train_cpu_s,
-        "eval_s": eval_s,
-        "eval_cpu_s": eval_cpu_s,
-        "validation": scores,
-    }
+    return {"dataset": dataset, **cfg, "seed": seed, **_times(timer), "validation": scores}
 
 
 def _parse_gate(config: str) -> dict:
@@ -122,17 +119,16 @@ def run_gates(experts_dir: str | Path, cfg: dict, seed: int, eval_batch: int) ->
     moe = C.scoped("M/MODEL", C.moe_settings)
     ev = C.scoped("P/EVALUATE/VALIDATION", C.eval_settings)
     names = list(C.dataset_setting() or SETTINGS["Full"])
-    tmp = Path(tempfile.mkdtemp(prefix="phatgoose_gates_"))
+    tmp, timer = Path(tempfile.mkdtemp(prefix="phatgoose_gates_")), Timer()
     try:
         paths = []
-        t0, c0 = time.time(), time.process_time()
-        for n in names:
-            expert = Path(experts_dir) / "datasets_concatenated" / f"{n}_t5_lora" / CHECKPOINT
-            if not expert.is_dir():
-                raise FileNotFoundError(f"no trained expert {n} at {expert}: run the table for this seed")
-            ckpt = train_gate(base, expert, load_task(n)["train"], tmp / n, settings, seed=seed)
-            paths.append(L.use_input_gate_as_router(ckpt))
-        train_s, train_cpu_s = time.time() - t0, time.process_time() - c0
+        with timer("gate_train"):
+            for n in names:
+                expert = Path(experts_dir) / "datasets_concatenated" / f"{n}_t5_lora" / CHECKPOINT
+                if not expert.is_dir():
+                    raise FileNotFoundError(f"no trained expert {n} at {expert}: run the table for this seed")
+                ckpt = train_gate(base, expert, load_task(n)["train"], tmp / n, settings, seed=seed)
+                paths.append(L.use_input_gate_as_router(ckpt))
         L.run_concatenate(paths, tmp / "library", names)
         model, tok = load_base(base)
         attach_experts(
@@ -142,19 +138,18 @@ def run_gates(experts_dir: str | Path, cfg: dict, seed: int, eval_batch: int) ->
             normalize_topk=moe.normalize_topk,
         )
         scores = {}
-        t0, c0 = time.time(), time.process_time()
-        for d in ev.datasets:
-            rows = list(subsample(load_task(d)[ev.split], ev.num_examples))
-            start_routing_record(model)
-            res = evaluate_rows(model, tok, rows, generation=False, batch_size=eval_batch)
-            dist = routing_distribution(model)
-            share = {n: sum(p[i] for p in dist.values()) / len(dist) for i, n in enumerate(names)}
-            scores[dataset_name(d)] = {
-                "accuracy": res["accuracy"],
-                "balanced_accuracy": res["balanced_accuracy"],
-                "routing_share": share,
-            }
-        eval_s, eval_cpu_s = time.time() - t0, time.process_time() - c0
+        with timer("eval"):
+            for d in ev.datasets:
+                rows = list(subsample(load_task(d)[ev.split], ev.num_examples))
+                start_routing_record(model)
+                res = evaluate_rows(model, tok, rows, generation=False, batch_size=eval_batch)
+                dist = routing_distribution(model)
+                share = {n: sum(p[i] for p in dist.values()) / len(dist) for i, n in enumerate(names)}
+                scores[dataset_name(d)] = {
+                    "accuracy": res["accuracy"],
+                    "balanced_accuracy": res["balanced_accuracy"],
+                    "routing_share": share,
+                }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {
@@ -162,10 +157,7 @@ def run_gates(experts_dir: str | Path, cfg: dict, seed: int, eval_batch: int) ->
         **cfg,
         "seed": seed,
         "split": ev.split,
-        "gate_train_s": train_s,
-        "gate_train_cpu_s": train_cpu_s,
-        "eval_s": eval_s,
-        "eval_cpu_s": eval_cpu_s,
+        **_times(timer),
         "validation": scores,
     }
 

@@ -127,12 +127,13 @@ def finetune_experts(
     tasks: Sequence[str],
     train_one: Callable[[str, Path], dict[str, float]],
     validate_one: Callable[[str, Path], dict[str, float]],
+    may_change: Sequence[str] = ("tasks",),
 ) -> None:
-    """One expert per task in `cfg["out"]/<task>`; an expert already there (made under the same config) is
-    reused and only validated. Writes the validation metrics as the run's results."""
+    """One expert per task in `cfg["out"]/<task>`; an expert already there (made under the same config, up to
+    the keys `may_change`) is reused and only validated. Writes each expert's metrics as the run's results."""
     seed_everything(cfg["seed"])
     out = Path(cfg["out"])
-    check_same_config(out, cfg, may_change=("tasks",))  # experts in `out` are reused below
+    check_same_config(out, cfg, may_change=may_change)  # experts in `out` are reused below
     run = RunDir(
         out, project="smile", experiment=experiment, scale=cfg["scale"], seed=cfg["seed"], config=cfg
     )
@@ -144,7 +145,8 @@ def finetune_experts(
             metrics[task] = validate_one(task, folder)
         else:
             metrics[task] = train_one(task, folder)
-        print(f"expert {task}: validation accuracy {metrics[task]['accuracy']:.4f}")
+        if metrics[task]:
+            print(f"expert {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics[task].items()))
     run.write_results(metrics)
 
 

@@ -24,9 +24,9 @@ from common.adapters import add_adapter, lora_config, save_adapter
 from common.config import load_config
 from common.data import load
 from common.models import load_model
-from common.rundir import RunDir, check_same_config, seed_everything
 from common.tiny_world import PRETRAIN_SPLIT_SEED
 from common.training import TrainConfig, train
+from projects.smile.finetune import finetune_experts
 from projects.smile.pools import resolve_path
 
 DEFAULTS: dict[str, Any] = {
@@ -99,20 +99,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     transformers.logging.set_verbosity_error()
     cfg = load_config(DEFAULTS, args.config, args.overrides)
-    seed_everything(cfg["seed"])
-    out = Path(cfg["out"])
-    check_same_config(out, cfg, may_change=("experts",))  # experts already in `out` are reused below
-    run = RunDir(
-        out, project="smile", experiment="finetune_lm", scale=cfg["scale"], seed=cfg["seed"], config=cfg
+    experts = cfg["experts"]
+    finetune_experts(
+        cfg,
+        "finetune_lm",
+        list(experts),
+        train_one=lambda name, folder: {"final_train_loss": finetune_expert(cfg, experts[name], folder)},
+        validate_one=lambda name, folder: {},  # a reused expert is not scored again (bits per byte: the pools)
+        may_change=("experts",),
     )
-    losses = {}
-    for name, spec in cfg["experts"].items():
-        if any((out / name / f).is_file() for f in ("config.json", "adapter_config.json")):
-            print(f"expert {name}: exists at {out / name}, reused")
-            continue
-        losses[name] = finetune_expert(cfg, spec, out / name)
-        print(f"expert {name}: final training loss {losses[name]:.4f}")
-    run.write_results({"final_train_loss": losses})
 
 
 if __name__ == "__main__":

@@ -164,9 +164,9 @@ def lm_table(runs: str | Path, arm: str = "mistral") -> list[dict[str, Any]]:
     """A causal-LM arm (`mistral`: tiny Mistral, full experts; `smollm2`: SmolLM2-135M, LoRA experts): bits per
     byte (lower is better) per domain, mean ± std over seeds, by model."""
     by_model: dict[str, list[dict[str, Any]]] = {}
-    for path in sorted(Path(runs).glob(f"{arm}/seed_*/*/results.json")):
-        if path.parent.name != SUMMARY:
-            by_model.setdefault(path.parent.name, []).append(read_json(path)["metrics"])
+    for reports in lm_runs(runs, arm).values():
+        for name, record in reports.items():
+            by_model.setdefault(name, []).append(record["metrics"])
     rows = []
     for name, reports in sorted(by_model.items(), key=lambda kv: _model_order(kv[0])):
         domains = [d for d in reports[0] if d not in ("model_info", "routing")]  # average last
@@ -185,20 +185,22 @@ def lm_table(runs: str | Path, arm: str = "mistral") -> list[dict[str, Any]]:
 SUMMARY = "summary"
 
 
+def lm_runs(runs: str | Path, arm: str) -> dict[Path, dict[str, dict[str, Any]]]:
+    """{seed folder: {model run name: its results.json}} of a causal-LM arm (the summaries left out)."""
+    found: dict[Path, dict[str, dict[str, Any]]] = {}
+    for path in sorted(Path(runs).glob(f"{arm}/seed_*/*/results.json")):
+        if path.parent.name != SUMMARY:
+            found.setdefault(path.parent.parent, {})[path.parent.name] = read_json(path)
+    return found
+
+
 def lm_summaries(runs: str | Path, arm: str) -> list[Path]:
     """Per seed of a causal-LM arm, one `summary/results.json` (experiment `tiny_<arm>_summary`, read by
     RESULTS.md) flattening its models' reports: `<model>.<domain>` bits per byte, `<model>.params_ratio`,
     for SMILE models `<model>.own_share.<domain>` (routing) and `<model>.recovery.<domain>` = (M0 − model) /
     (M0 − M_<domain>), the fraction of the domain expert's gain over the base that the model keeps."""
     written = []
-    for seed_dir in sorted(Path(runs).glob(f"{arm}/seed_*")):
-        reports = {
-            p.parent.name: read_json(p)
-            for p in sorted(seed_dir.glob("*/results.json"))
-            if p.parent.name != SUMMARY
-        }
-        if not reports:
-            continue
+    for seed_dir, reports in lm_runs(runs, arm).items():
         metrics: dict[str, float] = {}
         for name, record in reports.items():
             report = record["metrics"]

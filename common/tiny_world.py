@@ -290,7 +290,7 @@ def _tokenizer(s: BaseSpec, texts: list[str]) -> Any:
     raise ValueError(f"unknown tokenizer kind {s.tokenizer!r}")
 
 
-def _token_windows(tokenizer: Any, texts: list[str], seq_len: int, eos: int) -> torch.Tensor:
+def token_windows(tokenizer: Any, texts: list[str], seq_len: int, eos: int) -> torch.Tensor:
     """Concatenate the texts (each ended by eos) and cut into (N, seq_len) windows."""
     ids: list[int] = []
     for t in tqdm(texts, desc="tokenise", mininterval=5):
@@ -394,7 +394,7 @@ def _pretrain(name: str, s: BaseSpec, out: Path) -> None:
         tokenizer = _tokenizer(s, texts)
         config = _config(s, tokenizer)
         eos = tokenizer.eos_token_id
-        data = _token_windows(tokenizer, texts, s.seq_len, eos)  # (N, seq_len): examples, batched by the loop
+        data = token_windows(tokenizer, texts, s.seq_len, eos)  # (N, seq_len): examples, batched by the loop
     model = build_model(config, s.family)
     if s.head_init not in ("default", "scaled"):
         raise ValueError(f"unknown head_init {s.head_init!r}; choose 'default' or 'scaled'")

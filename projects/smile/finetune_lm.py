@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 import transformers
 from transformers import AutoTokenizer
 
@@ -24,7 +23,7 @@ from common.adapters import add_adapter, lora_config, save_adapter
 from common.config import load_config
 from common.data import load
 from common.models import load_model
-from common.tiny_world import PRETRAIN_SPLIT_SEED
+from common.tiny_world import PRETRAIN_SPLIT_SEED, token_windows
 from common.training import TrainConfig, train
 from projects.smile.finetune import finetune_experts
 from projects.smile.pools import resolve_path
@@ -52,15 +51,6 @@ def domain_texts(spec: dict[str, Any], split: str) -> list[str]:
     return ["\n".join(str(row[f]) for f in spec["fields"]) for row in ds]
 
 
-def token_windows(tokenizer: Any, texts: list[str], seq_len: int) -> torch.Tensor:
-    """The texts, each ended by EOS, concatenated and cut into (N, seq_len) windows."""
-    ids: list[int] = []
-    for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    n = len(ids) // seq_len
-    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
-
-
 METHODS = ("full", "lora")
 
 
@@ -77,7 +67,7 @@ def finetune_expert(cfg: dict[str, Any], spec: dict[str, Any], out: Path) -> flo
             model,
             lora_config(model.config.model_type, lora["r"], lora["alpha"], target_modules=lora["targets"]),
         )
-    data = token_windows(tokenizer, domain_texts(spec, "train"), cfg["seq_len"])
+    data = token_windows(tokenizer, domain_texts(spec, "train"), cfg["seq_len"], tokenizer.eos_token_id)
     tc = TrainConfig(**{**cfg["train"], "seed": cfg["seed"], "schedule": "cosine", "log_every": 20})
     run = out.with_name(out.name + ".training")
     result = train(model, lambda m, batch: m(input_ids=batch, labels=batch).loss, data, tc, run)

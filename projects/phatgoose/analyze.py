@@ -18,7 +18,6 @@ from common.rundir import markdown_table
 ROW_NAMES = {
     "base": "Base model (no expert)",
     "multitask": "Multitask",
-    "single_expert_mean": "Single expert (mean over experts)",
     "best_single_expert": "Best individual (picked on validation)",
     "merged_experts": "Merged Experts",
     "average_activation": "Average Activation",

@@ -9,7 +9,10 @@ a query goes, whole, to the expert holding its most cosine-similar example (`ret
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from common.cache import cached_dir
 from common.evaluation import eval_mode
+from common.io import load_tensors, save_tensors
 from common.tiny_world import real_base
 from projects.phatgoose.experts import seq2seq_collate
 from projects.phatgoose.moe import moe_modules, set_mode
@@ -85,19 +90,47 @@ def retrieval_text(row: dict, include_answer_choices: bool = True) -> str:
 class Retriever:
     """all-MiniLM-L6-v2 (mean pooling, L2-normalised) over stored example embeddings per expert."""
 
-    def __init__(self, model_path: str | None = None, max_length: int = 256, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        model_path: str | None = None,
+        max_length: int = 256,
+        batch_size: int = 64,
+        cache: bool = True,
+    ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        path = model_path or str(real_base("all-minilm-l6-v2"))
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
-        self.max_length, self.batch_size = max_length, batch_size
+        self.path = model_path or str(real_base("all-minilm-l6-v2"))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.model = AutoModel.from_pretrained(self.path).eval()
+        self.max_length, self.batch_size, self.cache = max_length, batch_size, cache
         self.library: list[torch.Tensor] = []  # per expert (n_e, 384)
         self.names: list[str] = []
 
-    @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        """(N, 384) sentence embeddings: masked mean of the last hidden states, then unit norm."""
+        """(N, 384) sentence embeddings: masked mean of the last hidden states, then unit norm.
+
+        With `cache`, kept under `$MOERGING_CACHE/retriever_embeddings/` by (model files, max_length,
+        batch_size, texts): the stored examples and the queries do not depend on a run's seed, so the
+        tiny table's second and third seeds reuse the first's (MiniLM is most of the library's cost).
+        """
+        if not self.cache:
+            return self._embed(texts)
+        key = {
+            "model": _fingerprint(self.path),
+            "max_length": self.max_length,
+            "batch_size": self.batch_size,
+            "n": len(texts),
+            "texts": hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest(),
+        }
+        path = cached_dir(
+            "retriever_embeddings",
+            key,
+            lambda tmp: save_tensors(tmp / "embeddings.safetensors", {"embeddings": self._embed(texts)}),
+        )
+        return load_tensors(path / "embeddings.safetensors")["embeddings"]
+
+    @torch.no_grad()
+    def _embed(self, texts: Sequence[str]) -> torch.Tensor:
         out = []
         for start in tqdm(range(0, len(texts), self.batch_size), desc="embed", mininterval=5):
             enc = self.tokenizer(
@@ -130,3 +163,15 @@ class Retriever:
     def load_state(self, names: Sequence[str], state: dict[str, torch.Tensor]) -> None:
         self.names = list(names)
         self.library = [state[f"library.{i:03d}"] for i in range(len(names))]
+
+
+def _fingerprint(path: str) -> Any:
+    """A model folder's files by (name, size, mtime), so a model saved again at the same path is not
+    taken for the old one; a hub id stands for itself."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path
+    return [
+        path,
+        sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file()),
+    ]

@@ -248,11 +248,13 @@ def evaluate(
     procedures: Sequence[str] | None = None,
     plain: bool | None = None,
     analysis_dir: str | Path | None = None,
+    datasets: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """eval_multitask.sh / retriever.sh evaluation: every `P/EVALUATE*` procedure of main.procedure_exec_order.
 
-    `procedures`, `plain` (no expert: Model.init_moma_calls=[]) and `analysis_dir` (output texts and
-    routing distributions, instead of the Evaluator's analysis_processors) override the gin values.
+    `procedures`, `plain` (no expert: Model.init_moma_calls=[]), `analysis_dir` (output texts and
+    routing distributions, instead of the Evaluator's analysis_processors) and `datasets` (instead of
+    the Evaluator's) override the gin values.
     """
     main = C.main_settings()
     moe = C.scoped("M/MODEL", C.moe_settings)
@@ -281,9 +283,10 @@ def evaluate(
         if not proc.startswith("P/EVALUATE"):
             continue
         ev = C.scoped(proc, C.eval_settings)
-        if not ev.datasets:
+        to_evaluate = ev.datasets if datasets is None else datasets
+        if not to_evaluate:
             raise ValueError(f"{proc}/Evaluator.datasets is empty: bind the datasets to evaluate")
-        for d in ev.datasets:
+        for d in to_evaluate:
             name = dataset_name(d)
             rows = list(subsample(load_task(d)[ev.split], ev.num_examples))
             experts_of_rows = None

@@ -89,6 +89,25 @@ def test_retrieval_picks_the_expert_of_the_query_dataset():
     assert r.retrieve([retrieval_text(q) for q in queries]).tolist() == [0, 1]
 
 
+def test_retriever_embeddings_are_cached_by_texts_and_equal_to_fresh_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOERGING_CACHE", str(tmp_path))
+    r = Retriever()
+    texts = ["Tweet: I love this phone", "Problem: what is 1 plus 2?", "a third, longer text " * 5]
+    fresh = Retriever(cache=False).embed(texts)
+    first = r.embed(texts)
+    assert torch.equal(first, fresh) and first.shape == (3, 384)
+    assert torch.allclose(first.norm(dim=-1), torch.ones(3))
+    assert len(list((tmp_path / "retriever_embeddings").iterdir())) == 1
+
+    def no_model(texts):
+        raise AssertionError("the cached embeddings should have been read")
+
+    monkeypatch.setattr(r, "_embed", no_model)
+    assert torch.equal(r.embed(texts), fresh)  # read back, not recomputed
+    with pytest.raises(AssertionError, match="should have been read"):
+        r.embed(texts[:2])  # other texts: a new entry
+
+
 def test_retrieval_text_format():
     row = {"source": "x y", "choices": ["a", "b"]}
     assert retrieval_text(row) == "Answer Choices: a, b, Instance: x y"

@@ -236,7 +236,21 @@ def test_table_pipeline(tmp_path):
         "average_activation",
         "merged_experts",
         "multitask",
+        "best_single_expert",
     }
+    # the best individual: per task and metric the expert best on VALIDATION, read on test; only the
+    # picked experts are evaluated on test, each on the tasks it was picked for
+    single = json.loads((tmp_path / "seed_1/single_experts.json").read_text())
+    choice, best = res["best_single_expert_choice"], res["metrics"]["best_single_expert"]
+    picked: dict[str, set[str]] = {}
+    for metric, key in (("accuracy", "{h}"), ("balanced_accuracy", "{h}/balanced")):
+        for h, d in choice[metric].items():
+            assert single["validation"][d][h][metric] == max(
+                v[h][metric] for v in single["validation"].values()
+            )
+            assert best[key.format(h=h)] == single["test"][d][h][metric]
+            picked.setdefault(d, set()).add(h)
+    assert {d: set(v) - {"mean_accuracy"} for d, v in single["test"].items()} == picked
 
 
 def test_unsupported_binding_is_a_clear_cli_error(exp_out):

@@ -192,13 +192,14 @@ def run_concatenate_args(
 
 @gin.configurable("import_rthree", allowlist=["checkpoint", "out_path", "datasets"])
 def import_rthree_args(
-    checkpoint: str = gin.REQUIRED, out_path: str = gin.REQUIRED, datasets: Sequence[str] = gin.REQUIRED
+    checkpoint: str = gin.REQUIRED, out_path: str = gin.REQUIRED, datasets: str | Sequence[str] = gin.REQUIRED
 ) -> dict[str, Any]:
+    """`datasets`: the experts' names in checkpoint order, or a setting name ("Full": all 166)."""
     return {
         "func": "import_rthree",
         "checkpoint": checkpoint,
         "out_path": out_path,
-        "datasets": list(datasets),
+        "datasets": datasets if isinstance(datasets, str) else list(datasets),
     }
 
 

@@ -82,17 +82,19 @@ def _score(
     model: nn.Module,
     tokenizer: Any,
     rows: Sequence[dict],
+    multiple_choice: bool,
     generation: bool,
     max_new_tokens: int,
     batch_size: int,
 ) -> tuple[list[int], list[str]]:
-    preds = rank_classify(
-        model, tokenizer, [r["source"] for r in rows], [r["choices"] for r in rows], batch_size=batch_size
+    sources = [r["source"] for r in rows]
+    preds = (
+        rank_classify(model, tokenizer, sources, [r["choices"] for r in rows], batch_size=batch_size)
+        if multiple_choice
+        else []
     )
     gens = (
-        generate(
-            model, tokenizer, [r["source"] for r in rows], max_new_tokens, batch_size=batch_size, disable=True
-        )
+        generate(model, tokenizer, sources, max_new_tokens, batch_size=batch_size, disable=True)
         if generation
         else []
     )
@@ -124,30 +126,53 @@ def evaluate_rows(
     """Accuracy and class-balanced accuracy (rank classification, length-normalised), and exact match of
     greedy generations.
 
+    A row's `correct` (if given) lists every correct choice (BIG-bench's several right answers); rows
+    without choices (generative BIG-bench tasks) are scored by exact match of the generation against
+    any of their `answers` (else `target`), and that is their accuracy.
     With `experts_of_rows` (Retrieval) each example is routed, whole, to its expert: the rows are scored
     in groups, all MoE modules fixed to that group's expert.
     """
+    with_choices = [bool(r["choices"]) for r in rows]
+    if any(with_choices) and not all(with_choices):
+        raise ValueError("rows mix multiple-choice and generative examples: evaluate them separately")
+    multiple_choice = all(with_choices)
+    if not multiple_choice and not generation:
+        raise ValueError("a generative task (rows without answer choices) needs generation=True")
     if experts_of_rows is None:
-        preds, gens = _score(model, tokenizer, rows, generation, max_new_tokens, batch_size)
+        preds, gens = _score(model, tokenizer, rows, multiple_choice, generation, max_new_tokens, batch_size)
     else:
         preds, gens = [0] * len(rows), [""] * len(rows)
         for e in sorted(set(int(x) for x in experts_of_rows)):
             idx = [i for i, x in enumerate(experts_of_rows) if int(x) == e]
             set_mode(model, "fixed", e)
-            p, g = _score(model, tokenizer, [rows[i] for i in idx], generation, max_new_tokens, batch_size)
+            p, g = _score(
+                model,
+                tokenizer,
+                [rows[i] for i in idx],
+                multiple_choice,
+                generation,
+                max_new_tokens,
+                batch_size,
+            )
             for j, i in enumerate(idx):
-                preds[i] = p[j]
+                if multiple_choice:
+                    preds[i] = p[j]
                 if generation:
                     gens[i] = g[j]
         set_mode(model, "route")
-    out: dict[str, Any] = {
-        "accuracy": sum(p == r["label"] for p, r in zip(preds, rows)) / len(rows),
-        "balanced_accuracy": balanced_accuracy(preds, [r["label"] for r in rows]),
-        "predictions": [r["choices"][p] for p, r in zip(preds, rows)],
-    }
+    out: dict[str, Any] = {}
     if generation:
-        out["exact_match"] = exact_match(gens, [r["target"] for r in rows])
+        out["exact_match"] = exact_match(gens, [r.get("answers") or r["target"] for r in rows])
         out["generations"] = gens
+    if multiple_choice:
+        out["accuracy"] = sum(p in (r.get("correct") or [r["label"]]) for p, r in zip(preds, rows)) / len(
+            rows
+        )
+        out["balanced_accuracy"] = balanced_accuracy(preds, [r["label"] for r in rows])
+        out["predictions"] = [r["choices"][p] for p, r in zip(preds, rows)]
+    else:
+        out["accuracy"] = out["exact_match"]
+        out["predictions"] = gens
     return out
 
 

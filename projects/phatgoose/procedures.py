@@ -29,6 +29,7 @@ from projects.phatgoose.evaluate import (
 from projects.phatgoose.experts import CHECKPOINT, load_base, multitask_data, train_lora_expert
 from projects.phatgoose.gates import train_gate
 from projects.phatgoose.moe import attach_experts
+from projects.phatgoose.paper_tasks import PAPER_SETTINGS
 from projects.phatgoose.tasks import SETTINGS, dataset_name, load_task, subsample
 
 RETRIEVER_FILE = "retriever.safetensors"
@@ -133,13 +134,18 @@ def train_gate_step(exp_name: str, dataset: str, old_exp_name: str, seed: int | 
 
 
 def expert_names(datasets: str | Sequence[str]) -> list[str]:
-    """run_concatenate.datasets: a setting name ("Full") or a list of dataset names."""
+    """run_concatenate.datasets: a setting name ("Full") or a list of dataset names.
+
+    A setting is the tiny library at tiny/micro scale and the original's `scripts/concatenate.py`
+    lists at paper scale ("P3": 36, "Full": 166, ...); `DatasetSetting.experts` overrides both.
+    """
     if isinstance(datasets, str):
-        if datasets not in SETTINGS:
+        settings = SETTINGS if _scale() in ("tiny", "micro") else PAPER_SETTINGS
+        if datasets not in settings:
             raise KeyError(
-                f"unknown dataset setting {datasets!r}; choose one of {sorted(SETTINGS)} or a list"
+                f"unknown dataset setting {datasets!r}; choose one of {sorted(settings)} or a list"
             )
-        return list(C.dataset_setting() or SETTINGS[datasets])
+        return list(C.dataset_setting() or settings[datasets])
     return [dataset_name(d) for d in datasets]
 
 
@@ -157,7 +163,9 @@ def manipulate() -> Path:
             checkpoint(args["path"]), exp_dir(args["out_path"]) / CHECKPOINT
         )
     if func == "import_rthree":
-        return L.import_rthree(args["checkpoint"], exp_dir(args["out_path"]) / CHECKPOINT, args["datasets"])
+        # datasets: the 166 names in order, or a setting name of the original's concatenate.py ("Full")
+        names = expert_names(args["datasets"]) if isinstance(args["datasets"], str) else args["datasets"]
+        return L.import_rthree(args["checkpoint"], exp_dir(args["out_path"]) / CHECKPOINT, names)
     return concatenate(**args)
 
 

@@ -9,7 +9,7 @@ expert's data (checked by `check_heldout_disjoint`):
   by `tweet_key`, is kept out of every tweet expert's data), asked in a new wording;
 - TWEET_SENTIMENT_COACHELLA / _SELF_DRIVING: sentiment of tweets on topics no expert saw (the hard
   case: no tiny expert learns tweet sentiment).
-Paper scale: the P3 training sets and the held-out suites from the hub.
+Paper scale (`paper_tasks`): the P3 training sets and the held-out suites from the hub.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from common.data import assert_disjoint_text, gsm_parallel, gsm_variants, load, 
 from common.data.text_tasks import PROMPTS, TOPIC_KEYWORDS, TOPICS, tweet_key, tweets
 from common.registry import lookup
 from common.tiny_world import PRETRAIN_SPLIT_SEED
+from projects.phatgoose.paper_tasks import PAPER_DATASETS
 
 HELDOUT_TOPICS = ("coachella", "self-driving")
 SEEN_TOPICS = tuple(t for t in TOPICS if t not in HELDOUT_TOPICS)
@@ -182,55 +183,6 @@ def _language_id_union() -> DatasetDict:
     return DatasetDict(out)
 
 
-def _p3(config: str) -> DatasetDict:
-    from common.data import hub
-
-    return hub.p3(config)[0]
-
-
-def _bbh(config: str) -> DatasetDict:
-    """A BIG-bench Hard task (lukaemon/bbh, test split only); answer choices = the task's distinct targets."""
-    from common.data import hub
-
-    test = hub._load("lukaemon/bbh", "the tiny held-out tasks (TINY_HELDOUT)", config)["test"]
-    choices = sorted(set(test["target"]))
-    rows = {
-        "task": [config] * len(test),
-        "input": test["input"],
-        "source": test["input"],
-        "target": test["target"],
-        "choices": [choices] * len(test),
-        "label": [choices.index(t) for t in test["target"]],
-    }
-    return DatasetDict({"test": Dataset.from_dict(rows)})
-
-
-# The 22 BBH tasks of P/EVALUATE/BBH (dyck_languages left out; the three-variant tasks as their 3-object
-# variant here, see the README).
-BBH_TASKS = (
-    "boolean_expressions",
-    "causal_judgement",
-    "date_understanding",
-    "disambiguation_qa",
-    "formal_fallacies",
-    "geometric_shapes",
-    "hyperbaton",
-    "logical_deduction_three_objects",
-    "movie_recommendation",
-    "multistep_arithmetic_two",
-    "navigate",
-    "object_counting",
-    "penguins_in_a_table",
-    "reasoning_about_colored_objects",
-    "ruin_names",
-    "salient_translation_error_detection",
-    "snarks",
-    "sports_understanding",
-    "temporal_sequences",
-    "tracking_shuffled_objects_three_objects",
-    "web_of_lies",
-    "word_sorting",
-)
 # Gin dataset name -> builder of a DatasetDict of uniform records (source, target, choices, label, input).
 TINY_TASKS = {
     "TWEET_SENTIMENT_AIRLINE": partial(_tweets_kept, "tweet_sentiment_airline"),
@@ -267,22 +219,17 @@ TINY_HELDOUT = {
     "TWEET_SENTIMENT_SELF_DRIVING": partial(_named, "tweet_sentiment_self_driving"),
     "TWEET_TOPIC_UNSEEN": partial(_tweet_topic, HELDOUT_TOPICS),
 }
-# The paper's sets by the original's gin names (a few shown; any P3 config works as P3:<config>).
-PAPER = {
-    "P3SOCIALIQA": partial(_p3, "social_i_qa_Show_choices_and_generate_answer"),
-    "P3RTE": partial(_p3, "super_glue_rte_GPT_3_style"),
-    **{f"BB{t.removesuffix('_three_objects').replace('_', '').upper()}": partial(_bbh, t) for t in BBH_TASKS},
-}
-DATASETS = {**TINY_TASKS, **TINY_HELDOUT, **PAPER}
+DATASETS = {**TINY_TASKS, **TINY_HELDOUT, **PAPER_DATASETS}
 SETTINGS = {"Full": list(TINY_EXPERTS), "All": list(TINY_EXPERTS)}  # -dataset_setting of retriever.sh
 
 
 def dataset_name(gin_name: str) -> str:
-    """'D/TWEET_TOPIC_SEEN/EVAL' or 'TWEET_TOPIC_SEEN' -> 'TWEET_TOPIC_SEEN'."""
+    """'D/TWEET_TOPIC_SEEN/EVAL' or 'TWEET_TOPIC_SEEN' -> 'TWEET_TOPIC_SEEN'; 'D/P3ANLI/R1/EVAL' ->
+    'P3ANLI/R1'; 'FLAN2021BOOLQ/ZS' stays."""
     parts = [p for p in gin_name.split("/") if p not in ("D", "EVAL", "TRAIN", "")]
-    if len(parts) != 1:
+    if not parts:
         raise ValueError(f"cannot read a dataset name from {gin_name!r} (expected D/<NAME>/EVAL or <NAME>)")
-    return parts[0].upper()
+    return "/".join(parts).upper()
 
 
 @lru_cache(maxsize=32)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from torch import nn
 from common.adapters import add_adapter, lora_config, save_adapter
 from common.models import load_model
 from common.tiny_world import resolve_base
-from common.training import TrainConfig, train
+from common.training import TrainConfig, load_weights, train
 from projects.phatgoose.tasks import subsample
 
 T5_TARGETS = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")
@@ -44,8 +44,11 @@ class TrainSettings:
     max_length: int = 512
     max_train_examples: int = 500_000
     seed: int = 42
+    # the original validates every 100 steps and keeps the best step (`best.pt`); None: keep the last step
+    validation_step_interval: int | None = None
 
     def train_config(self, seed: int | None = None) -> TrainConfig:
+        interval = self.validation_step_interval
         return TrainConfig(
             lr=self.lr,
             weight_decay=self.weight_decay,
@@ -57,6 +60,9 @@ class TrainSettings:
             seed=self.seed if seed is None else seed,
             batch_size=self.batch_size,
             log_every=max(1, self.num_steps // 10),
+            eval_every=interval,
+            save_every=interval,
+            keep_last=2 if interval is None else math.ceil(self.num_steps / interval) + 1,
         )
 
 
@@ -121,8 +127,14 @@ def train_lora_expert(
     target_modules: Sequence[str] = T5_TARGETS,
     name: str = "expert",
     seed: int | None = None,
+    validate: Callable[[nn.Module, Any], float] | None = None,
 ) -> Path:
-    """Train one LoRA (base frozen) on `data` (source, target); the PEFT adapter goes to `out/checkpoint`."""
+    """Train one LoRA (base frozen) on `data` (source, target); the PEFT adapter goes to `out/checkpoint`.
+
+    With `settings.validation_step_interval` and `validate(model, tokenizer) -> accuracy`, the model is
+    validated every that many steps and the best step's weights are kept (the first of equals), as the
+    original's `best.pt`; otherwise the last step's.
+    """
     model, tokenizer = load_base(base)
     model = add_adapter(model, lora_config("t5", rank, 1.0, target_modules=list(target_modules)))
     model.peft_config["default"].base_model_name_or_path = resolve_base(base)
@@ -131,17 +143,29 @@ def train_lora_expert(
     model.train()  # T5 dropout is active while training, as in the original
     data = cap_examples(data, settings.max_train_examples)
     out = Path(out)
-    train(
+    eval_fn = None
+    if validate is not None and settings.validation_step_interval:
+        eval_fn = lambda m: {"accuracy": validate(m, tokenizer)}  # noqa: E731
+    result = train(
         model,
         seq2seq_loss,
         data,
         settings.train_config(seed),
         out / "training",
         collate_fn=seq2seq_collate(tokenizer, settings.max_length),
+        eval_fn=eval_fn,
         resume=True,
     )
+    meta = {"name": name, "stage": "lora", "base": base}
+    if eval_fn is not None and result.evals:
+        best_step, best = result.evals[0][0], result.evals[0][1]["accuracy"]
+        for step, metrics in result.evals[1:]:
+            if metrics["accuracy"] > best:
+                best_step, best = step, metrics["accuracy"]
+        load_weights(model, out / "training" / "checkpoints" / f"step_{best_step}")
+        meta["best_step"] = str(best_step)
     model.eval()
-    return save_adapter(model, out / CHECKPOINT, extras_meta={"name": name, "stage": "lora", "base": base})
+    return save_adapter(model, out / CHECKPOINT, extras_meta=meta)
 
 
 def cap_examples(data: Dataset, cap: int) -> Dataset:

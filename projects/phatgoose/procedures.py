@@ -88,9 +88,34 @@ def train_single_task_loralinear(exp_name: str, dataset: str, seed: int | None =
         target_modules=moe.target_modules,
         name=dataset_name(dataset),
         seed=seed,
+        validate=_validator(dataset) if settings.validation_step_interval else None,
     )
     run.write_results({"steps": settings.num_steps}, dataset=dataset)
     return out / CHECKPOINT
+
+
+def _validator(dataset: str):
+    """The original's `validate_procedure="P/EVALUATE"` on the dataset's own validation split: accuracy
+    (rank classification; generation for generative datasets), with P/EVALUATE's Evaluator settings."""
+    splits = load_task(dataset)
+    if "validation" not in splits:
+        return None
+    ev = C.scoped("P/EVALUATE", C.eval_settings)
+    rows = list(subsample(splits["validation"], ev.num_examples))
+
+    def validate(model: Any, tokenizer: Any) -> float:
+        generative = not rows[0]["choices"]
+        res = evaluate_rows(
+            model,
+            tokenizer,
+            rows,
+            generation=generative,
+            max_new_tokens=ev.max_new_tokens,
+            batch_size=ev.batch_size,
+        )
+        return res["accuracy"]
+
+    return validate
 
 
 def train_multitask(exp_name: str, datasets: Sequence[str], seed: int | None = None) -> Path:

@@ -264,3 +264,51 @@ def test_analyze_tables_show_accuracy_balanced_accuracy_and_timings():
     assert "| Retrieval | 70.0 ± 14.1 | 70.0 ± 14.1 | 50.0 ± 0.0 |" in acc
     assert "| PHATGOOSE | 33.3 ± 0.0 | 33.3 ± 0.0 |" in bal
     assert "| 0 | 10.0 | 8.0 | 5.0 (4.0) |" in timing(records)
+
+
+def test_validation_every_n_steps_keeps_the_best_step_as_the_original_best_pt(tmp_path):
+    from datasets import Dataset
+
+    from common.adapters import load_adapter
+    from common.io import load_tensors
+    from projects.phatgoose.experts import TrainSettings, train_lora_expert
+
+    data = Dataset.from_dict({"source": [f"text {i}" for i in range(16)], "target": ["yes", "no"] * 8})
+    settings = TrainSettings(
+        num_steps=3,
+        lr=5e-2,
+        batch_size=2,
+        gradient_accumulation_factor=1,
+        max_length=16,
+        validation_step_interval=1,
+    )
+    scripted = iter([0.5, 0.9, 0.9])  # steps 1, 2, 3: the first of the two best is kept
+    seen_modes = []
+
+    def validate(model, tokenizer):
+        seen_modes.append(model.training)
+        return next(scripted)
+
+    ckpt = train_lora_expert("micro:t5", data, tmp_path / "e", settings, rank=2, validate=validate)
+    assert seen_modes == [False, False, False]  # validated in eval mode
+    saved = load_adapter(ckpt)
+    assert saved.extras_meta["best_step"] == "2"
+    steps = {
+        s: load_tensors(tmp_path / "e" / "training" / "checkpoints" / f"step_{s}" / "weights.safetensors")
+        for s in (2, 3)
+    }
+    for key, value in saved.state.items():
+        name = key.replace(".weight", ".default.weight")
+        torch.testing.assert_close(value, steps[2][name])
+    assert any(not torch.equal(steps[2][k], steps[3][k]) for k in steps[2] if "lora_B" in k)
+
+    # without the interval: the last step, no validation
+    last = train_lora_expert(
+        "micro:t5",
+        data,
+        tmp_path / "f",
+        TrainSettings(**{**settings.__dict__, "validation_step_interval": None}),
+        rank=2,
+        validate=validate,
+    )
+    assert "best_step" not in load_adapter(last).extras_meta and len(seen_modes) == 3

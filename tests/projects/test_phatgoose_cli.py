@@ -57,10 +57,20 @@ def test_train_single_task_loralinear(exp_out):
         "-dataset",
         "TWEET_SENTIMENT_APPLE",
         "-extra_bindings",
-        "MOMA/save_weights.should_save_to_gcp=False P/TRAIN/Trainer.gradient_accumulation_factor=2",
+        "MOMA/save_weights.should_save_to_gcp=False P/TRAIN/Trainer.gradient_accumulation_factor=2 "
+        "P/TRAIN/Trainer.validation_step_interval=1",
     )
     assert (exp_out / "P3Socialiqa_t5xl_lora/checkpoint/adapter_model.safetensors").is_file()
     assert json.loads((exp_out / "P3Socialiqa_t5xl_lora/results.json").read_text())["provenance"]["git_sha"]
+    # validated at every step on its own validation split (rank classification), best step kept
+    log = [
+        json.loads(x)
+        for x in (exp_out / "P3Socialiqa_t5xl_lora/training/train_log.jsonl").read_text().splitlines()
+    ]
+    evals = {e["step"]: e["eval"]["accuracy"] for e in log if "eval" in e}
+    assert sorted(evals) == [1, 2] and all(0 <= a <= 1 for a in evals.values())
+    meta = json.loads((exp_out / "P3Socialiqa_t5xl_lora/checkpoint/extras.json").read_text())
+    assert int(meta["best_step"]) == max(evals, key=lambda s: (evals[s], -s))
 
 
 def test_put_index_to_lora(exp_out):

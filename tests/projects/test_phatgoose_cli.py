@@ -266,3 +266,12 @@ def test_table_pipeline(tmp_path):
 def test_unsupported_binding_is_a_clear_cli_error(exp_out):
     with pytest.raises(AssertionError, match="unsupported gin binding"):
         cli(exp_out, "eval_multitask", "-exp_name", "x", "-extra_bindings", "M/MODEL/make_moe.foo=1")
+
+
+def test_routing_probe_needs_the_language_id_experts_and_a_library(exp_out, tmp_path):
+    from projects.phatgoose import routing_probe
+
+    with pytest.raises(ValueError, match="lacks"):
+        routing_probe.probe(exp_out, "micro:t5", "FullCompleteA2inpgatetrainnogumbel_t5_lora_concatenated")
+    with pytest.raises(FileNotFoundError, match="no PHATGOOSE or Average Activation library"):
+        routing_probe.main([str(tmp_path)])

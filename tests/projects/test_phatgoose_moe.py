@@ -248,3 +248,32 @@ def test_balanced_accuracy_scores_a_constant_predictor_one_over_the_classes():
     assert balanced_accuracy([0] * 10, labels) == pytest.approx(1 / 3)
     assert balanced_accuracy(labels, labels) == 1.0
     assert balanced_accuracy([0] * 8 + [1, 1], labels) == pytest.approx(2 / 3)
+
+
+def test_routing_probe_pools_route_probabilities_over_encoder_modules_and_real_tokens_only():
+    from projects.phatgoose.experts import load_base
+    from projects.phatgoose.routing_probe import encoder_route_probs
+
+    model, tok = load_base("micro:t5")
+    experts = [_expert(model, n, s)[0] for s, n in enumerate("abc")]
+    torch.manual_seed(5)
+    for e in experts:
+        e.router = {m: torch.randn(a.shape[-1]) for m, a in e.A.items()}
+    modules = attach_experts(model, experts)
+    sources = ["a short one", "a much longer input text that needs padding in a batch with the short one"]
+    pooled, top1 = encoder_route_probs(model, tok, sources, batch_size=2)
+    alone, top1_alone = encoder_route_probs(model, tok, sources[:1], batch_size=1)
+    torch.testing.assert_close(pooled[0], alone[0])  # padding tokens do not count
+    assert torch.equal(top1[0], top1_alone[0])
+    # by hand for the short input: mean over encoder modules and its tokens of softmax(LN(u)·LN(v)/√d)
+    enc = [m for n, m in modules.items() if n.startswith("encoder.")]
+    for m in enc:
+        m.capture, m.inputs = True, []
+    with torch.no_grad():
+        model.get_encoder()(**tok(sources[:1], return_tensors="pt"))
+    probs = torch.stack([routing_scores(m.inputs[0][0], m.keys).softmax(-1) for m in enc])  # (M, T, E)
+    for m in enc:
+        m.capture, m.inputs = False, []
+    torch.testing.assert_close(pooled[0], probs.mean((0, 1)))
+    assert top1[0].shape == probs.shape[:2] and torch.equal(top1[0], probs.argmax(-1))
+    assert torch.allclose(pooled.sum(-1), torch.ones(2))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,8 +163,13 @@ def train_lora_expert(
         for step, metrics in result.evals[1:]:
             if metrics["accuracy"] > best:
                 best_step, best = step, metrics["accuracy"]
-        load_weights(model, out / "training" / "checkpoints" / f"step_{best_step}")
+        checkpoints = out / "training" / "checkpoints"
+        load_weights(model, checkpoints / f"step_{best_step}")
         meta["best_step"] = str(best_step)
+        # only the best and the last step stay on disk (a T5-XL LoRA checkpoint with its optimizer is ~0.4 GB)
+        for ckpt in checkpoints.glob("step_*"):
+            if ckpt.name not in (f"step_{best_step}", f"step_{result.step}"):
+                shutil.rmtree(ckpt)
     model.eval()
     return save_adapter(model, out / CHECKPOINT, extras_meta=meta)
 

@@ -301,6 +301,8 @@ def test_validation_every_n_steps_keeps_the_best_step_as_the_original_best_pt(tm
         name = key.replace(".weight", ".default.weight")
         torch.testing.assert_close(value, steps[2][name])
     assert any(not torch.equal(steps[2][k], steps[3][k]) for k in steps[2] if "lora_B" in k)
+    kept = sorted(p.name for p in (tmp_path / "e" / "training" / "checkpoints").glob("step_*"))
+    assert kept == ["step_2", "step_3"]  # the best and the last; step 1 pruned
 
     # without the interval: the last step, no validation
     last = train_lora_expert(

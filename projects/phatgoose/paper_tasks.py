@@ -284,7 +284,7 @@ T0_HELDOUT = (
 )
 
 # BIG-bench gin name -> (hub id, config); lukaemon/bbh is read on "test", tasksource on train+validation.
-BIGBENCH_SOURCES: dict[str, tuple[str, str]] = {
+BBH_SOURCES: dict[str, tuple[str, str]] = {
     "BBBOOLEANEXPRESSIONS": ("lukaemon/bbh", "boolean_expressions"),
     "BBCAUSALJUDGEMENT": ("tasksource/bigbench", "causal_judgment"),
     "BBDATEUNDERSTANDING": ("tasksource/bigbench", "date_understanding"),
@@ -307,7 +307,9 @@ BIGBENCH_SOURCES: dict[str, tuple[str, str]] = {
     "BBTRACKINGSHUFFLEDOBJECTS": ("tasksource/bigbench", "tracking_shuffled_objects"),
     "BBWEBOFLIES": ("lukaemon/bbh", "web_of_lies"),
     "BBWORDSORTING": ("tasksource/bigbench", "word_sorting"),
-    # BIG-bench Lite (formal fallacies and logical deduction are shared with BBH)
+}
+# BIG-bench Lite's other tasks (formal fallacies and logical deduction are shared with BBH)
+BBLITE_ONLY_SOURCES: dict[str, tuple[str, str]] = {
     "BBBBQLITEJSON": ("tasksource/bigbench", "bbq_lite_json"),
     "BBCONCEPTUALCOMBINATIONS": ("tasksource/bigbench", "conceptual_combinations"),
     "BBCONLANGTRANSLATION": ("tasksource/bigbench", "conlang_translation"),
@@ -324,7 +326,8 @@ BIGBENCH_SOURCES: dict[str, tuple[str, str]] = {
     "BBVITAMINCFACTVERIFICATION": ("tasksource/bigbench", "vitaminc_fact_verification"),
     "BBWINOWHY": ("tasksource/bigbench", "winowhy"),
 }
-BBH = tuple(list(BIGBENCH_SOURCES)[:22])
+BIGBENCH_SOURCES = {**BBH_SOURCES, **BBLITE_ONLY_SOURCES}
+BBH = tuple(BBH_SOURCES)
 BBLITE = (
     "BBBBQLITEJSON",
     "BBCONCEPTUALCOMBINATIONS",

@@ -94,8 +94,9 @@ def probe(exp_out: Path, base: str, library: str, n: int | None = None) -> dict[
     pooled, top1 = encoder_route_probs(model, tok, [r["source"] for r in rows])
     groups = {"own set": 0.0, "other set": 0.0, "LANGUAGE_ID_C": 0.0, "non-language experts": 0.0}
     for r, picks in zip(rows, top1):
-        own = names.index(own_expert(r["target"]))
-        other = names.index(own_expert("nld" if own_expert(r["target"]) == "LANGUAGE_ID_A" else "eng"))
+        mine = own_expert(r["target"])
+        own = names.index(mine)
+        other = names.index("LANGUAGE_ID_B" if mine == "LANGUAGE_ID_A" else "LANGUAGE_ID_A")
         c = names.index("LANGUAGE_ID_C")
         total = picks.numel()
         groups["own set"] += (picks == own).sum().item() / total

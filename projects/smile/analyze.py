@@ -231,6 +231,40 @@ def lm_summaries(runs: str | Path, arm: str) -> list[Path]:
     return written
 
 
+def t5_routing_table(runs: str | Path, arm: str = "t5_full") -> list[dict[str, Any]]:
+    """Where a tiny T5 SMILE model routes each task's validation sources (`<arm>/routing/*.json`, reports
+    of `main.py ... +taskpool.routing=N`): per task, its accuracy and the share of its own expert in the
+    encoder, in the cross-attention k/v and in the decoder's first step, and the decoder's favourite expert."""
+    reports = [read_json(p) for p in sorted((Path(runs) / arm / "routing").glob("*.json"))]
+    reports = [r for r in reports if "routing" in r]
+    if not reports:
+        return []
+    experts = reports[0]["model_info"]["smile"]["experts"]
+    rows = []
+    for task in experts:
+        i = experts.index(task)
+
+        def own(stack: str, task: str = task, i: int = i) -> str:
+            return mean_std([r["routing"][task]["by_stack"][stack][i] for r in reports])
+
+        favourites = []
+        for r in reports:
+            dec = r["routing"][task]["by_stack"]["decoder"]
+            j = max(range(len(experts)), key=dec.__getitem__)
+            favourites.append(f"{experts[j]} {100 * dec[j]:.0f}%")
+        rows.append(
+            {
+                "task": task,
+                "accuracy (%)": mean_std([r[task]["accuracy"] for r in reports]),
+                "own expert, encoder (%)": own("encoder"),
+                "own expert, cross-attention k/v (%)": own("cross_kv"),
+                "own expert, decoder first step (%)": own("decoder"),
+                "decoder's most chosen expert, per seed": ", ".join(favourites),
+            }
+        )
+    return rows
+
+
 def _model_order(name: str) -> tuple[int, str, int]:
     # M0, M_math, M_code, then smile_<experts>_k<k> by experts and k
     if not name.startswith("smile_"):
@@ -307,6 +341,12 @@ def main(argv: list[str] | None = None) -> None:
         lm = lm_table(cfg["runs"], arm)
         if lm:
             out.append(f"## {title}, lm-eval bits per byte (lower is better)\n\n{markdown_table(lm)}\n")
+    routing = t5_routing_table(cfg["runs"])
+    if routing:
+        out.append(
+            "## Tiny T5 (full experts), SMILE (gate_k 4, k -1): routing of the validation sources "
+            f"(chance 12.5%)\n\n{markdown_table(routing)}\n"
+        )
     write_text(Path(cfg["out"]) / "table.md", "\n".join(out))
     print("\n".join(out))
 

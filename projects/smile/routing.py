@@ -4,6 +4,11 @@ Every `SmileMoELinear` routes each token to its top expert by ‖V_iᵀx‖ (`Sm
 counts, per domain of text, the fraction of (layer, token) decisions that go to each expert, over all
 upscaled layers and per projection kind (q_proj, ..., down_proj for Mistral / Llama). A router that knows
 its experts sends a domain's tokens to that domain's expert well above 1/E.
+
+An encoder-decoder (Flan-T5) reads each text with the encoder and takes the first decoding step (the
+decoder start token), the step that picks the answer's first word; its shares are also given per stack
+(`by_stack`: "encoder"; "cross_kv", the decoder's cross-attention k and v, which route each encoder
+state; "decoder", the decoder's other layers at the first step; an upscaled lm_head counts in `all` only).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ def routing_by_domain(
 
         return fn
 
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
     out: dict[str, Any] = {}
     try:
@@ -47,23 +53,44 @@ def routing_by_domain(
                 ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)[
                     "input_ids"
                 ]
-                model(input_ids=ids)
+                if encoder_decoder:
+                    start = torch.tensor([[model.config.decoder_start_token_id]])
+                    model(input_ids=ids, decoder_input_ids=start)
+                else:
+                    model(input_ids=ids)
                 n_tokens += ids.shape[1]
-            total = torch.stack(list(counts.values())).sum(0)
-            by_kind = {
-                kind: torch.stack([c for n, c in counts.items() if n.endswith("." + kind)]).sum(0)
-                for kind in kinds
-            }
             out[domain] = {
-                "all": (total / total.sum()).tolist(),
-                "by_kind": {k: (c / c.sum()).tolist() for k, c in by_kind.items()},
+                "all": _shares(list(counts.values())),
+                "by_kind": {
+                    k: _shares([c for n, c in counts.items() if n.rsplit(".", 1)[-1] == k]) for k in kinds
+                },
                 "tokens": n_tokens,
-                "decisions": int(total.sum()),  # tokens x upscaled layers
+                "decisions": int(torch.stack(list(counts.values())).sum()),  # tokens x upscaled layers
             }
+            if encoder_decoder:
+                out[domain]["by_stack"] = {
+                    s: _shares([c for n, c in counts.items() if _stack(n) == s])
+                    for s in ("encoder", "cross_kv", "decoder")
+                }
     finally:
         for h in handles:
             h.remove()
     return out
+
+
+def _stack(name: str) -> str | None:
+    if name.startswith("encoder."):
+        return "encoder"
+    if name.startswith("decoder."):
+        return (
+            "cross_kv" if "EncDecAttention" in name and name.rsplit(".", 1)[-1] in ("k", "v") else "decoder"
+        )
+    return None
+
+
+def _shares(counts: Sequence[torch.Tensor]) -> list[float]:
+    total = torch.stack(list(counts)).sum(0)
+    return (total / total.sum()).tolist()
 
 
 def own_expert_share(routing: Mapping[str, Any], experts: Sequence[str]) -> dict[str, float]:

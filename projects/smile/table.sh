@@ -58,6 +58,15 @@ for arm in t5_full t5_lora; do
         $PY -m projects.smile.finetune_t5 --config $finetune seed=$seed out=$OUT/$arm/experts/seed_$seed
         $PY -m projects.smile.sweep --config projects/smile/configs/tiny_sweep_$arm.yaml \
             seed=$seed expert_root=$OUT/$arm/experts/seed_$seed out=$OUT/$arm/seed_$seed
+        # where SMILE (gate_k 4, k -1) routes each task's validation sources (analyze.py: t5_routing_table)
+        if [ "$arm" = t5_full ]; then
+            $PY -m projects.smile.main method=smile_upscaling/smile_upscaling \
+                method.gate_k=4 method.k=-1 modelpool=Seq2SeqLMPool/tiny_t5_text8 \
+                modelpool.expert_root=$OUT/$arm/experts/seed_$seed \
+                taskpool=FlanT5GLUETextGenerationTaskPool/tiny_t5_text8 taskpool.split=validation \
+                +taskpool.routing=20 experiment=tiny_t5_full_routing seed=$seed \
+                report_save_path=$OUT/$arm/routing/seed_${seed}_gate_k=4_k=-1.json
+        fi
     done
 done
 # Mistral arm: math and code experts of the tiny Mistral, SMILE over k (gate_k=4), lm-eval bits per byte.

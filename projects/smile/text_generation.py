@@ -20,6 +20,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from common.evaluation import IGNORE_INDEX, exact_match
+from projects.smile.upscale import SmileMoELinear
 
 REGRESSION = ("stsb",)  # GLUE tasks scored by Spearman's ρ
 
@@ -141,7 +142,8 @@ class TextGenerationTaskPool:
     """evaluate(seq2seq model) -> {task: {accuracy (ρ for STS-B), exact_match, loss}, average}.
 
     cfg: tokenizer (a model path), data (hub | tiny), tasks, split, max_examples, max_new_tokens, batch_size,
-    max_source_length (null: no truncation).
+    max_source_length (null: no truncation), routing (N: a SMILE model's routing distribution over the
+    first N sources of each task, `projects.smile.routing`, in the report under "routing"; null: none).
     """
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
@@ -178,4 +180,12 @@ class TextGenerationTaskPool:
         report["average"] = {
             key: sum(report[t][key] for t in self.data) / len(self.data) for key in ("accuracy", "loss")
         }
+        n_routing = self.cfg.get("routing")
+        if n_routing and any(isinstance(m, SmileMoELinear) for m in model.modules()):
+            from projects.smile.routing import routing_by_domain
+
+            texts = {task: list(ds["source"][:n_routing]) for task, ds in self.data.items()}
+            report["routing"] = routing_by_domain(
+                model, self.tokenizer, texts, max_length=self.cfg.get("max_source_length") or 512
+            )
         return report

@@ -46,3 +46,40 @@ def test_lm_summaries_flatten_reports_and_compute_recovery_by_hand(tmp_path):
     assert [r["model"] for r in rows] == ["M0", "M_code", "M_math", "smile_both_k8"]
     assert all(r["seeds"] == 2 for r in rows)
     assert rows[-1]["math → math expert (%)"] == "80.0 ± 0.0"
+
+
+def test_t5_routing_table_by_hand(tmp_path):
+    import json
+
+    from projects.smile.analyze import t5_routing_table
+
+    folder = tmp_path / "t5_full" / "routing"
+    folder.mkdir(parents=True)
+    experts = ["a", "b"]
+    for seed, (own_enc, dec_a) in enumerate(((0.6, 0.1), (0.8, 0.3))):
+        routing = {
+            "a": {
+                "by_stack": {
+                    "encoder": [own_enc, 1 - own_enc],
+                    "cross_kv": [0.5, 0.5],
+                    "decoder": [dec_a, 1 - dec_a],
+                }
+            },
+            "b": {"by_stack": {"encoder": [0.5, 0.5], "cross_kv": [0.2, 0.8], "decoder": [0.9, 0.1]}},
+        }
+        report = {
+            "model_info": {"smile": {"experts": experts}},
+            "a": {"accuracy": 0.5 + 0.1 * seed},
+            "b": {"accuracy": 0.0},
+            "routing": routing,
+        }
+        (folder / f"seed_{seed}.json").write_text(json.dumps(report))
+    (folder / "not_a_routing_report.json").write_text(json.dumps({"average": {}}))
+    rows = t5_routing_table(tmp_path)
+    assert [r["task"] for r in rows] == ["a", "b"]
+    assert rows[0]["accuracy (%)"] == "55.0 ± 7.1"
+    assert rows[0]["own expert, encoder (%)"] == "70.0 ± 14.1"
+    assert rows[0]["decoder's most chosen expert, per seed"] == "b 90%, b 70%"
+    assert rows[1]["own expert, cross-attention k/v (%)"] == "80.0 ± 0.0"
+    assert rows[1]["own expert, decoder first step (%)"] == "10.0 ± 0.0"
+    assert t5_routing_table(tmp_path, arm="t5_lora") == []

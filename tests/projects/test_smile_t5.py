@@ -143,3 +143,53 @@ def test_paper_flan_t5_task_pool_config_resolves_from_the_seed_command():
         text_generation.task_split("cola", None, "hub", "test")
     with pytest.raises(ValueError, match="needs a spec"):
         text_generation.task_split("topic", None, "tiny", "test")
+
+
+def test_t5_routing_counts_encoder_tokens_and_the_first_decoding_step_and_follows_the_gates(monkeypatch):
+    from transformers import AutoTokenizer
+
+    from projects.smile.routing import routing_by_domain
+
+    pretrained = _micro_t5()
+    experts = {}
+    for i, name in enumerate(("a", "b")):
+        ft = copy.deepcopy(pretrained)
+        torch.manual_seed(10 + i)
+        with torch.no_grad():
+            for m in ft.modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.weight += 0.05 * torch.randn_like(m.weight)
+        experts[name] = ft
+    model, _ = smile_upscale(pretrained, experts, gate_k=2, k=2, top_k=1)
+    tok = AutoTokenizer.from_pretrained(tiny_base("t5", "micro"))
+    texts = {"a": ["translate this", "one more text here"], "b": ["short"]}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SmileMoELinear)}
+    n_enc = sum(n.startswith("encoder.") for n in layers)
+    # cross-attention k/v read the encoder's states: one decision per source token, like the encoder
+    n_cross = sum("EncDecAttention" in n and n.rsplit(".", 1)[-1] in ("k", "v") for n in layers)
+    n_other = len(layers) - n_enc - n_cross  # the other decoder layers and lm_head: the first step only
+    r = routing_by_domain(model, tok, texts)
+    for domain, found in r.items():
+        n_tok = sum(len(tok(t)["input_ids"]) for t in texts[domain])
+        assert found["tokens"] == n_tok
+        assert n_cross > 0 and found["decisions"] == n_tok * (n_enc + n_cross) + len(texts[domain]) * n_other
+        assert set(found["by_stack"]) == {"encoder", "cross_kv", "decoder"}
+        assert all(sum(v) == pytest.approx(1.0) for v in (found["all"], *found["by_stack"].values()))
+    # expert a's singular vectors zeroed in every router: every decision goes to b, encoder and decoder alike
+    for layer in layers.values():
+        layer.gate.weight.data[: layer.gate_k] = 0
+    r = routing_by_domain(model, tok, texts)
+    assert all(
+        found["all"] == [0.0, 1.0] and found["by_stack"]["decoder"] == [0.0, 1.0] for found in r.values()
+    )
+
+    # the task pool reports it with `routing: N` (the first N sources of each task)
+    pool = TextGenerationTaskPool.__new__(TextGenerationTaskPool)
+    pool.cfg = {"max_new_tokens": 2, "batch_size": 2, "routing": 1}
+    pool.tokenizer = tok
+    pool.data = {"a": Dataset.from_dict({"source": texts["a"], "target": ["x", "y"]})}
+    monkeypatch.setattr(
+        text_generation, "generate_answers", lambda model, tok, prompts, **kw: ["x"] * len(prompts)
+    )
+    report = pool.evaluate(model)
+    assert report["routing"]["a"]["tokens"] == len(tok(texts["a"][0])["input_ids"])

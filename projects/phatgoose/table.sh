@@ -13,3 +13,5 @@ for seed in 0 1 2; do
   "$PY" -m projects.phatgoose.main table -seed "$seed" --gin_files projects/phatgoose/configs/tiny.gin
 done
 "$PY" -m projects.phatgoose.analyze runs/phatgoose/tiny
+# why the gates do not route the union task (validation split; README "the routing probe", ~2.5 CPU-min)
+"$PY" -m projects.phatgoose.routing_probe runs/phatgoose/tiny

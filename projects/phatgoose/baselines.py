@@ -25,7 +25,7 @@ from common.evaluation import eval_mode
 from common.io import load_tensors, save_tensors
 from common.tiny_world import real_base
 from projects.phatgoose.experts import seq2seq_collate
-from projects.phatgoose.moe import moe_modules, set_mode
+from projects.phatgoose.moe import captured_inputs, moe_modules, set_mode
 
 REDUCTIONS = ("masked_mean", "mean")
 
@@ -53,14 +53,13 @@ def average_hiddens(
     with eval_mode(model):
         for start in range(0, len(rows), batch_size):
             batch = collate(rows[start : start + batch_size])
-            for m in modules.values():
-                m.capture, m.inputs = True, []
-            model(**batch)
+            with captured_inputs(modules) as inputs:
+                model(**batch)
             enc_mask = batch["attention_mask"].float()  # (B, T_enc)
             dec_mask = (batch["labels"] != -100).float()  # (B, T_dec)
-            for name, m in modules.items():
+            for name in modules:
                 # Encoder modules and cross-attention k/v read encoder positions, the rest decoder positions.
-                (u,) = m.inputs  # (B, T, d)
+                (u,) = inputs[name]  # (B, T, d)
                 mask = enc_mask if _reads_encoder(name) else dec_mask
                 reduction = encoder_reduction if name.startswith("encoder.") else decoder_reduction
                 if reduction == "mean":
@@ -68,8 +67,6 @@ def average_hiddens(
                 per_example = (u * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
                 sums[name] += per_example.sum(0)
             count += batch["input_ids"].shape[0]
-    for m in modules.values():
-        m.capture, m.inputs = False, []
     set_mode(model, "route")
     return {n: s / count for n, s in sums.items()}
 

@@ -159,10 +159,7 @@ def train_lora_expert(
     )
     meta = {"name": name, "stage": "lora", "base": base}
     if eval_fn is not None and result.evals:
-        best_step, best = result.evals[0][0], result.evals[0][1]["accuracy"]
-        for step, metrics in result.evals[1:]:
-            if metrics["accuracy"] > best:
-                best_step, best = step, metrics["accuracy"]
+        best_step = max(result.evals, key=lambda e: e[1]["accuracy"])[0]  # max keeps the first of equals
         checkpoints = out / "training" / "checkpoints"
         load_weights(model, checkpoints / f"step_{best_step}")
         meta["best_step"] = str(best_step)

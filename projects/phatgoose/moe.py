@@ -15,7 +15,8 @@ Modes of one `MoELoRALinear`:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -153,6 +154,19 @@ def attach_experts(
 
 def moe_modules(model: nn.Module) -> dict[str, MoELoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, MoELoRALinear)}
+
+
+@contextmanager
+def captured_inputs(modules: Mapping[str, MoELoRALinear]) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Module -> the inputs it sees inside the block (Average Activation keys, the routing probe); the
+    lists stay readable after the block, the modules stop keeping inputs."""
+    for m in modules.values():
+        m.capture, m.inputs = True, []
+    try:
+        yield {n: m.inputs for n, m in modules.items()}
+    finally:
+        for m in modules.values():
+            m.capture, m.inputs = False, []
 
 
 def set_mode(model: nn.Module, mode: str, expert: int = 0) -> None:

@@ -30,7 +30,7 @@ from common.rundir import markdown_table
 from projects.phatgoose import library as L
 from projects.phatgoose.evaluate import evaluate_rows
 from projects.phatgoose.experts import CHECKPOINT, load_base
-from projects.phatgoose.moe import attach_experts, moe_modules, routing_scores
+from projects.phatgoose.moe import attach_experts, captured_inputs, moe_modules, routing_scores
 from projects.phatgoose.tasks import LANGUAGES_A, load_task, subsample
 
 LIBRARIES = {
@@ -61,20 +61,13 @@ def encoder_route_probs(
                 max_length=128,
                 return_tensors="pt",
             )
-            for m in modules.values():
-                m.capture, m.inputs = True, []
-            model.get_encoder()(**enc)
+            with captured_inputs(modules) as inputs:
+                model.get_encoder()(**enc)
             mask = enc["attention_mask"].bool()  # (B, T)
-            probs = []
-            for m in modules.values():
-                (u,) = m.inputs
-                probs.append(routing_scores(u, m.keys).softmax(-1))  # (B, T, E)
-                m.capture, m.inputs = False, []
-            p = torch.stack(probs)  # (M, B, T, E)
+            # (M, B, T, E): each encoder module's routing probabilities per token
+            p = torch.stack([routing_scores(inputs[n][0], m.keys).softmax(-1) for n, m in modules.items()])
             w = mask[None, :, :, None].float()
-            pooled.append(
-                (p * w).sum((0, 2)) / (w.sum((0, 2)) * p.shape[0])
-            )  # mean over modules and real tokens
+            pooled.append((p * w).sum((0, 2)) / (w.sum((0, 2)) * p.shape[0]))  # mean: modules, real tokens
             picks = p.argmax(-1)  # (M, B, T)
             top1 += [picks[:, b, mask[b]] for b in range(mask.shape[0])]
     return torch.cat(pooled), top1

@@ -14,7 +14,14 @@ from common.models import micro_model
 from common.routing import top_k_route
 from projects.phatgoose import library as L
 from projects.phatgoose.experts import T5_TARGETS, init_lora
-from projects.phatgoose.moe import Expert, MoELoRALinear, attach_experts, routing_scores, set_mode
+from projects.phatgoose.moe import (
+    Expert,
+    MoELoRALinear,
+    attach_experts,
+    captured_inputs,
+    routing_scores,
+    set_mode,
+)
 
 
 def _expert(model, name: str, seed: int, rank: int = 2) -> tuple[Expert, object]:
@@ -266,14 +273,13 @@ def test_routing_probe_pools_route_probabilities_over_encoder_modules_and_real_t
     torch.testing.assert_close(pooled[0], alone[0])  # padding tokens do not count
     assert torch.equal(top1[0], top1_alone[0])
     # by hand for the short input: mean over encoder modules and its tokens of softmax(LN(u)·LN(v)/√d)
-    enc = [m for n, m in modules.items() if n.startswith("encoder.")]
-    for m in enc:
-        m.capture, m.inputs = True, []
-    with torch.no_grad():
+    enc = {n: m for n, m in modules.items() if n.startswith("encoder.")}
+    with torch.no_grad(), captured_inputs(enc) as inputs:
         model.get_encoder()(**tok(sources[:1], return_tensors="pt"))
-    probs = torch.stack([routing_scores(m.inputs[0][0], m.keys).softmax(-1) for m in enc])  # (M, T, E)
-    for m in enc:
-        m.capture, m.inputs = False, []
+    probs = torch.stack(
+        [routing_scores(inputs[n][0][0], m.keys).softmax(-1) for n, m in enc.items()]
+    )  # (M, T, E)
+    assert all(not m.capture and m.inputs == [] for m in enc.values())  # the modules stop keeping inputs
     torch.testing.assert_close(pooled[0], probs.mean((0, 1)))
     assert top1[0].shape == probs.shape[:2] and torch.equal(top1[0], probs.argmax(-1))
     assert torch.allclose(pooled.sum(-1), torch.ones(2))

@@ -25,15 +25,27 @@ def hub_offline() -> bool:
     return any(os.environ.get(v, "").upper() in _TRUE for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def _load(hub_id: str, offline_equivalent: str, *args: Any, **kwargs: Any) -> Any:
+def _require_online(hub_id: str, offline_equivalent: str) -> None:
     if hub_offline():
         raise HubOffline(
             f"{hub_id} is on the Hugging Face Hub and this machine is offline; "
             f"the offline equivalent is {offline_equivalent}"
         )
+
+
+def _load(hub_id: str, offline_equivalent: str, *args: Any, **kwargs: Any) -> Any:
+    _require_online(hub_id, offline_equivalent)
     from datasets import load_dataset
 
     return load_dataset(hub_id, *args, **kwargs)
+
+
+def config_names(hub_id: str, offline_equivalent: str) -> list[str]:
+    """The configs (subsets) of a hub dataset; offline, `HubOffline` naming the offline equivalent."""
+    _require_online(hub_id, offline_equivalent)
+    from datasets import get_dataset_config_names
+
+    return get_dataset_config_names(hub_id)
 
 
 def _lm_text(

@@ -354,17 +354,9 @@ def p3_templates(prefix: str, suffix: str = "", config_names: Sequence[str] | No
     """The bigscience/P3 configs of one dataset: `<prefix>_<template>[<suffix>]`, without the
     `_score_eval` variants (the same rows, one per answer choice)."""
     if config_names is None:
-        from common.data.hub import hub_offline
+        from common.data.hub import config_names as hub_config_names
 
-        if hub_offline():
-            from common.data.hub import HubOffline
-
-            raise HubOffline(
-                f"bigscience/P3 is on the Hugging Face Hub and this machine is offline; use {_OFFLINE}"
-            )
-        from datasets import get_dataset_config_names
-
-        config_names = get_dataset_config_names("bigscience/P3")
+        config_names = hub_config_names("bigscience/P3", _OFFLINE)
     found = [
         c
         for c in config_names

@@ -241,24 +241,19 @@ def t5_routing_table(runs: str | Path, arm: str = "t5_full") -> list[dict[str, A
         return []
     experts = reports[0]["model_info"]["smile"]["experts"]
     rows = []
-    for task in experts:
-        i = experts.index(task)
-
-        def own(stack: str, task: str = task, i: int = i) -> str:
-            return mean_std([r["routing"][task]["by_stack"][stack][i] for r in reports])
-
+    for i, task in enumerate(experts):
+        stacks = [r["routing"][task]["by_stack"] for r in reports]
         favourites = []
-        for r in reports:
-            dec = r["routing"][task]["by_stack"]["decoder"]
-            j = max(range(len(experts)), key=dec.__getitem__)
-            favourites.append(f"{experts[j]} {100 * dec[j]:.0f}%")
+        for st in stacks:
+            j = max(range(len(experts)), key=st["decoder"].__getitem__)
+            favourites.append(f"{experts[j]} {100 * st['decoder'][j]:.0f}%")
         rows.append(
             {
                 "task": task,
                 "accuracy (%)": mean_std([r[task]["accuracy"] for r in reports]),
-                "own expert, encoder (%)": own("encoder"),
-                "own expert, cross-attention k/v (%)": own("cross_kv"),
-                "own expert, decoder first step (%)": own("decoder"),
+                "own expert, encoder (%)": mean_std([st["encoder"][i] for st in stacks]),
+                "own expert, cross-attention k/v (%)": mean_std([st["cross_kv"][i] for st in stacks]),
+                "own expert, decoder first step (%)": mean_std([st["decoder"][i] for st in stacks]),
                 "decoder's most chosen expert, per seed": ", ".join(favourites),
             }
         )

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from common.models import load_model
 from common.registry import lookup
 from common.tiny_world import resolve_base
-from projects.smile.upscale import SmileMoELinear
+from projects.smile.routing import routing_report
 
 PRETRAINED = "_pretrained_"  # the reserved name of the base model in a pool, as in fusion_bench
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -286,11 +286,9 @@ class LMEvalTaskPool:
         raw = evaluate_in_memory(model, self.tokenizer, self.tasks, batch_size=self.batch_size)
         report = {name.removeprefix("smile_"): metrics for name, metrics in raw.items()}
         report["average"] = {"bits_per_byte": sum(r["bits_per_byte"] for r in report.values()) / len(report)}
-        if self.routing and any(isinstance(m, SmileMoELinear) for m in model.modules()):
-            from projects.smile.routing import routing_by_domain
-
-            texts = {name: t[: self.routing] for name, t in self.texts.items()}
-            report["routing"] = routing_by_domain(model, self.tokenizer, texts)
+        routing = routing_report(model, self.tokenizer, self.texts, self.routing)
+        if routing is not None:
+            report["routing"] = routing
         return report
 
 

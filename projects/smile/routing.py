@@ -78,6 +78,16 @@ def routing_by_domain(
     return out
 
 
+def routing_report(
+    model: nn.Module, tokenizer: Any, texts: Mapping[str, Sequence[str]], n: int | None, max_length: int = 256
+) -> dict[str, Any] | None:
+    """The task pools' `routing: N` option: `routing_by_domain` over the first `n` texts of each domain,
+    or None when `n` is unset or the model has no SMILE layer (the base model, a single expert)."""
+    if not n or not any(isinstance(m, SmileMoELinear) for m in model.modules()):
+        return None
+    return routing_by_domain(model, tokenizer, {d: list(t[:n]) for d, t in texts.items()}, max_length)
+
+
 def _stack(name: str) -> str | None:
     if name.startswith("encoder."):
         return "encoder"

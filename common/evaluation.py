@@ -26,6 +26,8 @@ from rouge_score import rouge_scorer
 from torch import nn
 from tqdm.auto import tqdm
 
+from common.shared_prefix import shared_prefix_logprobs, supports_shared_prefix
+
 IGNORE_INDEX = -100  # label value that no loss counts (the transformers convention)
 
 
@@ -158,7 +160,24 @@ def sequence_logprobs(
     limit = max_length or _max_positions(model)
     if limit is not None and (longest := max((len(y) for _, y in pairs), default=0)) > limit:
         raise ValueError(f"a continuation has {longest} tokens, more than the model's limit of {limit}")
-    score_batch = _score_encoder_decoder if encoder_decoder else _score_causal
+    if supports_shared_prefix(model):  # decoder-only: each distinct context forwarded once
+        with eval_mode(model):
+            scores = shared_prefix_logprobs(model, pairs, limit, batch_size=batch_size, disable=disable)
+        return [ContinuationScore(*s) for s in scores]
+    return _pairwise_logprobs(model, pairs, limit, batch_size=batch_size, disable=disable)
+
+
+def _pairwise_logprobs(
+    model: nn.Module,
+    pairs: Sequence[tuple[list[int], list[int]]],
+    limit: int | None,
+    *,
+    batch_size: int,
+    disable: bool = True,
+) -> list[ContinuationScore]:
+    # One row per pair, logits at every position: the encoder-decoder path, and the reference that
+    # `shared_prefix_logprobs` is tested against (tests/test_evaluation.py).
+    score_batch = _score_encoder_decoder if _is_encoder_decoder(model) else _score_causal
     # Longest first, so that each batch pads little; the scores are put back in input order.
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     scores: dict[int, ContinuationScore] = {}
@@ -337,10 +356,11 @@ def _score_causal(
     input_ids, mask = _pad([f[:-1] for f in full], 0, "right")  # (B, T); right padding keeps positions
     device = _device(model)
     logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-    logprobs = F.log_softmax(_upcast(logits), dim=-1)  # (B, T, V)
+    logprobs = F.log_softmax(_upcast(logits), dim=-1)  # (B, V_tokens + T, V)
+    virtual = logprobs.shape[1] - input_ids.shape[1]  # prompt tuning's virtual tokens come first
     out = []
     for row, f, (_, y) in zip(logprobs, full, pairs):
-        end = len(f) - 1
+        end = virtual + len(f) - 1
         out.append(_continuation_score(row[end - len(y) : end], y))
     return out
 

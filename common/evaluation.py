@@ -25,6 +25,7 @@ from accelerate.utils import send_to_device
 from rouge_score import rouge_scorer
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from common.shared_prefix import shared_prefix_logprobs, supports_shared_prefix
 
@@ -248,6 +249,9 @@ def generate(
     """Greedy decoding; each output is cut at its first EOS token and first stop string, then stripped.
 
     A decoder-only prompt that leaves no room for `max_new_tokens` loses tokens on the left, as in lm-eval.
+    Prompts are batched by length (little padding) and a row stops at its first EOS or stop string, so the
+    batch ends when its last row does; the text is what `model.generate` greedy gives each prompt alone
+    (tests/test_fast_generation.py, benchmarks/greedy_generation.py).
     """
     encoder_decoder = _is_encoder_decoder(model)
     limit = None if encoder_decoder else _max_positions(model)
@@ -257,16 +261,22 @@ def generate(
     eos_ids = _eos_ids(model, tokenizer)
     # Padding is masked out, so any id in the vocabulary will do.
     pad_id = next(i for i in (tokenizer.pad_token_id, *sorted(eos_ids), 0) if i is not None)
-    outputs = []
+    encoded = [tokenizer.encode(p) for p in prompts]
+    if limit is not None:
+        encoded = [e[-(limit - max_new_tokens) :] for e in encoded]
+    if not all(encoded):
+        raise ValueError("generate: a prompt encodes to no token")
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first; put back below
+    outputs: dict[int, str] = {}
     with eval_mode(model):
-        for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=disable):
-            encoded = [tokenizer.encode(p) for p in prompts[start : start + batch_size]]
-            if limit is not None:
-                encoded = [e[-(limit - max_new_tokens) :] for e in encoded]
-            if not all(encoded):
-                raise ValueError("generate: a prompt encodes to no token")
+        for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=disable):
+            chunk = order[start : start + batch_size]
             # A decoder-only model continues the prompt, so its batch is padded on the left.
-            input_ids, mask = _pad(encoded, pad_id, "right" if encoder_decoder else "left")
+            input_ids, mask = _pad(
+                [encoded[i] for i in chunk], pad_id, "right" if encoder_decoder else "left"
+            )
+            # Encoder-decoder output starts with the decoder start token; decoder-only output with the prompt.
+            first_new = 1 if encoder_decoder else input_ids.shape[1]
             sequences = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=mask.to(device),
@@ -275,11 +285,30 @@ def generate(
                 num_beams=1,
                 pad_token_id=pad_id,
                 eos_token_id=sorted(eos_ids) or None,
+                stopping_criteria=StoppingCriteriaList([_StopStrings(tokenizer, stop, first_new)])
+                if stop
+                else None,
             )
-            # Encoder-decoder output starts with the decoder start token; decoder-only output with the prompt.
-            new_tokens = sequences[:, 1:] if encoder_decoder else sequences[:, input_ids.shape[1] :]
-            outputs += [_finish(tokenizer, row, eos_ids, stop) for row in new_tokens.tolist()]
-    return outputs
+            new_tokens = sequences[:, first_new:].tolist()
+            outputs.update((i, _finish(tokenizer, row, eos_ids, stop)) for i, row in zip(chunk, new_tokens))
+    return [outputs[i] for i in range(len(prompts))]
+
+
+class _StopStrings(StoppingCriteria):
+    """Per row: done once its generated text contains a stop string (the text before it no longer changes).
+
+    transformers' `StopStringCriteria` matches the stop string against the end of the whole sequence, so a
+    stop string straddling the prompt's end would stop a row that `_finish` (which reads only the new text)
+    would not cut; this one reads the new tokens only.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], first_new: int) -> None:
+        self.tokenizer, self.stop, self.first_new = tokenizer, tuple(stop), first_new
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.first_new :], skip_special_tokens=True)
+        done = [any(s in text for s in self.stop) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def normalize_answer(text: str) -> str:

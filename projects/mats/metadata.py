@@ -22,6 +22,7 @@ from projects.mats.model import encode, example_log_probs, is_encoder_decoder
 from projects.mats.tasks import answer
 
 FISHER_KINDS = ("diagonal", "blockwise")
+FISHER_GRAD_BUDGET = 2 << 30  # bytes of per-example gradients the batched Fisher may hold at once
 # Modules whose input lives on encoder positions (the original's `input_mask` regex); others are decoder.
 INPUT_MASK_MODULES = re.compile(r".*encoder.*|.*decoder.*EncDecAttention\.(k|v).*")
 
@@ -75,7 +76,8 @@ def fisher(
 
     F = (1/N) Σn gn gnᵀ needs each example's own gradient gn = ∇θ log p(yn | xn). `batch_size` > 1 takes
     them `batch_size` at a time, exactly, with `torch.func.vmap(grad(·))` over the padded batch (each
-    example seen as a batch of one, its padding masked; memory: batch_size × the parameters' size);
+    example seen as a batch of one, its padding masked; memory: batch_size × the parameters' size, capped
+    at FISHER_GRAD_BUDGET);
     `batch_size=1` is the plain per-example loop (the reference the tests and the benchmark compare to).
     """
     if kind not in FISHER_KINDS:
@@ -93,6 +95,10 @@ def fisher(
         k: torch.zeros_like(p) if kind == "diagonal" else p.new_zeros(p.numel(), p.numel())
         for k, p in params.items()
     }
+    # vmap holds batch_size copies of the gradients: cap them at FISHER_GRAD_BUDGET bytes (T5-large's 738M
+    # parameters then go one example at a time; the micro and tiny models 8 at a time).
+    param_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    batch_size = max(1, min(batch_size, FISHER_GRAD_BUDGET // max(param_bytes, 1)))
     per_example = _loop_grads if batch_size == 1 else _vmap_grads
     try:
         for start in tqdm(range(0, len(examples), batch_size), desc=f"{kind} Fisher"):

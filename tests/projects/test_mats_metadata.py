@@ -161,3 +161,19 @@ def test_fisher_rejects_a_bad_batch_size(full):
     model, tok = full
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         fisher(model, tok, EXAMPLES, merged_parameters(model, "full_model"), batch_size=0)
+
+
+def test_fisher_caps_the_batch_by_gradient_memory(full, monkeypatch):
+    import projects.mats.metadata as metadata
+
+    model, tok = full
+    params = merged_parameters(model, "full_model")
+    size = sum(p.numel() * p.element_size() for p in params.values())
+    seen = []
+    real = metadata._vmap_grads
+    monkeypatch.setattr(
+        metadata, "_vmap_grads", lambda m, b, p: seen.append(len(b["input_ids"])) or real(m, b, p)
+    )
+    monkeypatch.setattr(metadata, "FISHER_GRAD_BUDGET", 2 * size)  # room for two examples' gradients
+    fisher(model, tok, EXAMPLES, params, batch_size=8, max_source_len=64)
+    assert seen == [2, 2]

@@ -60,6 +60,13 @@ def top_k_route(
     return weights.to(logits.dtype), indices
 
 
+def experts_b_rows(B: torch.Tensor) -> torch.Tensor:
+    """B (E, d_out, r), same values, stored as (E, r, d_out) rows: `_dense` then reads all experts' B as one
+    (E·r, d_out) matrix as a view instead of copying it on every call (for a stack built once, e.g. a
+    layer's buffer; `.to` and `load_state_dict` keep the layout)."""
+    return B.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _reference(x, A, B, weights, indices, scaling, bias):
     """A masked loop over experts: each expert is applied to every token and weighted (0 if not routed)."""
     y = x.new_zeros(x.shape[0], B.shape[1])

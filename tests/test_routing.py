@@ -200,3 +200,22 @@ def test_top_k_route_rejects_bad_k_and_meaningless_flags():
         top_k_route(torch.randn(2, 4), 5, renormalize=True)
     with pytest.raises(ValueError, match="always sum to 1"):
         top_k_route(torch.randn(2, 4), 2, renormalize=False, softmax_first=False)
+
+
+def test_experts_b_rows_keeps_values_and_lets_dense_read_b_without_a_copy():
+    from common.routing import experts_b_rows
+
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(4, 6, 3, generator=g)
+    rows = experts_b_rows(B)
+    assert torch.equal(rows, B)
+    flat = rows.transpose(1, 2).reshape(12, 6)  # what `_dense` multiplies by
+    assert flat.data_ptr() == rows.data_ptr()  # a view, not a copy
+    assert B.transpose(1, 2).reshape(12, 6).data_ptr() != B.data_ptr()  # the plain layout copies
+    x, A = torch.randn(5, 8, generator=g), torch.randn(4, 3, 8, generator=g)
+    w, idx = top_k_route(torch.randn(5, 4, generator=g), 2, renormalize=True)
+    for impl in ("dense", "grouped", "reference"):
+        torch.testing.assert_close(
+            routed_lowrank(x, A, rows, w, idx, impl=impl), routed_lowrank(x, A, B, w, idx, impl=impl)
+        )
+    assert rows.to(torch.float64).transpose(1, 2).is_contiguous()  # `.to` keeps the layout

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,19 +135,26 @@ def encode(
 
 
 def example_log_probs(
-    model: nn.Module, batch: Mapping[str, torch.Tensor], reduction: str = "mean"
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    reduction: str = "mean",
+    *,
+    forward: Callable[..., Any] | None = None,
 ) -> torch.Tensor:
     """(B,) log p(y | x) = −(mean token NLL over the target), as MaTS's `EncoderDecoderWrapper.forward`.
 
-    `reduction="sum"` gives the summed log-likelihood that rank classification compares.
+    `reduction="sum"` gives the summed log-likelihood that rank classification compares. `forward`
+    replaces `model(**inputs)` (e.g. `torch.func.functional_call` with other parameters); the batch's
+    attention mask may then be additive and 4D (see `metadata.fisher`).
     """
     labels = batch["labels"]
+    call = forward or model
     if is_encoder_decoder(model):
-        logits = model(
+        logits = call(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels
         ).logits  # (B, T_dec, V)
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        logits = call(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
     token_logp = F.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 
 from common.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from common.models import load_model
-from common.routing import routed_lowrank
+from common.routing import experts_b_rows, routed_lowrank
 from projects.mbc_arrow.arrow import arrow_prototypes, arrow_transform
 from projects.mbc_arrow.library import (
     ExpertLibrary,
@@ -52,7 +52,7 @@ class LibraryLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.register_buffer("A", A)  # (E, r, d_in)
-        self.register_buffer("B", B)  # (E, d_out, r)
+        self.register_buffer("B", experts_b_rows(B))  # (E, d_out, r), stored as (E, r, d_out) rows
         self.register_buffer("scaling", scaling)  # (E,)
         self.register_buffer("protos", None)  # (E, d_in), set for arrow
         self._owner = [owner]  # a list, so that nn.Module does not register the owner as a child
@@ -64,11 +64,48 @@ class LibraryLinear(nn.Module):
         if cfg["lora_merge_after"]:
             mix = routed_lowrank(x, self.A, self.B, w, idx, scaling=self.scaling)
         else:
-            n_exp, r = self.A.shape[:2]
-            eye = torch.eye(r, dtype=x.dtype, device=x.device).expand(n_exp, r, r)
-            h = routed_lowrank(x, self.A, eye, w, idx)  # (..., r) = (Σ w A) x
-            mix = routed_lowrank(h, eye, self.B * self.scaling[:, None, None], w, idx)
+            mix = mix_parameters(x, self.A, self.B, self.scaling, w, idx)
         return self.base_layer(x) + mix
+
+
+def mix_parameters(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+) -> torch.Tensor:
+    """Parameter mixing (Σ_j w_j s_j B_j)(Σ_j w_j A_j) x per token: x (..., d_in), A (E, r, d_in), B (E, d_out,
+    r), weights/indices (..., k) -> (..., d_out).
+
+    One pass: h_all = x A_allᵀ (N, E, r) for all experts at once, h = Σ_e R_ne h_all[n, e] with R the (N, E)
+    routing matrix (zero off the top k), then (R s ⊗ h) (N, E·r) @ B_all (E·r, d_out). Equal to the
+    composition of two `routed_lowrank` calls through the r×r identity (`mix_parameters_reference`) without
+    their identity products and the per-call copy of s·B.
+    """
+    n_experts, rank, d_in = A.shape
+    d_out, k = B.shape[1], indices.shape[-1]
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, d_in)
+    route = flat.new_zeros(flat.shape[0], n_experts).scatter_add(
+        1, indices.reshape(-1, k), weights.reshape(-1, k).to(x.dtype)
+    )  # (N, E); scatter_add: an expert picked twice counts twice
+    h_all = (flat @ A.reshape(n_experts * rank, d_in).T).view(-1, n_experts, rank)  # (N, E, r)
+    h = torch.bmm(route[:, None, :], h_all).squeeze(1)  # (N, r) = (Σ w A) x
+    coef = route * scaling.to(x.dtype)  # (N, E)
+    y = (coef[:, :, None] * h[:, None, :]).reshape(-1, n_experts * rank) @ B.transpose(1, 2).reshape(
+        n_experts * rank, d_out
+    )
+    return y.reshape(*lead, d_out)
+
+
+def mix_parameters_reference(x, A, B, scaling, weights, indices) -> torch.Tensor:
+    """`mix_parameters` as two `routed_lowrank` calls: h = (Σ w A) x through B = I, then (Σ w s B) h through A = I."""
+    n_exp, r = A.shape[:2]
+    eye = torch.eye(r, dtype=x.dtype, device=x.device).expand(n_exp, r, r)
+    h = routed_lowrank(x, A, eye, weights, indices)  # (..., r) = (Σ w A) x
+    return routed_lowrank(h, eye, B * scaling[:, None, None], weights, indices)
 
 
 def _stack(experts: Sequence[Mapping[str, Any]], module: str, model_module: nn.Linear):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.routing import routed_lowrank, top_k_route
+from common.routing import experts_b_rows, routed_lowrank, top_k_route
 
 MODES = ("route", "fixed", "gate")
 LN_EPS = 1e-5  # torch.nn.LayerNorm's default, as the original's non-affine LayerNorm
@@ -70,7 +70,7 @@ class MoELoRALinear(nn.Module):
             )
         self.base = base
         self.register_buffer("A", A)  # (E, r, d_in)
-        self.register_buffer("B", B)  # (E, d_out, r)
+        self.register_buffer("B", experts_b_rows(B))  # (E, d_out, r), stored as (E, r, d_out) rows
         self.register_buffer("scaling", scaling)  # (E,)
         self.register_buffer("keys", torch.zeros(n_experts, d_in) if keys is None else keys)  # (E, d_in)
         self.gate: nn.Parameter | None = None

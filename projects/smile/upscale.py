@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.device import resolve_device
-from common.routing import routed_lowrank, top_k_route
+from common.routing import experts_b_rows, routed_lowrank, top_k_route
 
 
 class ExpertNotTrainedError(Exception):
@@ -70,7 +70,8 @@ class SmileMoELinear(nn.Module):
         empty = dict(dtype=pretrained.weight.dtype, device=pretrained.weight.device)
         self.gate = SmileGate(d_in, num_experts, gate_k, **empty)
         if k > 0:
-            self.expert_u = nn.Parameter(torch.empty(num_experts, d_out, k, **empty))  # B = U[:, :k]
+            # B = U[:, :k], stored as (T, k, d_out) rows (`experts_b_rows`: no copy per call in routed_lowrank)
+            self.expert_u = nn.Parameter(experts_b_rows(torch.empty(num_experts, d_out, k, **empty)))
             self.expert_svh = nn.Parameter(torch.empty(num_experts, k, d_in, **empty))  # A = S[:k] V[:, :k]ᵀ
         else:
             self.expert_weight = nn.Parameter(torch.empty(num_experts, d_out, d_in, **empty))  # ΔW_i

@@ -168,3 +168,26 @@ def test_routing_matrix_counts_tokens_over_layers_by_hand():
     own = own_expert_rate(m, order, {"a": 2, "b": 0})
     assert own["per_task"] == pytest.approx({"a": 0.75, "b": 2 / 6})
     assert own["mean"] == pytest.approx((0.75 + 2 / 6) / 2)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_parameter_mixing_equals_two_routed_lowrank_calls(dtype, tol):
+    from projects.mbc_arrow.expert_model import mix_parameters, mix_parameters_reference
+
+    g = torch.Generator().manual_seed(0)
+    E, r, d_in, d_out = 5, 3, 12, 7
+    A, B = torch.randn(E, r, d_in, generator=g), torch.randn(E, d_out, r, generator=g)
+    s = torch.rand(E, generator=g) + 0.5
+    x = torch.randn(2, 6, d_in, generator=g)
+    w = torch.rand(2, 6, 3, generator=g)
+    idx = torch.randint(0, E, (2, 6, 3), generator=g)
+    idx[0, 0] = 4  # one expert picked in every slot of a token: its weights add up
+    cast = [t.to(dtype) for t in (x, A, B, s, w)]
+    got = mix_parameters(cast[0], cast[1], cast[2], cast[3], cast[4], idx)
+    ref = mix_parameters_reference(x, A, B, s, w, idx)  # float32
+    # by hand for one token: (Σ w s B)(Σ w A) x
+    n = (1, 2)
+    Wa = sum(w[n][j] * A[idx[n][j]] for j in range(3))
+    Wb = sum(w[n][j] * s[idx[n][j]] * B[idx[n][j]] for j in range(3))
+    torch.testing.assert_close(ref[n], Wb @ (Wa @ x[n]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.float(), ref, atol=tol * ref.abs().max().item(), rtol=tol)

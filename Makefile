@@ -5,6 +5,7 @@
 #   make tables         every tiny reproduction table (SCALE=paper: the papers' settings, GPUs + network)
 #   make table-<name>   one project's table
 #   make lint           ruff
+#   make gpu-check      on a CUDA machine: micro pipelines on the GPU, Triton kernel, bf16, GPU timings (<5 min)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -25,7 +26,7 @@ else
 RUN_ENV := $(OFFLINE_ENV) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 endif
 
-.PHONY: setup test test-all smoke lint tables tiny-bases benchmarks bench bench-peers clean $(addprefix table-,$(PROJECTS))
+.PHONY: setup test test-all smoke lint gpu-check tables tiny-bases benchmarks bench bench-peers clean $(addprefix table-,$(PROJECTS))
 
 STAMP := $(VENV)/.installed
 setup: $(STAMP)
@@ -67,7 +68,12 @@ bench: benchmarks
 
 # THP_MEM_ALLOC_ENABLE: torch's allocator asks for huge pages (fewer page faults on fresh merge outputs).
 benchmarks: setup
-	@for b in benchmarks/*.py; do echo "== $$b"; $(RUN_ENV) THP_MEM_ALLOC_ENABLE=1 $(PY) $$b || exit 1; done
+	@for b in $(filter-out benchmarks/gpu_check.py,$(wildcard benchmarks/*.py)); do echo "== $$b"; \
+	  $(RUN_ENV) THP_MEM_ALLOC_ENABLE=1 $(PY) $$b || exit 1; done
+
+# The checks only a GPU can run (benchmarks/gpu_check.py): exits 2 with a message on a machine without CUDA.
+gpu-check: setup
+	$(OFFLINE_ENV) $(PY) benchmarks/gpu_check.py --device cuda
 
 # The peer libraries in their own venv (not CI): the benchmark scripts time them there when it exists.
 PEERS_VENV ?= .venv-peers

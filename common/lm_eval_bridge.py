@@ -120,18 +120,22 @@ def run_lm_eval(
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     batch_size: int = 8,
     limit: int | float | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     log_samples: bool = False,
+    builtin_tasks: bool = False,
     **simple_evaluate_kwargs: Any,
 ) -> dict[str, Any]:
     """lm-eval's `simple_evaluate` on an in-memory model; its raw output (with per-doc `samples` if `log_samples`).
 
-    Tasks are names found under `include_path` or config dicts (`task_config`). lm-eval's built-in
-    tasks are not indexed (`include_defaults=False`: 0 s instead of ~6 s). The model moves to `device`.
+    Tasks are names found under `include_path` or config dicts (`task_config`); with `builtin_tasks`, also
+    lm-eval's own task names ("arc_easy", "boolq"; indexing them costs seconds, so they are off by
+    default). The model moves to `device` if one is given, else stays where it is; lm-eval puts each
+    batch on the model's device.
     """
     paths = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path or [])
-    task_manager = TaskManager(include_path=[str(p) for p in paths] or None, include_defaults=False)
-    model.to(resolve_device(device))
+    task_manager = TaskManager(include_path=[str(p) for p in paths] or None, include_defaults=builtin_tasks)
+    if device is not None:
+        model.to(resolve_device(device))
     with eval_mode(model):
         # A copy of the tokenizer, because HFLM gives a tokenizer without one a pad token.
         lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
@@ -165,10 +169,19 @@ def evaluate_in_memory(
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     batch_size: int = 8,
     limit: int | float | None = None,
-    device: str = "cpu",
+    device: str | None = None,
+    **run_kwargs: Any,
 ) -> dict[str, dict[str, Any]]:
-    """Per-task lm-eval metrics of an in-memory model, e.g. {"arith_mc": {"acc": 0.75, "acc_stderr": 0.1}}."""
+    """Per-task lm-eval metrics of an in-memory model, e.g. {"arith_mc": {"acc": 0.75, "acc_stderr": 0.1}};
+    `run_kwargs` go to `run_lm_eval` (`builtin_tasks`, `confirm_run_unsafe_code`, ...)."""
     raw = run_lm_eval(
-        model, tokenizer, tasks, include_path=include_path, batch_size=batch_size, limit=limit, device=device
+        model,
+        tokenizer,
+        tasks,
+        include_path=include_path,
+        batch_size=batch_size,
+        limit=limit,
+        device=device,
+        **run_kwargs,
     )
     return task_metrics(raw)

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from common.device import resolve_device
 from common.io import (
     atomic_dir,
     load_tensors,
@@ -47,6 +48,9 @@ from common.registry import lookup
 # Our schedule names -> `transformers.get_scheduler` names; each starts with `warmup_steps` of linear warmup.
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 MIXED_PRECISION = ("no", "bf16", "fp16")
+# The dtype a model trained under each `mixed_precision` is evaluated in (as the originals: bf16 runs
+# evaluate a bf16 model).
+EVAL_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHTS, OPTIMIZER, STATE = "weights.safetensors", "optimizer.pt", "trainer_state.json"
 # Config keys a resumed run may change: they extend the run or change bookkeeping, not the updates so far.
 _RESUMABLE_CHANGES = {"max_steps", "log_every", "eval_every", "save_every", "keep_last"}
@@ -95,6 +99,25 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be None or >= 1, got {getattr(self, name)}")
 
 
+def _fit_accelerator_state(mixed_precision: str, cpu: bool) -> None:
+    """accelerate keeps one state per process and refuses an `Accelerator` in another precision or on
+    another device; one process may train several models in different precisions (fp32 specialists then
+    a bf16 routed model), so a single-process state that does not fit is cleared. Under a distributed
+    launch the state is the launcher's and stays."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if not state or PartialState._shared_state.get("num_processes", 1) != 1:
+        return
+    if state.get("_mixed_precision") != mixed_precision or (cpu and state["device"].type != "cpu"):
+        AcceleratorState._reset_state()  # accelerate's own tests reset it the same way
+
+
+def eval_dtype(mixed_precision: str) -> torch.dtype:
+    """The evaluation dtype that goes with a training `mixed_precision` ("no" -> float32, "bf16" -> bfloat16)."""
+    return lookup(EVAL_DTYPES, mixed_precision, "mixed_precision")
+
+
 @dataclass
 class TrainResult:
     """Where training stopped, with the loss and eval history (including steps before a resumption)."""
@@ -117,6 +140,7 @@ def train(
     eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
     callbacks: Sequence[Callable[[int, Mapping[str, float]], None]] = (),
     resume: bool = True,
+    device: str | torch.device | None = None,
 ) -> TrainResult:
     """Minimise `loss_fn(model, batch)` with AdamW over `params` (default: those with requires_grad).
 
@@ -126,7 +150,8 @@ def train(
     epoch for a resumed run to match. Across processes each one takes every `num_processes`-th batch.
     `loss_fn` gets the prepared model (DDP-wrapped under multi-GPU); `eval_fn` the plain model, in eval
     mode under no_grad. Callbacks run after every step as `cb(step, {"loss", "lr", ["grad_norm"]})`.
-    Training resets the global RNGs (torch, numpy, random) at every step.
+    Training resets the global RNGs (torch, numpy, random) at every step. `device`: None or "auto" lets
+    accelerate choose (the GPU when there is one); "cpu" keeps a run on the CPU on a GPU machine.
     """
     run_dir = Path(run_dir)
     trained = _trained_parameters(model, params)
@@ -135,7 +160,11 @@ def train(
         raise FileExistsError(
             f"{run_dir} already has checkpoints ({checkpoint.name}): pass resume=True or use a new run_dir"
         )
+    # accelerate places the model on its own device (cuda when available); it only takes a CPU override.
+    on_cpu = device is not None and resolve_device(device).type == "cpu" and torch.cuda.is_available()
+    _fit_accelerator_state(cfg.mixed_precision, on_cpu)
     accelerator = Accelerator(
+        cpu=on_cpu,
         mixed_precision=cfg.mixed_precision,
         # Steps are counted across epochs, never cut short at the end of an epoch.
         gradient_accumulation_plugin=GradientAccumulationPlugin(

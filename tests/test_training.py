@@ -301,3 +301,21 @@ def test_two_process_ddp_resumes_bitwise(tmp_path):
     assert (tmp_path / "a" / "train_log.jsonl").read_text() == (
         tmp_path / "b" / "train_log.jsonl"
     ).read_text()
+
+
+def test_runs_in_other_precisions_follow_each_other_in_one_process(tmp_path):
+    """fp32 then bf16 then fp32 in one process (fp32 specialists, then a bf16 routed model): accelerate's
+    process-wide state refused the second run; each run must get its own autocast (seen inside the
+    model: accelerate casts the outputs back to fp32)."""
+    seen = []
+
+    class Record(nn.Module):
+        def forward(self, x):
+            seen.append(x.dtype)
+            return x
+
+    for i, precision in enumerate(("no", "bf16", "no")):
+        model = mlp()
+        model.insert(1, Record())  # after the first Linear
+        train(model, mse, regression(), config(max_steps=1, mixed_precision=precision), tmp_path / str(i))
+        assert seen[-1] == (torch.bfloat16 if precision == "bf16" else torch.float32)

@@ -78,6 +78,7 @@ DATASETS = {
     "microsoft/orca-math-word-problems-200k": hub.orca_math,
     "reasoning-machines/gsm-hard": hub.gsm_hard,
     "sordonia/flan-10k-flat": hub.flan,
+    "sordonia/flan-debug-flat": partial(hub.flan, hub_id="sordonia/flan-debug-flat"),
     "bigscience/P3": hub.p3,
     "nyu-mll/glue": hub.glue,
     "tanganke/sun397": partial(hub.clip_task, "sun397"),

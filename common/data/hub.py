@@ -89,9 +89,11 @@ def gsm_hard(seed: int = 2357, test_size: float = 0.1) -> tuple[DatasetDict, dic
 _TEXT_TASKS = "an offline text task from common/data/text_tasks.py, e.g. common.data.load('tweet_topic')"
 
 
-def flan(task_names: Iterable[str] | None = None) -> tuple[DatasetDict, dict]:
-    """sordonia/flan-10k-flat (mttl): <=10k examples per FLAN task, its `split` column made into splits."""
-    hub_id = "sordonia/flan-10k-flat"
+def flan(
+    task_names: Iterable[str] | None = None, hub_id: str = "sordonia/flan-10k-flat"
+) -> tuple[DatasetDict, dict]:
+    """sordonia/flan-10k-flat (mttl): <=10k examples per FLAN task, its `split` column made into splits;
+    `hub_id="sordonia/flan-debug-flat"` reads the small copy in the same format (mttl's notebook config)."""
     ds: Dataset = _load(hub_id, _TEXT_TASKS, split="train")
     if task_names is not None:
         wanted = set(task_names)

@@ -35,10 +35,11 @@ def load_model(
     family: str | None = None,
     *,
     dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     **kw: Any,
 ) -> PreTrainedModel:
-    """The family's `from_pretrained`, in eval mode; the family is read from `config.model_type` if not given."""
+    """The family's `from_pretrained`, in eval mode, on `device` ("auto": cuda if available, else cpu);
+    the family is read from `config.model_type` if not given."""
     device = resolve_device(device)  # fail before reading gigabytes
     source = str(name_or_path)
     is_local = Path(source).expanduser().is_dir()

@@ -42,7 +42,7 @@ def interpolation(cfg: dict[str, Any], router_ckpts: list[str], dataset: str, ou
         raise ValueError(
             f"interpolation needs exactly two --router_ckpts (code, math), got {len(router_ckpts)}"
         )
-    base, tokenizer = load_base(cfg["model"], cfg["scale"])
+    base, tokenizer = load_base(cfg["model"], cfg["scale"], cfg["device"])
     experiments.check_context(cfg, base)
     corpus = experiments.Corpus(cfg, tokenizer)
     domain = domain_of(dataset)
@@ -79,7 +79,7 @@ def cka(cfg: dict[str, Any], runs: list[str], dataset: str, out: Path) -> dict[i
         if not found:
             raise FileNotFoundError(f"no snapshots/step_<N>.safetensors under {run_dir}")
         snaps.append(found)
-    base, tokenizer = load_base(cfg["model"], cfg["scale"])
+    base, tokenizer = load_base(cfg["model"], cfg["scale"], cfg["device"])
     experiments.check_context(cfg, base)
     windows = experiments.Corpus(cfg, tokenizer).windows(domain_of(dataset), cfg["data"]["select_split"])
     curve = experiments.cka_curve(cfg, base, snaps[0], snaps[1], windows)

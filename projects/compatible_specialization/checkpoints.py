@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
 from transformers.activations import ACT2FN
 
+from common.device import resolve_device
 from common.io import load_tensors, save_tensors
 from common.models import load_model
 from common.tiny_world import tiny_base
@@ -48,8 +49,10 @@ def base_location(model_cfg: dict[str, Any], scale: str) -> str:
     return model_cfg["base"] if scale == "paper" else str(tiny_base(model_cfg["base"], scale))
 
 
-def load_base(model_cfg: dict[str, Any], scale: str) -> tuple[GPT2LMHeadModel, Any]:
-    """(model, tokenizer) of the pretrained base every specialist starts from."""
+def load_base(
+    model_cfg: dict[str, Any], scale: str, device: str | torch.device = "auto"
+) -> tuple[GPT2LMHeadModel, Any]:
+    """(model, tokenizer) of the pretrained base every specialist starts from, on `device`."""
     where = base_location(model_cfg, scale)
     if model_cfg.get(
         "random_layers"
@@ -59,9 +62,9 @@ def load_base(model_cfg: dict[str, Any], scale: str) -> tuple[GPT2LMHeadModel, A
         config = AutoConfig.from_pretrained(where)
         config.n_layer = model_cfg["random_layers"]
         torch.manual_seed(0)
-        model = GPT2LMHeadModel(config).eval()
+        model = GPT2LMHeadModel(config).to(resolve_device(device)).eval()
     else:
-        model = load_model(where)
+        model = load_model(where, device=device)
     tokenizer = gpt2_tokenizer() if scale == "paper" else AutoTokenizer.from_pretrained(where)
     return configure(
         model, model_cfg.get("activation_function"), model_cfg.get("untie_head", False)
@@ -191,7 +194,7 @@ def load_routed(
             mlps = [_mlp_with(dense.transformer.h[i].mlp, experts[i][e]) for e in sorted(experts[i])]
             block.mlp = RoutedMLP(mlps, model.config.n_embd, top_k, renormalize)
             block.mlp.router.weight.data.copy_(routers[i])
-        return model.requires_grad_(False).eval()
+        return model.requires_grad_(False).to(next(base.parameters()).device).eval()
     meta = _metadata(path)
     if meta.get("kind") != "routed":
         raise ValueError(f"{path} is not a routed checkpoint (kind={meta.get('kind')!r})")

@@ -17,6 +17,7 @@ DEFAULTS: dict[str, Any] = {
     "context": 1024,
     "eval_batch_size": 16,
     "eval_dtype": "bfloat16",  # the original casts the model to bf16 for routed/interpolated evaluation
+    "device": "auto",  # where the models live: auto (cuda if available, else cpu), cpu, cuda, cuda:N
     "out_dir": "runs/compatible_specialization",
     "model": {
         "base": "gpt2",  # a hub id (paper) or a tiny-world base name (tiny, micro)
@@ -48,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
         "early_step": 1000,
         "later_step": 8000,
         "snapshot_every": 500,  # CKA over fine-tuning checkpoints
+        "mixed_precision": "no",  # common.training's: "no", "bf16", "fp16"
     },
     "routing": {
         "train_tokens": 160000,
@@ -62,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
         "renormalize": False,  # the original keeps the top-k softmax weights as they are
         "num_multi_layer_experts": 1,
         "multi_layer": [1, 2, 3, 4],  # the table's L values (k = 2L, all experts)
+        "mixed_precision": "bf16",  # the original trains the routed model in bf16
     },
     "interpolation": {"alphas": [round(0.1 * i, 1) for i in range(11)]},
     "cka": {"layer": 6, "windows": 128},  # the original: hidden_states_list[6], one batch of 128

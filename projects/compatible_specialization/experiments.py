@@ -94,7 +94,7 @@ def finetune_specialist(
     meta = {"domain": domain, "dataset": cfg["data"][domain], "seed": seed}
     paths = finetune_mlps(
         model, corpus.stream(domain, "train"), cfg["finetune"], cfg["context"], run_dir, seed,
-        snapshot_steps(cfg["finetune"]), meta,
+        snapshot_steps(cfg["finetune"]), meta, cfg["device"],
     )  # fmt: skip
     return model, paths
 
@@ -143,7 +143,9 @@ def train_routed(
         num_multi_layer_experts=num_multi_layer_experts,
         renormalize=routing["renormalize"],
     )
-    train_routers(model, corpus.stream("target", "train"), routing, cfg["context"], run_dir, seed)
+    train_routers(
+        model, corpus.stream("target", "train"), routing, cfg["context"], run_dir, seed, cfg["device"]
+    )
     path = Path(run_dir) / "routed.safetensors"
     meta = {
         "num_multi_layer_experts": num_multi_layer_experts,

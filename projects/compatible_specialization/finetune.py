@@ -45,6 +45,7 @@ def train_config(opt: dict[str, Any], seed: int) -> TrainConfig:
         batch_size=opt["batch_size"] // opt["grad_accum"],
         shuffle=False,  # the windows are already at random starts
         log_every=max(1, steps // 20),
+        mixed_precision=opt.get("mixed_precision", "no"),
     )
 
 
@@ -57,6 +58,7 @@ def finetune_mlps(
     seed: int,
     snapshot_steps: Iterable[int],
     meta: dict[str, Any],
+    device: str | None = None,
 ) -> dict[int, Path]:
     """Fine-tune the MLPs in place; write `snapshots/step_<N>.safetensors` at step 0 and each snapshot step."""
     cfg = train_config(opt, seed)
@@ -73,7 +75,7 @@ def finetune_mlps(
 
     windows = RandomWindows(stream, context, cfg.max_steps * opt["batch_size"], seed)
     mlp_params = [p for n, p in model.named_parameters() if ".mlp." in n]  # `train` freezes the rest
-    train(model, _causal_lm, windows, cfg, run_dir, params=mlp_params, callbacks=[snapshot])
+    train(model, _causal_lm, windows, cfg, run_dir, params=mlp_params, callbacks=[snapshot], device=device)
     missing = [s for s, p in paths.items() if not p.exists()]
     if missing:  # a finished run resumed from its final checkpoint cannot rewrite lost snapshots
         raise RuntimeError(
@@ -89,12 +91,13 @@ def train_routers(
     context: int,
     run_dir: str | os.PathLike,
     seed: int,
+    device: str | None = None,
 ) -> list[tuple[int, float]]:
     """Train only the routers of a routed model in place (plain mean CE, no load balancing); the loss curve."""
     cfg = train_config(opt, seed)
     params = router_parameters(model)  # `train` freezes every other parameter
     windows = RandomWindows(stream, context, cfg.max_steps * opt["batch_size"], seed)
-    return train(model, _causal_lm, windows, cfg, run_dir, params=list(params.values())).losses
+    return train(model, _causal_lm, windows, cfg, run_dir, params=list(params.values()), device=device).losses
 
 
 def test_loss(model: nn.Module, windows: torch.Tensor, batch_size: int, dtype: str = "float32") -> float:

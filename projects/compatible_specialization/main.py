@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seed = cfg["seed"]
     seed_everything(seed)
     domain = domain_of(args.datasets[0])
-    base, tokenizer = load_base(cfg["model"], cfg["scale"])
+    base, tokenizer = load_base(cfg["model"], cfg["scale"], cfg["device"])
     experiments.check_context(cfg, base)
     corpus = experiments.Corpus(cfg, tokenizer)
     test_split = cfg["data"]["test_split"]

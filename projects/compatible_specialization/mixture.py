@@ -130,7 +130,7 @@ def routed_model(
         block.mlp = RoutedMLP(experts, model.config.n_embd, top_k, renormalize)
         for expert in experts:
             expert.requires_grad_(False)
-    return model
+    return model.to(next(base.parameters()).device)  # the new routers join the base on its device
 
 
 def router_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -25,7 +25,7 @@ STAGES = ("early", "later")
 def run_seed(cfg: dict[str, Any], seed: int, out: Path) -> dict[str, dict[str, Any]]:
     """All experiments for one seed; returns {experiment: metrics}."""
     seed_everything(seed)
-    base, tokenizer = load_base(cfg["model"], cfg["scale"])
+    base, tokenizer = load_base(cfg["model"], cfg["scale"], cfg["device"])
     experiments.check_context(cfg, base)
     corpus = experiments.Corpus(cfg, tokenizer)
     data, ft = cfg["data"], cfg["finetune"]

@@ -43,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
         "scale": "paper",  # paper | tiny | micro
         "format": "full_model",  # full_model | ia3 (the checkpoint descriptor)
         "max_source_len": 512,
+        "device": "auto",  # where the model is trained and evaluated: auto (cuda if available), cpu, cuda:N
     },
     "train_dataset": {"train_dataset": "p3_eight_qa", "max_examples": None},
     "eval_dataset": {

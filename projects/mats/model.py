@@ -45,7 +45,7 @@ def build(model_cfg: Mapping[str, Any]) -> tuple[nn.Module, Any]:
     if fmt not in FORMATS:
         raise ValueError(f"unknown model format {fmt!r}; choose one of {FORMATS}")
     path = base_path(model_cfg["base"], model_cfg["scale"])
-    model = load_model(path)
+    model = load_model(path, device=model_cfg.get("device", "auto"))  # auto: cuda if available
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

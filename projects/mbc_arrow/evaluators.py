@@ -1,4 +1,5 @@
-"""In-distribution Rouge-L on greedy generations and held-out multiple choice through lm-eval.
+"""In-distribution Rouge-L on greedy generations; held-out tasks through lm-eval (ours offline, or the
+paper's zero-shot table by lm-eval task name).
 
 Rouge-L (mttl `RougeEvaluator`): greedy decoding up to `max_output_length` tokens, EOS stop, ROUGE-L F
 with stemming per example, mean over examples, ×100. Generation runs task by task so the oracle
@@ -7,8 +8,9 @@ with stemming per example, mean over examples, ×100. Generation runs task by ta
 
 from __future__ import annotations
 
+import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from datasets import Dataset
@@ -16,7 +18,13 @@ from datasets import Dataset
 from common.evaluation import generate, rouge_l
 from common.lm_eval_bridge import evaluate_in_memory
 from projects.mbc_arrow.expert_model import MultiExpertModel
-from projects.mbc_arrow.tasks import PROMPT, write_heldout_task
+from projects.mbc_arrow.tasks import (
+    HELDOUT_TASK,
+    PROMPT,
+    downstream_task,
+    downstream_tasks,
+    write_heldout_task,
+)
 
 
 def rouge_evaluate(
@@ -67,3 +75,58 @@ def downstream_evaluate(
         task = write_heldout_task(tmp, heldout)
         metrics = evaluate_in_memory(model, tokenizer, [task], batch_size=batch_size)
     return metrics[task["task"]]
+
+
+# The score reported per lm-eval task: accuracy for multiple choice, pass@1 for code, exact match for BBH.
+HEADLINE_METRICS = ("acc", "pass@1", "pass_at_1", "exact_match")
+
+
+def headline(metrics: Mapping[str, Any]) -> float:
+    """The first of `HEADLINE_METRICS` that an lm-eval result has (a group's is its aggregate)."""
+    for key in HEADLINE_METRICS:
+        if isinstance(metrics.get(key), (int, float)):
+            return float(metrics[key])
+    raise KeyError(f"none of {HEADLINE_METRICS} in lm-eval's metrics {sorted(metrics)}")
+
+
+def zero_shot_evaluate(
+    model: Any,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    *,
+    batch_size: int = 16,
+    limit: int | float | None = None,
+    allow_code_execution: bool = False,
+) -> dict[str, float]:
+    """{task: score, "average": mean} on lm-eval's built-in tasks (the paper's zero-shot table), in memory."""
+    if allow_code_execution:
+        os.environ.setdefault("HF_ALLOW_CODE_EVAL", "1")  # lm-eval's code_eval metric asks for it
+    metrics = evaluate_in_memory(
+        model,
+        tokenizer,
+        list(tasks),
+        batch_size=batch_size,
+        limit=limit,
+        builtin_tasks=True,
+        confirm_run_unsafe_code=allow_code_execution,
+    )
+    scores = {task: headline(metrics[task]) for task in tasks}
+    return scores | {"average": sum(scores.values()) / len(scores)}
+
+
+def downstream_scores(
+    model: Any, tokenizer: Any, cfg: Mapping[str, Any], heldout: Dataset | None = None
+) -> dict[str, float]:
+    """{task: score}: our offline held-out task's accuracy (`heldout`), or the lm-eval tasks the config names."""
+    names = downstream_tasks(cfg)
+    if names == [HELDOUT_TASK]:
+        data = heldout if heldout is not None else downstream_task(HELDOUT_TASK, cfg["heldout_examples"])
+        return {HELDOUT_TASK: downstream_evaluate(model, tokenizer, data)["acc"]}
+    return zero_shot_evaluate(
+        model,
+        tokenizer,
+        names,
+        batch_size=cfg["predict_batch_size"],
+        limit=cfg.get("downstream_limit"),
+        allow_code_execution=bool(cfg.get("allow_code_execution")),
+    )

@@ -23,6 +23,8 @@ from transformers import AutoTokenizer
 from common.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from common.models import load_model
 from common.routing import experts_b_rows, routed_lowrank
+from common.registry import lookup
+
 from projects.mbc_arrow.arrow import arrow_prototypes, arrow_transform
 from projects.mbc_arrow.library import (
     ExpertLibrary,
@@ -36,9 +38,21 @@ from projects.mbc_arrow.selectors import route, selector_config
 MODEL_FILE, WEIGHTS_FILE = "multi_expert_model.json", "experts.safetensors"
 
 
-def load_base(spec: str, device: str = "cpu") -> tuple[nn.Module, Any]:
+# mttl's `precision` flag -> (common.training's mixed_precision, the dtype the model is evaluated in).
+PRECISIONS = {"32": ("no", torch.float32), "bf16": ("bf16", torch.bfloat16), "16": ("fp16", torch.float16)}
+
+
+def precision(value: str | int) -> tuple[str, torch.dtype]:
+    """mttl's `precision` ("32", "bf16", "16") as (mixed_precision for training, evaluation dtype)."""
+    return lookup(PRECISIONS, str(value), "precision")
+
+
+def load_base(
+    spec: str, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of a base spec ("tiny:gpt_neo", a folder, a hub id) on `device` in `dtype`."""
     path = resolve_base(spec)
-    model = load_model(path, device=device)
+    model = load_model(path, device=device, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
@@ -129,9 +143,11 @@ def _stack(experts: Sequence[Mapping[str, Any]], module: str, model_module: nn.L
 class MultiExpertModel:
     """`model` (the transformers model, with LibraryLinear layers), `tokenizer`, `selector`, expert names."""
 
-    def __init__(self, base_model: str, device: str = "cpu") -> None:
+    def __init__(
+        self, base_model: str, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32
+    ) -> None:
         self.base_model = base_model
-        self.model, self.tokenizer = load_base(base_model, device)
+        self.model, self.tokenizer = load_base(base_model, device, dtype)
         self.model.requires_grad_(False)
         self.expert_names: list[str] = []
         self.task_to_expert: dict[str, int] = {}
@@ -147,7 +163,8 @@ class MultiExpertModel:
         selector: Mapping[str, Any] | str = "uniform",
         *,
         base_model: str | None = None,
-        device: str = "cpu",
+        device: str | torch.device = "auto",
+        dtype: torch.dtype = torch.float32,
     ) -> MultiExpertModel:
         lib = library if isinstance(library, ExpertLibrary) else get_expert_library(library)
         names = lib.keys()
@@ -156,7 +173,7 @@ class MultiExpertModel:
         recorded = lib.base_model()
         if base_model and not same_base(base_model, recorded):
             raise LibraryError(f"library experts are for base model {recorded!r}, not {base_model!r}")
-        self = cls(base_model or recorded, device)
+        self = cls(base_model or recorded, device, dtype)
         self.library = lib
         experts = [lib[n] for n in names]
         self._install(
@@ -182,7 +199,9 @@ class MultiExpertModel:
                 )
             A, B, s = _stack(factors, m, layer)
             parent, _, leaf = m.rpartition(".")
-            setattr(self.model.get_submodule(parent), leaf, LibraryLinear(layer, A, B, s, self))
+            # the experts live with the layer they extend: its device and dtype (bf16 at paper scale)
+            new = LibraryLinear(layer, A, B, s, self).to(layer.weight.device, layer.weight.dtype)
+            setattr(self.model.get_submodule(parent), leaf, new)
 
     def layers(self) -> dict[str, LibraryLinear]:
         return {n: m for n, m in self.model.named_modules() if isinstance(m, LibraryLinear)}
@@ -257,19 +276,21 @@ class MultiExpertModel:
         return Path(path)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str = "cpu") -> MultiExpertModel:
+    def from_pretrained(
+        cls, path: str | os.PathLike, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32
+    ) -> MultiExpertModel:
         path = Path(path)
         if not (path / MODEL_FILE).is_file():
             raise FileNotFoundError(f"{path} is not a saved MultiExpertModel (no {MODEL_FILE})")
         meta = read_json(path / MODEL_FILE)
         tensors = load_tensors(path / WEIGHTS_FILE)
-        self = cls(meta["base_model"], device)
+        self = cls(meta["base_model"], device, dtype)
         self.expert_names, self.task_to_expert = meta["experts"], meta["task_to_expert"]
         for m in sorted({k.split("::")[0] for k in tensors}):
             layer = self.model.get_submodule(m)
             new = LibraryLinear(layer, tensors[f"{m}::A"], tensors[f"{m}::B"], tensors[f"{m}::scaling"], self)
             new.protos = tensors.get(f"{m}::protos")
             parent, _, leaf = m.rpartition(".")
-            setattr(self.model.get_submodule(parent), leaf, new.to(device))
+            setattr(self.model.get_submodule(parent), leaf, new.to(layer.weight.device, layer.weight.dtype))
         self.selector = selector_config(meta["selector"])
         return self

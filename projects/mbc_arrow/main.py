@@ -35,7 +35,10 @@ DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/mbc_arrow/run",
     # model and data
     "base_model": "tiny:gpt_neo",
-    "dataset": "offline",  # offline (tiny/micro) or flan (sordonia/flan-10k-flat)
+    "device": "auto",  # where models are loaded and evaluated: auto (cuda if available), cpu, cuda, cuda:N
+    "precision": "32",  # mttl's flag: 32, bf16 (train under bf16 autocast, evaluate a bf16 model) or 16
+    # offline (tiny/micro), flan (= sordonia/flan-10k-flat) or sordonia/flan-debug-flat (the notebook's)
+    "dataset": "offline",
     "tasks": [],
     "finetune_task_name": None,
     "finetune_task_path": None,
@@ -86,7 +89,10 @@ DEFAULTS: dict[str, Any] = {
     "save_model": None,
     "model_path": None,
     "downstream": False,
-    "downstream_task": "tweet_sentiment_other",  # ours offline; "arc_easy" (hub) at paper scale
+    # ours offline, or lm-eval task names: the paper's table (tasks.PAPER_ZERO_SHOT), the notebook's arc_easy
+    "downstream_task": "tweet_sentiment_other",
+    "downstream_limit": None,  # lm-eval's `limit` per task (None: the whole test set)
+    "allow_code_execution": False,  # humaneval and mbpp run the generated code: opt in
     "heldout_examples": 300,
 }
 # eval_library.py's merge_or_route values -> our selector configs
@@ -206,25 +212,30 @@ def cmd_arrow(cfg: dict[str, Any]) -> dict[str, int]:
 
 
 def cmd_evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
-    from projects.mbc_arrow.evaluators import downstream_evaluate, rouge_evaluate
-    from projects.mbc_arrow.expert_model import MultiExpertModel
-    from projects.mbc_arrow.tasks import downstream_task, task_data
+    from projects.mbc_arrow.evaluators import downstream_scores, rouge_evaluate
+    from projects.mbc_arrow.expert_model import MultiExpertModel, precision
+    from projects.mbc_arrow.tasks import HELDOUT_TASK, downstream_tasks, task_data
 
     need(cfg, "library_id")
+    if cfg["downstream"]:
+        downstream_tasks(cfg)  # a bad task list fails before any model is loaded
     seed_everything(cfg["seed"])
     rd = run_dir(cfg, "evaluate")
     lib = get_expert_library(cfg["library_id"])
-    model = MultiExpertModel.from_pretrained_library(lib, selector_for(cfg))
+    model = MultiExpertModel.from_pretrained_library(
+        lib, selector_for(cfg), device=cfg["device"], dtype=precision(cfg["precision"])[1]
+    )
     tasks = cfg["tasks"] or sorted({t for n in lib.keys() for t in lib.info(n).task_names})
     data = task_data(tasks, dataset=cfg["dataset"], max_eval=cfg["max_eval_examples"])[cfg["split"]]
     out = rouge_evaluate(
         model, data, max_output_length=cfg["max_output_length"], batch_size=cfg["predict_batch_size"]
     )
     if cfg["downstream"]:
-        acc = downstream_evaluate(
-            model.model, model.tokenizer, downstream_task(cfg["downstream_task"], cfg["heldout_examples"])
-        )
-        out["downstream_acc"] = acc["acc"]
+        scores = downstream_scores(model.model, model.tokenizer, cfg)
+        if HELDOUT_TASK in scores:
+            out["downstream_acc"] = scores[HELDOUT_TASK]
+        else:
+            out["downstream"] = scores
     if cfg["save_model"]:
         model.save_pretrained(cfg["save_model"])
     rd.write_results(out)
@@ -232,19 +243,29 @@ def cmd_evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_downstream(cfg: dict[str, Any]) -> dict[str, Any]:
-    from projects.mbc_arrow.evaluators import downstream_evaluate
-    from projects.mbc_arrow.expert_model import MultiExpertModel, load_base
-    from projects.mbc_arrow.tasks import downstream_task
+    from projects.mbc_arrow.evaluators import downstream_evaluate, zero_shot_evaluate
+    from projects.mbc_arrow.expert_model import MultiExpertModel, load_base, precision
+    from projects.mbc_arrow.tasks import HELDOUT_TASK, downstream_task, downstream_tasks
 
+    names = downstream_tasks(cfg)  # a bad task list fails before any model is loaded
     rd = run_dir(cfg, "downstream")
+    device, dtype = cfg["device"], precision(cfg["precision"])[1]
     if cfg["model_path"]:
-        mem = MultiExpertModel.from_pretrained(cfg["model_path"])
+        mem = MultiExpertModel.from_pretrained(cfg["model_path"], device, dtype)
         model, tok = mem.model, mem.tokenizer
     else:
-        model, tok = load_base(cfg["base_model"])
-    out = dict(
-        downstream_evaluate(model, tok, downstream_task(cfg["downstream_task"], cfg["heldout_examples"]))
-    )
+        model, tok = load_base(cfg["base_model"], device, dtype)
+    if names == [HELDOUT_TASK]:  # ours offline: lm-eval's full metrics of the one task
+        out = dict(downstream_evaluate(model, tok, downstream_task(HELDOUT_TASK, cfg["heldout_examples"])))
+    else:
+        out = zero_shot_evaluate(
+            model,
+            tok,
+            names,
+            batch_size=cfg["predict_batch_size"],
+            limit=cfg["downstream_limit"],
+            allow_code_execution=cfg["allow_code_execution"],
+        )
     rd.write_results(out)
     return out
 
@@ -285,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     command, action, cfg = parse(argv)
     try:
         out = cmd_library(cfg, action) if command == "library" else COMMANDS[command](cfg)
-    except (LibraryError, KeyError, FileNotFoundError) as e:
+    except (LibraryError, KeyError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
     print(json.dumps(out, indent=2, default=str))
 

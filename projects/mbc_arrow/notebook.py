@@ -13,10 +13,10 @@ from typing import Any
 from common.io import write_json
 from common.rundir import RunDir, seed_everything
 from projects.mbc_arrow import clustering
-from projects.mbc_arrow.evaluators import downstream_evaluate, rouge_evaluate, target_loss
-from projects.mbc_arrow.expert_model import MultiExpertModel, load_base
+from projects.mbc_arrow.evaluators import downstream_scores, rouge_evaluate, target_loss
+from projects.mbc_arrow.expert_model import MultiExpertModel, load_base, precision
 from projects.mbc_arrow.library import get_expert_library
-from projects.mbc_arrow.tasks import check_heldout, downstream_task, task_data
+from projects.mbc_arrow.tasks import HELDOUT_TASK, check_heldout, downstream_task, downstream_tasks, task_data
 from projects.mbc_arrow.train_expert import train_expert
 
 IN_DISTRIBUTION = ("oracle", "uniform", "arrow", "oracle_mbc", "uniform_mbc", "arrow_mbc")
@@ -53,8 +53,10 @@ def run_notebook(cfg: dict[str, Any], rd: RunDir) -> dict[str, Any]:
     seed_everything(cfg["seed"])
     out = rd.path
     tasks = list(cfg["tasks"])
-    heldout = downstream_task(cfg["downstream_task"], cfg["heldout_examples"])
-    if cfg["dataset"] == "offline":
+    device, dtype = cfg["device"], precision(cfg["precision"])[1]
+    offline_heldout = downstream_tasks(cfg) == [HELDOUT_TASK]  # else lm-eval tasks (paper scale)
+    heldout = downstream_task(HELDOUT_TASK, cfg["heldout_examples"]) if offline_heldout else None
+    if heldout is not None and cfg["dataset"] == "offline":
         check_heldout(heldout, tasks)  # the held-out task shares no text with any expert task
     private_id, mbc_id = f"local://{out / 'library'}", f"local://{out / 'mbc_library'}"
     train_logs = _train_all(cfg, private_id, [(t, t, None) for t in tasks], out)
@@ -93,7 +95,9 @@ def run_notebook(cfg: dict[str, Any], rd: RunDir) -> dict[str, Any]:
 
     rouge_scores, per_task, top_k, losses = {}, {}, {}, {}
     for suffix, lib_id in (("", private_id), ("_mbc", mbc_id)):
-        model = MultiExpertModel.from_pretrained_library(lib_id, {"name": "task_name"})
+        model = MultiExpertModel.from_pretrained_library(
+            lib_id, {"name": "task_name"}, device=device, dtype=dtype
+        )
         for name, sel in (("oracle", {"name": "task_name"}), ("uniform", {"name": "uniform"})):
             model.set_selector(sel)
             r = rouge(model, "test")
@@ -115,15 +119,23 @@ def run_notebook(cfg: dict[str, Any], rd: RunDir) -> dict[str, Any]:
             model.save_pretrained(out / "arrow_model")
         top_k[f"validation{suffix}"] = val
 
-    base, tok = load_base(cfg["base_model"])
-    downstream = {"base": downstream_evaluate(base, tok, heldout)["acc"]}
+    del model
+    base, tok = load_base(cfg["base_model"], device, dtype)
+    scores = {"base": downstream_scores(base, tok, cfg, heldout)}
+    del base
     for name in ("uniform", "arrow"):  # reloaded as the notebook does: from_pretrained of the saved model
-        m = MultiExpertModel.from_pretrained(out / f"{name}_model")
-        downstream[name] = downstream_evaluate(m.model, m.tokenizer, heldout)["acc"]
+        m = MultiExpertModel.from_pretrained(out / f"{name}_model", device, dtype)
+        scores[name] = downstream_scores(m.model, m.tokenizer, cfg, heldout)
+    # one number per model: the held-out task's accuracy, or the mean over the lm-eval tasks
+    key = HELDOUT_TASK if offline_heldout else "average"
+    downstream = {name: s[key] for name, s in scores.items()}
 
     plot_bars(rd, "rouge_in_distribution", rouge_scores, "Rouge-L (test)")
-    plot_bars(rd, "downstream_heldout", downstream, f"accuracy on {heldout[0]['task']}")
+    label = f"accuracy on {HELDOUT_TASK}" if offline_heldout else "mean score over the lm-eval tasks"
+    plot_bars(rd, "downstream_heldout", downstream, label)
     plot_bars(rd, "target_loss_in_distribution", losses, "target loss (test, lower is better)")
     metrics = {"rouge": rouge_scores, "loss": losses, "downstream": downstream}
+    if not offline_heldout:
+        per_task["downstream"] = scores
     rd.write_results(metrics, per_task=per_task, clusters=clusters, arrow_top_k=top_k, training=train_logs)
     return metrics

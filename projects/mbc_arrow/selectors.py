@@ -58,7 +58,7 @@ def route(
             task_ids = task_ids.expand(lead[0])
         if task_ids.shape[0] != lead[0]:
             raise RuntimeError(f"{task_ids.shape[0]} task names for a batch of {lead[0]}")
-        idx = task_ids.reshape(-1, *([1] * len(lead))).expand(*lead, 1)
+        idx = task_ids.to(x.device).reshape(-1, *([1] * len(lead))).expand(*lead, 1)
         return torch.ones(*lead, 1, dtype=x.dtype, device=x.device), idx
     if cfg["name"] == "uniform":
         idx = torch.arange(n_experts, device=x.device).expand(*lead, n_experts)

@@ -1,7 +1,8 @@
 """Expert tasks as text-to-text data, cluster unions, and the held-out multiple-choice task.
 
 Tiny scale: the offline text tasks of `common.data` (two natural groups: tweet sentiment per topic, and
-classification of other texts). Paper scale: FLAN tasks from `sordonia/flan-10k-flat` (mttl's data).
+classification of other texts). Paper scale: FLAN tasks from `sordonia/flan-10k-flat` (mttl's data; the notebook's
+`sordonia/flan-debug-flat` for GPT-Neo) and lm-eval's tasks for the zero-shot table.
 Prompt format (ours, both scales): "<source>\\nAnswer:" then " <target>" + EOS; the loss is on the target.
 The held-out task (the notebook's Arc-Easy step): sentiment of tweets on none of the five topics, as
 multiple choice through lm-eval; it shares no text with any expert task (checked with assert_disjoint_text).
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,26 @@ TINY_TASKS = (
     "champ_category",
 )
 HELDOUT_TASK = "tweet_sentiment_other"
-FLAN_ID = "sordonia/flan-10k-flat"
+# The paper's zero-shot table (Ostapenko et al. 2024, Table 2; mttl's `pipeline_eval_tasks=all` without
+# MMLU) as lm-eval task names. mttl's BBH evaluator answers directly after few-shot examples, which is
+# lm-eval's `bbh_fewshot` (its `bbh` group is chain-of-thought).
+PAPER_ZERO_SHOT = (
+    "arc_challenge",
+    "arc_easy",
+    "boolq",
+    "hellaswag",
+    "humaneval",
+    "mbpp",
+    "openbookqa",
+    "piqa",
+    "bbh_fewshot",
+    "winogrande",
+)
+CODE_TASKS = ("humaneval", "mbpp")  # lm-eval scores these by executing the generated code
+# mttl's `dataset` values: the FLAN library (<=10k examples per task) and the notebook's small copy.
+FLAN_IDS = {"flan": "sordonia/flan-10k-flat", "sordonia/flan-10k-flat": "sordonia/flan-10k-flat"}
+FLAN_IDS["sordonia/flan-debug-flat"] = "sordonia/flan-debug-flat"
+FLAN_ID = FLAN_IDS["flan"]
 PROMPT = "{source}\nAnswer:"
 
 
@@ -68,8 +88,8 @@ def task_data(
     max_eval: int | None = None,
 ) -> DatasetDict:
     """Train/validation/test (task, source, target) over the union of `task_names`, each task capped."""
-    if dataset == "flan":
-        splits, _ = load(FLAN_ID, task_names=list(task_names))
+    if dataset in FLAN_IDS:
+        splits, _ = load(FLAN_IDS[dataset], task_names=list(task_names))
         per_task = {t: splits.filter(lambda x, t=t: x == t, input_columns="task") for t in task_names}
     elif dataset == "offline":
         unknown = [t for t in task_names if t not in DATASETS]
@@ -77,7 +97,7 @@ def task_data(
             raise KeyError(f"unknown offline task(s) {unknown}; tiny tasks: {list(TINY_TASKS)}")
         per_task = {t: load(t, seed=PRETRAIN_SPLIT_SEED)[0] for t in task_names}
     else:
-        raise ValueError(f"dataset must be 'offline' or 'flan', got {dataset!r}")
+        raise ValueError(f"dataset must be 'offline' or one of {sorted(FLAN_IDS)}, got {dataset!r}")
     out = {}
     for split, cap in (("train", max_train), ("validation", max_eval), ("test", max_eval)):
         parts = [
@@ -106,25 +126,33 @@ def heldout_task(n: int = 300, seed: int = 0) -> Dataset:
     return records(HELDOUT_TASK, "tweet_sentiment", texts, labels, SENTIMENTS, texts)
 
 
-def downstream_task(name: str, n: int) -> Dataset:
-    """The held-out multiple-choice task: ours offline, or ARC-Easy from the hub (the notebook's, network only)."""
-    if name == HELDOUT_TASK:
-        return heldout_task(n)
-    if name == "arc_easy":
-        from datasets import load_dataset
-
-        ds = load_dataset("allenai/ai2_arc", "ARC-Easy", split="test")
-        return ds.map(
-            lambda r: {
-                "task": "arc_easy",
-                # lm-eval's arc_easy prompt
-                "source": f"Question: {r['question']}",
-                "choices": r["choices"]["text"],
-                "label": r["choices"]["label"].index(r["answerKey"]),
-            },
-            remove_columns=ds.column_names,
+def downstream_tasks(cfg: Mapping[str, Any]) -> list[str]:
+    """`downstream_task` as a list of names: ours offline (`tweet_sentiment_other`), or lm-eval task names
+    (the paper's zero-shot table, `PAPER_ZERO_SHOT`; the notebook's `arc_easy`). A paper-scale run that
+    names the offline task is refused: it would report a tiny task as the paper's table."""
+    spec = cfg["downstream_task"]
+    names = [spec] if isinstance(spec, str) else list(spec or [])
+    if not names:
+        raise ValueError("downstream_task is empty: name the held-out task(s)")
+    if HELDOUT_TASK in names and (len(names) > 1 or cfg.get("scale") == "paper"):
+        raise ValueError(
+            f"downstream_task={spec!r}: {HELDOUT_TASK!r} is the offline tiny task and runs alone; at paper "
+            f"scale name lm-eval tasks, e.g. downstream_task=[{','.join(PAPER_ZERO_SHOT)}]"
         )
-    raise KeyError(f"unknown downstream task {name!r}; choices: {HELDOUT_TASK!r}, 'arc_easy'")
+    code = sorted(set(names) & set(CODE_TASKS))
+    if code and not cfg.get("allow_code_execution"):
+        raise ValueError(
+            f"downstream_task includes {code}, which lm-eval scores by running the generated code: "
+            "set allow_code_execution=true to run it (in a sandbox you trust), or leave them out"
+        )
+    return names
+
+
+def downstream_task(name: str, n: int) -> Dataset:
+    """Our offline held-out multiple-choice task as data (the lm-eval tasks are read by lm-eval itself)."""
+    if name != HELDOUT_TASK:
+        raise KeyError(f"{name!r} is not the offline held-out task {HELDOUT_TASK!r}")
+    return heldout_task(n)
 
 
 def check_heldout(heldout: Dataset, task_names: Sequence[str]) -> None:

@@ -22,7 +22,7 @@ from common.adapters import lora_config, save_adapter
 from common.evaluation import IGNORE_INDEX
 from common.training import TrainConfig, train
 from projects.mbc_arrow.arrow import tie_groups
-from projects.mbc_arrow.expert_model import load_base
+from projects.mbc_arrow.expert_model import load_base, precision
 from projects.mbc_arrow.library import ExpertInfo, ExpertLibrary
 from projects.mbc_arrow.tasks import PROMPT, resolve_task_names, task_data
 
@@ -80,8 +80,9 @@ def mean_loss(
 ) -> float:
     """Token-weighted mean target loss over `examples`."""
     fn, total, count = collate(pad_id), 0.0, 0
+    device = next(model.parameters()).device
     for i in range(0, len(examples), batch_size):
-        batch = fn(examples[i : i + batch_size])
+        batch = {k: v.to(device) for k, v in fn(examples[i : i + batch_size]).items()}
         n_tok = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         total += float(model(**batch).loss) * n_tok
         count += n_tok
@@ -96,7 +97,9 @@ def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -
         tasks, dataset=cfg["dataset"], max_train=cfg["max_train_examples"], max_eval=cfg["max_eval_examples"]
     )
     torch.manual_seed(cfg["seed"])
-    model, tok = load_base(cfg["base_model"])
+    model, tok = load_base(
+        cfg["base_model"], cfg["device"]
+    )  # fp32 weights; bf16 autocast when precision=bf16
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     lcfg = lora_config(
         model.config.model_type,
@@ -131,6 +134,7 @@ def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -
         batch_size=cfg["micro_batch_size"],
         eval_every=cfg["eval_every"] or steps,
         log_every=max(1, steps // 10),
+        mixed_precision=precision(cfg["precision"])[0],
     )
     best: dict[str, Any] = {"val_loss": math.inf, "state": None}
 
@@ -146,7 +150,14 @@ def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -
     base_val = mean_loss(peft_model, val_set, pad_id)
     examples = Dataset.from_list(train_set)  # map-style: batched and reshuffled by `train` from the seed
     result = train(
-        peft_model, lm_loss, examples, tcfg, run_dir, collate_fn=collate(pad_id), eval_fn=keep_best
+        peft_model,
+        lm_loss,
+        examples,
+        tcfg,
+        run_dir,
+        collate_fn=collate(pad_id),
+        eval_fn=keep_best,
+        device=cfg["device"],
     )
     params = dict(peft_model.named_parameters())
     with torch.no_grad():

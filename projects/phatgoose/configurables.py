@@ -52,15 +52,29 @@ def model_name(model_name_or_path: str = "google/t5-xl-lm-adapt") -> str:
     return model_name_or_path
 
 
-@gin.configurable("Model", allowlist=["init_moma_calls"])
-def model_settings(init_moma_calls: Sequence[Any] | None = None) -> dict[str, Any]:
-    """`init_moma_calls=[]` (the README's multitask evaluation) means: the plain model, no expert loaded."""
+# The original's `Model.mix_precision` -> common.training's `mixed_precision` (anything else: float32).
+MIX_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no", "32": "no"}
+
+
+@gin.configurable("Model", allowlist=["init_moma_calls", "mix_precision", "device"])
+def model_settings(
+    init_moma_calls: Sequence[Any] | None = None, mix_precision: str = "bf16", device: str = "auto"
+) -> dict[str, Any]:
+    """`init_moma_calls=[]` (the README's multitask evaluation) means: the plain model, no expert loaded.
+    `mix_precision` (the original's: bf16) trains under that autocast and evaluates a model in that dtype;
+    `device`: auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
     if init_moma_calls not in (None, []) and list(init_moma_calls) != []:
         raise ValueError(
             "Model.init_moma_calls: only [] (evaluate the plain model) is supported; experts are loaded "
             "from exp_out/<exp_name>/checkpoint"
         )
-    return {"load_experts": init_moma_calls is None}
+    if str(mix_precision) not in MIX_PRECISION:
+        raise ValueError(f"Model.mix_precision must be one of {sorted(MIX_PRECISION)}, got {mix_precision!r}")
+    return {
+        "load_experts": init_moma_calls is None,
+        "mixed_precision": MIX_PRECISION[str(mix_precision)],
+        "device": device,
+    }
 
 
 @dataclass

@@ -6,6 +6,7 @@ W' = W + B A / r (lora_alpha = 1), A ~ N(0, init_scale²), B = 0; seq2seq cross-
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -67,12 +68,14 @@ class TrainSettings:
         )
 
 
-def load_base(name_or_path: str) -> tuple[nn.Module, Any]:
-    """(T5 model, tokenizer) from a tiny-base spec, a local folder or a hub id."""
+def load_base(
+    name_or_path: str, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, Any]:
+    """(T5 model, tokenizer) from a tiny-base spec, a local folder or a hub id, on `device` in `dtype`."""
     from transformers import AutoTokenizer
 
     path = resolve_base(name_or_path)
-    model = load_model(path)
+    model = load_model(path, device=device, dtype=dtype)
     if not model.config.is_encoder_decoder:
         raise ValueError(
             f"PHATGOOSE needs an encoder-decoder (T5) base, {name_or_path} is {model.config.model_type}"
@@ -129,14 +132,17 @@ def train_lora_expert(
     name: str = "expert",
     seed: int | None = None,
     validate: Callable[[nn.Module, Any], float] | None = None,
+    device: str | torch.device = "auto",
+    mixed_precision: str = "no",
 ) -> Path:
     """Train one LoRA (base frozen) on `data` (source, target); the PEFT adapter goes to `out/checkpoint`.
 
     With `settings.validation_step_interval` and `validate(model, tokenizer) -> accuracy`, the model is
     validated every that many steps and the best step's weights are kept (the first of equals), as the
-    original's `best.pt`; otherwise the last step's.
+    original's `best.pt`; otherwise the last step's. The weights stay float32; `mixed_precision="bf16"`
+    trains under bf16 autocast (the original's `Model.mix_precision`).
     """
-    model, tokenizer = load_base(base)
+    model, tokenizer = load_base(base, device)
     model = add_adapter(model, lora_config("t5", rank, 1.0, target_modules=list(target_modules)))
     model.peft_config["default"].base_model_name_or_path = resolve_base(base)
     torch.manual_seed(settings.seed if seed is None else seed)
@@ -151,11 +157,12 @@ def train_lora_expert(
         model,
         seq2seq_loss,
         data,
-        settings.train_config(seed),
+        dataclasses.replace(settings.train_config(seed), mixed_precision=mixed_precision),
         out / "training",
         collate_fn=seq2seq_collate(tokenizer, settings.max_length),
         eval_fn=eval_fn,
         resume=True,
+        device=device,
     )
     meta = {"name": name, "stage": "lora", "base": base}
     if eval_fn is not None and result.evals:

@@ -8,9 +8,11 @@ expert's routing key (`library.use_input_gate_as_router`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 
 from common.training import train
@@ -34,9 +36,11 @@ def train_gate(
     settings: TrainSettings,
     *,
     seed: int | None = None,
+    device: str | torch.device = "auto",
+    mixed_precision: str = "no",
 ) -> Path:
     """Train the gates of the expert at `expert_path` on `data`; write expert + gates to `out/checkpoint`."""
-    model, tokenizer = load_base(base)
+    model, tokenizer = load_base(base, device)
     expert = read_expert(expert_path)
     modules = attach_experts(model, [expert])  # freezes everything
     gates = {name: m.add_gate() for name, m in modules.items()}
@@ -47,11 +51,12 @@ def train_gate(
         model,
         seq2seq_loss,
         data,
-        settings.train_config(seed),
+        dataclasses.replace(settings.train_config(seed), mixed_precision=mixed_precision),
         out / "training",
         collate_fn=seq2seq_collate(tokenizer, settings.max_length),
         params=list(gates.values()),
         resume=True,
+        device=device,
     )
     model.eval()
     expert.gate = {name: g.detach().clone() for name, g in gates.items()}

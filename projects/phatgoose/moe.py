@@ -72,12 +72,16 @@ class MoELoRALinear(nn.Module):
         self.register_buffer("A", A)  # (E, r, d_in)
         self.register_buffer("B", experts_b_rows(B))  # (E, d_out, r), stored as (E, r, d_out) rows
         self.register_buffer("scaling", scaling)  # (E,)
-        self.register_buffer("keys", torch.zeros(n_experts, d_in) if keys is None else keys)  # (E, d_in)
+        if keys is None:  # on the experts' device: the routing scores take keys and inputs together
+            keys = torch.zeros(n_experts, d_in, dtype=A.dtype, device=A.device)
+        self.register_buffer("keys", keys)  # (E, d_in)
         self.gate: nn.Parameter | None = None
         self.topk_value, self.normalize_topk = topk_value, normalize_topk
         self.mode, self.fixed_expert = "route", 0
         self.record = False
-        self.register_buffer("counts", torch.zeros(n_experts), persistent=False)  # top-k picks per expert
+        self.register_buffer(
+            "counts", torch.zeros(n_experts, device=A.device), persistent=False
+        )  # top-k picks per expert
         self.inputs: list[
             torch.Tensor
         ] = []  # module inputs, kept while `capture` is set (Average Activation)

@@ -16,6 +16,7 @@ import gin
 
 from common.io import load_tensors, read_json, save_tensors, write_json
 from common.rundir import RunDir
+from common.training import eval_dtype
 from projects.phatgoose import configurables as C
 from projects.phatgoose import library as L
 from projects.phatgoose.baselines import Retriever, average_hiddens, retrieval_text
@@ -68,6 +69,18 @@ def _base() -> str:
     return C.scoped("M/MODEL", C.model_name)
 
 
+def _placement() -> dict[str, Any]:
+    """{"device", "mixed_precision"} of `M/MODEL/Model`: where the model runs and its training autocast."""
+    opts = C.scoped("M/MODEL", C.model_settings)
+    return {"device": opts["device"], "mixed_precision": opts["mixed_precision"]}
+
+
+def _load_for_eval() -> tuple[Any, Any]:
+    """The base on `Model.device`, in the dtype `Model.mix_precision` trains in (bf16 at paper scale)."""
+    opts = _placement()
+    return load_base(_base(), opts["device"], eval_dtype(opts["mixed_precision"]))
+
+
 def _train_rows(dataset: str):
     return load_task(dataset)["train"]
 
@@ -89,6 +102,7 @@ def train_single_task_loralinear(exp_name: str, dataset: str, seed: int | None =
         name=dataset_name(dataset),
         seed=seed,
         validate=_validator(dataset) if settings.validation_step_interval else None,
+        **_placement(),
     )
     run.write_results({"steps": settings.num_steps}, dataset=dataset)
     return out / CHECKPOINT
@@ -137,6 +151,7 @@ def train_multitask(exp_name: str, datasets: Sequence[str], seed: int | None = N
         target_modules=moe.target_modules,
         name="multitask",
         seed=seed,
+        **_placement(),
     )
     run.write_results({"steps": settings.num_steps})
     return out / CHECKPOINT
@@ -153,7 +168,9 @@ def train_gate_step(exp_name: str, dataset: str, old_exp_name: str, seed: int | 
         dataset=dataset,
         old_exp_name=old_exp_name,
     )
-    train_gate(_base(), checkpoint(old_exp_name), _train_rows(dataset), out, settings, seed=seed)
+    train_gate(
+        _base(), checkpoint(old_exp_name), _train_rows(dataset), out, settings, seed=seed, **_placement()
+    )
     run.write_results({"steps": settings.num_steps}, dataset=dataset)
     return out / CHECKPOINT
 
@@ -221,7 +238,7 @@ def concatenate(
         dec = C.scoped("M/MODEL/DECODER", C.expose_hidden) or "mean"
         n_ex = C.average_hiddens_settings()
         settings = C.scoped("P/TRAIN", C.trainer_settings)
-        model, tok = load_base(_base())
+        model, tok = _load_for_eval()
         attach_experts(model, L.read_library(out))
         keys = {}
         for i, n in enumerate(names):
@@ -292,7 +309,7 @@ def evaluate(
     main = C.main_settings()
     moe = C.scoped("M/MODEL", C.moe_settings)
     load_experts = C.scoped("M/MODEL", C.model_settings)["load_experts"] if plain is None else not plain
-    model, tok = load_base(_base())
+    model, tok = _load_for_eval()
     names: list[str] = []
     retriever = None
     if load_experts:

@@ -25,9 +25,9 @@ def evaluate(
     include_path: str | os.PathLike | None = None,
     batch_size: int = 8,
     limit: int | float | None = None,
-    device: str = "cpu",
+    device: str = "auto",
 ) -> dict[str, dict[str, Any]]:
-    """Per-task lm-eval metrics of a saved (SMILE or plain) causal LM."""
+    """Per-task lm-eval metrics of a saved (SMILE or plain) causal LM, on `device` ("auto": cuda if any)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from common.lm_eval_bridge import evaluate_in_memory

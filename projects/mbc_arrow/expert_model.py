@@ -22,9 +22,8 @@ from transformers import AutoTokenizer
 
 from common.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from common.models import load_model
-from common.routing import experts_b_rows, routed_lowrank
 from common.registry import lookup
-
+from common.routing import experts_b_rows, routed_lowrank
 from projects.mbc_arrow.arrow import arrow_prototypes, arrow_transform
 from projects.mbc_arrow.library import (
     ExpertLibrary,

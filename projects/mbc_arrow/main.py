@@ -168,9 +168,14 @@ def cmd_library(cfg: dict[str, Any], action: str) -> Any:
     if action == "clone":
         need(cfg, "destination_id")
         return get_expert_library(cfg["library_id"]).clone(cfg["destination_id"], force=cfg["force"]).keys()
+    if action == "add" and not cfg.get("base_model"):
+        raise SystemExit(
+            "error: `library add` needs base_model=... (with -k): the base the adapter was trained on, "
+            "e.g. base_model=tiny:gpt_neo, a local folder or a hub id"
+        )
     lib = get_expert_library(cfg["library_id"], create=action == "add")
     if action == "add":
-        need(cfg, "adapter_path", "expert_name", "base_model")
+        need(cfg, "adapter_path", "expert_name")
         info = ExpertInfo(
             expert_name=cfg["expert_name"],
             expert_task_name=cfg["task_name"] or cfg["expert_name"],
@@ -278,7 +283,10 @@ def parse(argv: list[str] | None = None) -> tuple[str, str | None, dict[str, Any
     args = p.parse_args(argv)
     if (args.command == "library") != (args.action is not None):
         p.error("`library` takes one action of " + ", ".join(LIBRARY_ACTIONS) + "; other commands take none")
-    return args.command, args.action, load_config(DEFAULTS, args.config, args.keys)
+    defaults = DEFAULTS
+    if args.action == "add":  # an expert's base is a fact about it: never the default, never guessed
+        defaults = {**DEFAULTS, "base_model": None}
+    return args.command, args.action, load_config(defaults, args.config, args.keys)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,7 @@ import sys
 from typing import Any
 
 from common.config import load_config
+from common.distributed import prepare_process
 from common.io import write_json
 from common.rundir import RunDir, seed_everything
 from projects.mbc_arrow import arrow, clustering
@@ -290,6 +291,7 @@ def parse(argv: list[str] | None = None) -> tuple[str, str | None, dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> None:
+    prepare_process()  # one report from a multi-process launch; say if the launcher ignored a request
     command, action, cfg = parse(argv)
     try:
         out = cmd_library(cfg, action) if command == "library" else COMMANDS[command](cfg)

@@ -192,9 +192,10 @@ def _tiny_key(name: str, scale: str) -> dict[str, Any]:
     return {"name": name, "scale": scale, "version": VERSION, **asdict(spec(name, scale))}
 
 
-# Rough one-CPU-core times, announced before a build starts (tiny gpt_neo measured 9 min in issue 20).
+# Rough one-CPU-core times, said before a build starts: the README's table measured 18-285 s per tiny base on
+# one thread (the other core busy); issue 20 saw 9 minutes for tiny gpt_neo on a loaded machine.
 EXPECTED_BUILD = {
-    "tiny": "about 5-15 minutes on one CPU core",
+    "tiny": "about 3-10 minutes on one CPU core",
     "micro": "a few seconds",
     "real": "about a minute",
 }

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from common.distributed import prepare_process
+from common.distributed import is_main_process, prepare_process
 from common.io import read_json, save_tensors
 from common.rundir import RunDir, seed_everything
 from projects.mats.experiment import (
@@ -168,6 +168,8 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> None:
         _launch_distributed(argv, args.world_size)
         return
     run_dir = train_model(cfg)
+    if not is_main_process():  # every process trained; rank 0 registers the checkpoint and reports
+        return
     if args.register:
         best = read_json(run_dir / "results.json")["checkpoint"]
         register_checkpoint(args.register, name_of_model(cfg), cfg["experiment"]["instruction_format"],

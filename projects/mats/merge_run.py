@@ -13,13 +13,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from common.io import load_tensors, save_tensors, write_json
+from common.io import load_tensors, write_json
 from common.registry import lookup
 from common.rundir import RunDir
 from projects.mats.experiment import checkpoint_paths, eval_data, evaluate, merge_dir
 from projects.mats.merging import MergeError
 from projects.mats.methods import METHODS
-from projects.mats.model import build, load_state, read_state, state_of
+from projects.mats.model import build, load_state, read_state, save_model, state_of
 from projects.mats.tasks import tasks_of
 
 
@@ -28,7 +28,7 @@ def metadata_dir(checkpoint: str | Path) -> Path:
 
 
 def checkpoint_stem(checkpoint: str | Path) -> str:
-    """'checkpoint_7' for '.../checkpoint_7.safetensors'."""
+    """'checkpoint_7' for '.../checkpoint_7' (or the earlier '.../checkpoint_7.safetensors')."""
     return Path(checkpoint).name.split(".")[0]
 
 
@@ -116,7 +116,8 @@ def run_merge(
     true_fisher: bool = False,
     scale: str | None = None,
 ) -> dict[str, Any]:
-    """Merge, sweep λ on validation, save the best as {method_dir}/model_lambda_{λ}/merged_model.safetensors."""
+    """Merge, sweep λ on validation, save the best as {method_dir}/model_lambda_{λ}/merged_model/
+    (a `save_pretrained` folder, or a PEFT adapter folder for (IA)^3)."""
     merge = lookup(METHODS, method, "merge method")
     hparams = dict(hparams or {})
     tasks = tasks_of(mixture)
@@ -128,9 +129,9 @@ def run_merge(
     stats = load_stats(
         list(paths.values()), stats_kinds(method, hparams), split=split, true_fisher=true_fisher
     )
-    if isinstance(hparams.get("initialization"), (str, Path)) and Path(hparams["initialization"]).suffix in (
-        ".safetensors",
-        ".pt",
+    init = hparams.get("initialization")
+    if isinstance(init, (str, Path)) and (
+        Path(init).suffix in (".safetensors", ".pt") or Path(init).is_dir()
     ):
         hparams["initialization"] = read_state(hparams["initialization"])
     val = eval_data(cfg, split="validation", dataset=mixture)
@@ -149,7 +150,8 @@ def run_merge(
             best = (lam, scores, merged)
     lam, scores, merged = best
     lam_dir = out_dir / f"model_lambda_{lam}"
-    save_tensors(lam_dir / "merged_model.safetensors", merged)
+    load_state(model, fmt, merged, where=f"{method} merge")
+    save_model(model, fmt, lam_dir / "merged_model", tokenizer)
     if method == "conjugate_gradient":
         write_json(out_dir / "log.json", log)
     config = {**cfg, "eval_dataset": {**cfg["eval_dataset"], "evaluation_dataset": mixture}}
@@ -158,7 +160,7 @@ def run_merge(
     RunDir(out_dir, project="mats", experiment=f"merge_{method_dir}", scale=scale or cfg["model"]["scale"],
            seed=None, config=config).write_results(
         {"validation": scores, "model_lambda": lam}, merge=merge_info, sweep=sweep,
-        merged_model=str(lam_dir / "merged_model.safetensors"),
+        merged_model=str(lam_dir / "merged_model"),
     )  # fmt: skip
-    return {"model_lambda": lam, "validation": scores, "merged_model": lam_dir / "merged_model.safetensors",
+    return {"model_lambda": lam, "validation": scores, "merged_model": lam_dir / "merged_model",
             "out_dir": out_dir, "sweep": sweep}  # fmt: skip

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 
 from common.adapters import add_adapter, ia3_config
 from common.evaluation import IGNORE_INDEX, encode_pair
-from common.io import load_tensors, torch_load_safe
+from common.io import atomic_dir, load_tensors, torch_load_safe
 from common.models import load_model
 from common.tiny_world import tiny_base
 
@@ -91,9 +91,44 @@ def load_state(model: nn.Module, fmt: str, state: Mapping[str, torch.Tensor], wh
             p.copy_(state[k])
 
 
+def save_model(model: nn.Module, fmt: str, folder: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """A checkpoint or merged model (the weights `model` holds) as a folder the ecosystem reads, atomically:
+    (IA)^3 -> a PEFT adapter folder (`PeftModel.from_pretrained(base, folder)`), full fine-tuning -> a
+    `save_pretrained` folder (`AutoModelForSeq2SeqLM` / `AutoModelForCausalLM`, lm-eval, mergekit);
+    the tokenizer beside it. (The original saves bare state dicts; no library reads those.)"""
+    with atomic_dir(folder) as tmp:
+        # a PeftModel saves adapter_config.json + adapter_model.safetensors; a full model its config + weights
+        model.save_pretrained(tmp)
+        if tokenizer is not None and fmt != "ia3":
+            tokenizer.save_pretrained(tmp)
+    return Path(folder)
+
+
+def _adapter_state(folder: Path) -> dict[str, torch.Tensor]:
+    """An (IA)^3 adapter folder's vectors under this model's parameter names (peft stores them without the
+    adapter name: `...k.ia3_l` is the parameter `...k.ia3_l.default`)."""
+    from peft import PeftConfig, PeftType
+    from peft.utils import load_peft_weights
+
+    config = PeftConfig.from_pretrained(str(folder))
+    if config.peft_type != PeftType.IA3:
+        raise ValueError(f"{folder} holds a {config.peft_type} adapter; MaTS merges (IA)^3 adapters only")
+    return {f"{k}.default": v for k, v in load_peft_weights(str(folder)).items()}
+
+
 def read_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A merged model or checkpoint: safetensors, or a `.pt` read with weights_only=True."""
+    """A checkpoint or merged model: a PEFT (IA)^3 folder, a `save_pretrained` folder, or (the earlier
+    layout, and the streaming merge's output) a bare safetensors state, or a `.pt` read with weights_only=True."""
     path = Path(path)
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            return _adapter_state(path)
+        if (path / "config.json").is_file():
+            return state_of(load_model(path), "full_model")
+        raise FileNotFoundError(
+            f"{path} is neither a PEFT adapter folder (adapter_config.json) nor a save_pretrained folder "
+            "(config.json)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint or merged model at {path}")
     if path.suffix == ".safetensors":

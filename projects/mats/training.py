@@ -1,12 +1,13 @@
 """Fine-tune one expert (a single task) or the multitask model (a mixture), fully or with (IA)^3.
 
 As the original (`src/training.py`): AdamW at a constant rate, evaluation every `checkpoint_frequency`
-steps on the validation split, the best checkpoint kept as `checkpoint_{idx}.safetensors`, and early
+steps on the validation split, the best checkpoint kept as `checkpoint_{idx}/` (a PEFT (IA)^3 adapter folder or a `save_pretrained` folder), and early
 stopping after `early_stopping_num_checkpoints_without_improvement` checkpoints without improvement.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 from accelerate import PartialState
 from datasets import Dataset
 
-from common.io import save_tensors, write_json
+from common.io import write_json
 from common.rundir import RunDir, seed_everything
 from common.training import TrainConfig, train
 from projects.mats.experiment import eval_data, evaluate, name_of_model
@@ -25,7 +26,7 @@ from projects.mats.model import (
     example_log_probs,
     is_encoder_decoder,
     merged_parameters,
-    state_of,
+    save_model,
 )
 from projects.mats.tasks import answer, load_mixture
 
@@ -106,10 +107,10 @@ def train_model(cfg: Mapping[str, Any], run_dir: str | Path | None = None, scale
         history.append({"checkpoint_idx": idx, **scores})
         if scores["average"] > best["score"]:
             if PartialState().is_main_process:
-                old = run_dir / f"checkpoint_{best['idx']}.safetensors"
-                save_tensors(run_dir / f"checkpoint_{idx}.safetensors", state_of(m, fmt))
-                if best["idx"] is not None and old.exists():
-                    old.unlink()
+                old = run_dir / f"checkpoint_{best['idx']}"
+                save_model(model, fmt, run_dir / f"checkpoint_{idx}", tokenizer)
+                if best["idx"] is not None and old.is_dir():
+                    shutil.rmtree(old)
             best.update(score=scores["average"], idx=idx)
         elif idx - best["idx"] >= patience:
             raise EarlyStop
@@ -130,6 +131,6 @@ def train_model(cfg: Mapping[str, Any], run_dir: str | Path | None = None, scale
             "best_checkpoint_idx": best["idx"],
             "stopped_early": stopped_early,
         },
-        checkpoint=str(run_dir / f"checkpoint_{best['idx']}.safetensors"),
+        checkpoint=str(run_dir / f"checkpoint_{best['idx']}"),
     )
     return run_dir

@@ -24,12 +24,12 @@ from common.io import atomic_dir, load_tensors, read_json, save_tensors, write_j
 from common.models import load_model
 from common.registry import lookup
 from common.routing import experts_b_rows, routed_lowrank
+from common.tiny_world import resolve_base
 from projects.mbc_arrow.arrow import arrow_prototypes, arrow_transform
 from projects.mbc_arrow.library import (
     ExpertLibrary,
     LibraryError,
     get_expert_library,
-    resolve_base,
     same_base,
 )
 from projects.mbc_arrow.selectors import route, selector_config

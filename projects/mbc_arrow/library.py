@@ -27,7 +27,7 @@ import torch
 
 from common.adapters import ADAPTER_CONFIG, LoraFactors, SavedAdapter, load_adapter, lora_factors_from_state
 from common.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
-from common.tiny_world import resolve_base
+from common.tiny_world import base_identity
 
 FORMAT = {"format": "moerging.expert_library", "version": 1}
 INFO = "expert_info.json"
@@ -70,8 +70,9 @@ class Expert:
 
 
 def same_base(a: str, b: str) -> bool:
-    """Two base-model names for the same model (compared by folder / repo name, specs resolved)."""
-    return Path(resolve_base(a)).name == Path(resolve_base(b)).name
+    """Two base-model names for the same model (compared by folder / repo name; a tiny/micro/real spec by
+    the name of the folder it resolves to, computed without building it)."""
+    return base_identity(a) == base_identity(b)
 
 
 def check_name(name: str) -> str:

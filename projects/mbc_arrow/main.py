@@ -22,6 +22,7 @@ import sys
 from typing import Any
 
 from common.config import load_config
+from common.distributed import prepare_process
 from common.io import write_json
 from common.rundir import RunDir, seed_everything
 from projects.mbc_arrow import arrow, clustering
@@ -174,9 +175,14 @@ def cmd_library(cfg: dict[str, Any], action: str) -> Any:
     if action == "clone":
         need(cfg, "destination_id")
         return get_expert_library(cfg["library_id"]).clone(cfg["destination_id"], force=cfg["force"]).keys()
+    if action == "add" and not cfg.get("base_model"):
+        raise SystemExit(
+            "error: `library add` needs base_model=... (with -k): the base the adapter was trained on, "
+            "e.g. base_model=tiny:gpt_neo, a local folder or a hub id"
+        )
     lib = get_expert_library(cfg["library_id"], create=action == "add")
     if action == "add":
-        need(cfg, "adapter_path", "expert_name", "base_model")
+        need(cfg, "adapter_path", "expert_name")
         info = ExpertInfo(
             expert_name=cfg["expert_name"],
             expert_task_name=cfg["task_name"] or cfg["expert_name"],
@@ -299,10 +305,14 @@ def parse(argv: list[str] | None = None) -> tuple[str, str | None, dict[str, Any
     args = p.parse_args(argv)
     if (args.command == "library") != (args.action is not None):
         p.error("`library` takes one action of " + ", ".join(LIBRARY_ACTIONS) + "; other commands take none")
-    return args.command, args.action, load_config(DEFAULTS, args.config, args.keys)
+    defaults = DEFAULTS
+    if args.action == "add":  # an expert's base is a fact about it: never the default, never guessed
+        defaults = {**DEFAULTS, "base_model": None}
+    return args.command, args.action, load_config(defaults, args.config, args.keys)
 
 
 def main(argv: list[str] | None = None) -> None:
+    prepare_process()  # one report from a multi-process launch; say if the launcher ignored a request
     command, action, cfg = parse(argv)
     try:
         out = cmd_library(cfg, action) if command == "library" else COMMANDS[command](cfg)

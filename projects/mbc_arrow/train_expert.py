@@ -20,6 +20,7 @@ from torch import nn
 
 from common.adapters import lora_config, save_adapter
 from common.evaluation import IGNORE_INDEX
+from common.tiny_world import resolve_base
 from common.training import TrainConfig, train
 from projects.mbc_arrow.arrow import tie_groups
 from projects.mbc_arrow.expert_model import load_base, precision
@@ -110,7 +111,9 @@ def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -
     )
     lcfg.target_modules = peft_targets(cfg["modify_layers"])
     peft_model = get_peft_model(model, lcfg)
-    peft_model.peft_config["default"].base_model_name_or_path = cfg["base_model"]
+    # a path or hub id that loads anywhere (AutoPeftModelForCausalLM): a tiny/micro spec resolved to its
+    # folder; the spec itself stays in extras.json and the library's info.json
+    peft_model.peft_config["default"].base_model_name_or_path = resolve_base(cfg["base_model"])
     tie_lora_a(peft_model, cfg["tie_params"])
     train_set, val_set = (
         [
@@ -170,7 +173,7 @@ def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -
         training_config={k: v for k, v in cfg.items() if isinstance(v, (str, int, float, bool, type(None)))},
     )
     with tempfile.TemporaryDirectory() as tmp:
-        save_adapter(peft_model, f"{tmp}/adapter")
+        save_adapter(peft_model, f"{tmp}/adapter", extras_meta={"base_model": cfg["base_model"]})
         library.add_adapter_dir(f"{tmp}/adapter", info, force=cfg["force"])
     return {
         "expert": name,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common.distributed import prepare_process
 from projects.phatgoose import configurables as C
 from projects.phatgoose import procedures as P
 
@@ -96,6 +97,7 @@ def run(argv: list[str] | None = None) -> object:
 
 
 def main(argv: list[str] | None = None) -> None:
+    prepare_process()  # one report from a multi-process launch; say if the launcher ignored a request
     out = run(argv)
     if isinstance(out, dict):
         print({k: v for k, v in out.items()})

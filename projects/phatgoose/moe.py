@@ -130,10 +130,14 @@ def attach_experts(
     if not experts:
         raise ValueError("attach_experts: no expert given")
     modules = list(experts[0].A)
-    for ex in experts[1:]:
-        if set(ex.A) != set(modules):
-            missing = sorted(set(modules) ^ set(ex.A))[:3]
-            raise ValueError(f"expert {ex.name!r} adapts other modules than {experts[0].name!r}: {missing}")
+    differ = [ex for ex in experts[1:] if set(ex.A) != set(modules)]
+    if differ:  # an expert without a module would need a zero LoRA there and a router key it never had
+        first = experts[0]
+        lines = [f"{ex.name!r} adapts {_module_summary(ex.A, modules)}" for ex in [first, *differ]]
+        raise ValueError(
+            "experts adapt different modules; PHATGOOSE routes among experts of the same modules: "
+            + "; ".join(lines)
+        )
     names = dict(model.named_modules())
     out = {}
     for m in modules:
@@ -141,8 +145,11 @@ def attach_experts(
             raise ValueError(f"expert module {m!r} is not a Linear of this model (another base model?)")
         base = names[m]
         ref = base.weight
-        A = torch.stack([ex.A[m] for ex in experts]).to(ref)
-        B = torch.stack([ex.B[m] for ex in experts]).to(ref)
+        # experts of different rank: zero-pad A's rows and B's columns to the largest rank (a zero rank
+        # direction adds nothing to B A x), as mbc_arrow's library does
+        r = max(ex.A[m].shape[0] for ex in experts)
+        A = torch.stack([F.pad(ex.A[m], (0, 0, 0, r - ex.A[m].shape[0])) for ex in experts]).to(ref)
+        B = torch.stack([F.pad(ex.B[m], (0, r - ex.B[m].shape[1])) for ex in experts]).to(ref)
         scaling = torch.tensor([ex.scaling for ex in experts]).to(ref)
         keys = None
         if all(m in ex.router for ex in experts):
@@ -154,6 +161,14 @@ def attach_experts(
     for p in model.parameters():
         p.requires_grad_(False)
     return out
+
+
+def _module_summary(adapted: Mapping[str, torch.Tensor], reference: Sequence[str]) -> str:
+    """'12 modules, rank 4' plus what differs from `reference` (a few names each way)."""
+    ranks = sorted({a.shape[0] for a in adapted.values()})
+    extra, missing = sorted(set(adapted) - set(reference))[:3], sorted(set(reference) - set(adapted))[:3]
+    diff = (f", not {missing}" if missing else "") + (f", also {extra}" if extra else "")
+    return f"{len(adapted)} modules, rank {'/'.join(map(str, ranks))}{diff}"
 
 
 def moe_modules(model: nn.Module) -> dict[str, MoELoRALinear]:

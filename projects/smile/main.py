@@ -23,6 +23,7 @@ import torch
 import transformers
 
 from common.config import ConfigError, load_config, merge, read_config_file
+from common.distributed import prepare_process
 from common.io import atomic_dir, write_json
 from common.registry import close_matches, lookup
 from common.rundir import RunDir, seed_everything
@@ -165,6 +166,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    prepare_process()  # one report from a multi-process launch; say if the launcher ignored a request
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

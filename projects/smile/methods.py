@@ -1,7 +1,8 @@
 """The methods `main.py` runs, as fusion_bench's `method=` group: `fn(cfg, pretrained, models) -> (model, info)`.
 
-`info` is merged into the report's `model_info`. Upscaled models are saved as a folder: the base
-`config.json`, `model.safetensors` and `smile.json` (which layers are upscaled, with which ranks).
+`info` is merged into the report's `model_info`. Upscaled models are saved with `save_pretrained` as the
+SMILE classes of `smile_models.py` (CLIP vision, T5) or `mistral.py` (Mistral, Llama), which load back
+through the Auto classes once the module is imported.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from common.device import resolve_device
-from common.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from common.io import atomic_dir, load_tensors, read_json
 from common.models import build_model, count_parameters
 from common.registry import lookup
 from projects.smile.merging import MERGES
@@ -50,8 +52,13 @@ def dummy(cfg: Mapping[str, Any], pretrained: nn.Module | None, models: dict[str
 
 def smile_upscaling(cfg: Mapping[str, Any], pretrained: nn.Module | None, models: dict[str, nn.Module]):
     """SMILE upscaling of every nn.Linear (projects/smile/upscale.py)."""
+    from projects.smile.smile_models import SMILE_CLASSES, as_smile_model, check_savable
+
     pretrained = _need_pretrained(pretrained, "smile_upscaling")
     _need_experts(models, "smile_upscaling")
+    model_type = getattr(getattr(pretrained, "config", None), "model_type", None)
+    if cfg.get("model_path"):
+        check_savable(model_type)  # before the upscaling, not after it
     device = resolve_device(cfg["device"])
     accelerator = resolve_device(cfg.get("upscaling_accelerator") or device)
     model, info = smile_upscale(
@@ -66,6 +73,10 @@ def smile_upscaling(cfg: Mapping[str, Any], pretrained: nn.Module | None, models
         targets=cfg.get("targets"),
         device=accelerator,
     )
+    if model_type in SMILE_CLASSES:  # evaluate the class that is saved
+        model = as_smile_model(
+            model, top_k=int(cfg["top_k"]), gate_k=info.gate_k, k=info.k, experts=list(models)
+        )
     model = model.to(device)
     smile = {
         "experts": list(models),
@@ -76,24 +87,36 @@ def smile_upscaling(cfg: Mapping[str, Any], pretrained: nn.Module | None, models
         "skipped_layers": info.skipped,
     }
     if cfg.get("model_path"):
-        save_upscaled(model, smile, cfg["model_path"])
+        save_smile_model(model, pretrained, cfg["model_path"])
     return model, {"added_params_formula": info.added_parameters, "smile": smile}
 
 
-def save_upscaled(model: nn.Module, smile: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """config.json + model.safetensors + smile.json, written atomically."""
+def save_smile_model(model: nn.Module, pretrained: nn.Module, path: str | os.PathLike) -> None:
+    """`save_pretrained` of a SMILE model (+ the base's tokenizer, if its folder has one), atomically."""
+    from transformers import AutoTokenizer
+
     with atomic_dir(path) as tmp:
-        if hasattr(model, "config"):
-            model.config.save_pretrained(tmp)
-        save_tensors(tmp / "model.safetensors", model.state_dict())
-        write_json(tmp / SMILE_FILE, dict(smile))
+        model.save_pretrained(tmp)
+        source = getattr(pretrained.config, "_name_or_path", "")
+        if source and (Path(source) / "tokenizer_config.json").is_file():
+            AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
 
 
 def load_upscaled(path: str | os.PathLike, family: str | None = None) -> nn.Module:
-    """Rebuild a saved upscaled model: the base architecture, its SMILE layers swapped in, the weights."""
+    """A saved upscaled model: through the Auto classes (SMILE CLIP vision / T5 / Mistral / Llama), or a
+    folder of the earlier layout (the base `config.json`, `model.safetensors`, `smile.json`)."""
     from transformers import AutoConfig
 
+    from projects.smile import mistral, smile_models
+
     path = Path(path)
+    if not (path / SMILE_FILE).is_file():
+        config = AutoConfig.from_pretrained(path)
+        autos = {c.model_type: auto for c, _, auto in smile_models.SMILE_CLASSES.values()}
+        autos |= {c.model_type: AutoModelForCausalLM for c, _ in mistral.SMILE_CLASSES.values()}
+        if config.model_type not in autos:
+            raise ValueError(f"{path} holds a {config.model_type!r} model, not a SMILE model")
+        return autos[config.model_type].from_pretrained(path).eval()
     smile = read_json(path / SMILE_FILE)
     model = build_model(AutoConfig.from_pretrained(path), family)
     n = len(smile["experts"])
@@ -176,13 +199,7 @@ def smile_mistral_upscaling(
         model = model.to(lookup(DTYPES, cfg["model_dtype"], "model_dtype"))
     model = model.to(resolve_device(cfg["device"]))
     if cfg.get("model_path"):
-        from transformers import AutoTokenizer
-
-        with atomic_dir(cfg["model_path"]) as tmp:
-            model.save_pretrained(tmp)
-            source = getattr(pretrained.config, "_name_or_path", "")
-            if source and (Path(source) / "tokenizer_config.json").is_file():
-                AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+        save_smile_model(model, pretrained, cfg["model_path"])
     return model, {"smile": {"experts": list(models), **info}}
 
 

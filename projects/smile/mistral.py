@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from common.device import resolve_device
+from projects.smile.smile_models import smile_model_from
 from projects.smile.upscale import SmileMoELinear, smile_shell, smile_upscale
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -91,21 +92,6 @@ for _config_cls, _model_cls in SMILE_CLASSES.values():
     AutoModelForCausalLM.register(_config_cls, _model_cls, exist_ok=True)
 
 
-def _smile_state(upscaled: nn.Module, smile_model: nn.Module, skipped: list[str]) -> dict[str, torch.Tensor]:
-    """The upscaled model's weights in the SMILE model's layout: a layer left pretrained (all deltas zero)
-    becomes a SMILE layer with zero experts and a zero gate, which computes the same output."""
-    state = dict(upscaled.state_dict())
-    target = smile_model.state_dict()
-    for name in skipped:
-        for part in ("weight", "bias"):
-            if f"{name}.{part}" in state:
-                state[f"{name}.pretrained.{part}"] = state.pop(f"{name}.{part}")
-    for key, value in target.items():
-        if key not in state:
-            state[key] = torch.zeros(value.shape, dtype=value.dtype)
-    return state
-
-
 def upscale_causal_lm(
     pretrained: nn.Module,
     models: Mapping[str, nn.Module],
@@ -139,16 +125,7 @@ def upscale_causal_lm(
         rank_of_expert=rank_of_expert,
         num_local_experts=len(models),
     )
-    with torch.device("meta"):
-        smile_model = model_cls(config)
-    smile_model.load_state_dict(_smile_state(upscaled, smile_model, info.skipped), assign=True, strict=True)
-    for (
-        name,
-        buffer,
-    ) in upscaled.named_buffers():  # non-persistent buffers (rotary inv_freq) are not in the state
-        owner, _, leaf = name.rpartition(".")
-        smile_model.get_submodule(owner).register_buffer(leaf, buffer.clone(), persistent=False)
-    smile_model.tie_weights()
+    smile_model = smile_model_from(upscaled, model_cls, config, info.skipped)
     return smile_model.to(resolve_device(device)).eval(), {
         "upscaled": list(info.upscaled),
         "skipped": info.skipped,

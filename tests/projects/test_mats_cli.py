@@ -41,7 +41,7 @@ def _merge(world, command, configs, descriptor, *extra):
     proc = run_cli([*MAIN, command, *configs, "-d", "micro_two", "--checkpoint_descriptor", descriptor,
                     "-er", "eval_batch_size=8", *extra, *common], timeout=120)  # fmt: skip
     merged = Path(proc.stdout.strip().splitlines()[-1].split("merged model: ")[1])
-    assert merged.is_file()
+    assert (merged / "adapter_config.json").is_file() or (merged / "config.json").is_file()
     return merged
 
 
@@ -52,7 +52,9 @@ def test_train_registers_best_checkpoints(world):
     assert set(entries) == {"full_model", "ia3"} and all(set(e) == set(TASKS) for e in entries.values())
     run = root / "exp_out" / "offline" / "champ_category" / "micro-t5" / "ia3" / "seed0"
     results = json.loads((run / "results.json").read_text())
-    assert results["provenance"]["git_sha"] and Path(results["checkpoint"]).is_file()
+    assert (
+        results["provenance"]["git_sha"] and (Path(results["checkpoint"]) / "adapter_config.json").is_file()
+    )
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from common.config import ConfigError
+from common.io import save_tensors
 from projects.mats.main import main
 from projects.mats.merging import MergeError
+from projects.mats.model import build, load_state, read_state
 
 CONFIGS = Path(__file__).resolve().parents[2] / "projects" / "mats" / "configs"
 FULL = ["-c", str(CONFIGS / "micro_t5.yaml")]
@@ -38,11 +42,16 @@ def test_pipeline_full_model(world, capsys):
     for command in ("average", "ties", "diagonal_fisherMerging", "regmean"):
         main([command, *FULL, *args])
     main(["task_vectors", *FULL, *args, "--model_lambda", "0.3"])
-    ta = (
-        root
-        / "merging/offline/micro_two/micro-t5/full_model/task_vectors/model_lambda_0.3/merged_model.safetensors"
-    )
-    assert ta.is_file()
+    ta = root / "merging/offline/micro_two/micro-t5/full_model/task_vectors/model_lambda_0.3/merged_model"
+    # the merged model is a save_pretrained folder: transformers loads it as the merge's weights
+    merged = AutoModelForSeq2SeqLM.from_pretrained(ta).eval()
+    state = read_state(ta)
+    assert state and all(torch.equal(merged.get_parameter(k), v) for k, v in state.items())
+    expected = build(yaml.safe_load((CONFIGS / "micro_t5.yaml").read_text())["model"])[0]
+    load_state(expected, "full_model", state)
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 1]]), "decoder_input_ids": torch.tensor([[0, 9]])}
+    with torch.no_grad():
+        assert torch.equal(merged(**batch).logits, expected.eval()(**batch).logits)
     main(["conjugateGradient_average", *FULL, *args, "--initialization", "average"])
     main(["conjugateGradient_diagonalFisher", *FULL, *args])
     main(["conjugateGradient_fisherMerging", *FULL, *args, "--initialization", str(ta)])
@@ -80,9 +89,45 @@ def test_pipeline_ia3(world, capsys):
     main(["conjugateGradient_fisherMerging", *IA3, *args, "-f", "blockwise", "--use_true_fisher",
           "--num_iterations", "10", "--initialization", "pretrained"])  # fmt: skip
     run = root / "offline/champ_category/micro-t5/ia3/s0"
+    # an (IA)^3 expert is a PEFT adapter folder: PeftModel loads it with the same outputs as ours
+    ckpt = (
+        run / f"checkpoint_{json.loads((run / 'results.json').read_text())['metrics']['best_checkpoint_idx']}"
+    )
+    _same_as_peft(ckpt)
+    cg = next((root / "merging/offline/micro_two/micro-t5/ia3/conjugate_gradients").glob("*/model_lambda_*"))
+    _same_as_peft(cg / "merged_model")  # a merged (IA)^3 model too
     capsys.readouterr()
     main(["inference", "-e", str(run), "-ed", "split=train", "-er", "eval_batch_size=32"])
     assert "champ_category" in yaml.safe_load(capsys.readouterr().out)["train"]
+
+
+def _same_as_peft(folder):
+    """`PeftModel.from_pretrained` on the folder computes what our (IA)^3 model with its vectors computes."""
+    config = yaml.safe_load((CONFIGS / "micro_t5.yaml").read_text())
+    assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "IA3"
+    base = AutoModelForSeq2SeqLM.from_pretrained(adapter_config["base_model_name_or_path"])
+    theirs = PeftModel.from_pretrained(base, folder).eval()
+    ours = build({**config["model"], "format": "ia3"})[0]
+    state = read_state(folder)
+    assert all(not torch.equal(v, torch.ones_like(v)) for v in state.values())  # trained, not the init
+    load_state(ours, "ia3", state)
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 1]]), "decoder_input_ids": torch.tensor([[0, 9]])}
+    with torch.no_grad():
+        assert torch.equal(theirs(**batch).logits, ours.eval()(**batch).logits)
+
+
+def test_earlier_bare_state_layout_still_reads(world, tmp_path):
+    root, _ = world
+    run = root / "offline/champ_category/micro-t5/ia3/s0"
+    folder = next(run.glob("checkpoint_[0-9]*"))
+    save_tensors(tmp_path / "checkpoint_0.safetensors", read_state(folder))
+    old = read_state(tmp_path / "checkpoint_0.safetensors")
+    assert old.keys() == read_state(folder).keys()
+    assert all(torch.equal(old[k], v) for k, v in read_state(folder).items())
+    with pytest.raises(FileNotFoundError, match="neither a PEFT adapter folder"):
+        read_state(tmp_path)
 
 
 def test_clear_errors(world):
@@ -98,7 +143,7 @@ def test_clear_errors(world):
         main(["train", *FULL, "-tr", "learning_rate=0.1"])
     with pytest.raises(KeyError, match="another base model or format"):
         # (IA)^3 vectors loaded into a fully fine-tuned model
-        ia3_ckpt = next((root / "offline/champ_category/micro-t5/ia3/s0").glob("checkpoint_*.safetensors"))
+        ia3_ckpt = next((root / "offline/champ_category/micro-t5/ia3/s0").glob("checkpoint_[0-9]*"))
         main(["inference", *FULL, "--merged_model", str(ia3_ckpt)])
 
 
@@ -116,7 +161,8 @@ def test_decoder_only_experts_merge_and_infer(tmp_path, capsys):
     main(["regmean", *neo, *args, "--model_lambda", "0.5"])
     merged = tmp_path / "merging/offline/micro_two/micro-gpt_neo/full_model/regmean/model_lambda_0.5"
     capsys.readouterr()
-    main(["inference", "--merged_model", str(merged / "merged_model.safetensors"), "-ed", "evaluation_split=test",
+    assert isinstance(AutoModelForCausalLM.from_pretrained(merged / "merged_model"), torch.nn.Module)
+    main(["inference", "--merged_model", str(merged / "merged_model"), "-ed", "evaluation_split=test",
           "-i", "micro_two"])  # fmt: skip
     out = yaml.safe_load(capsys.readouterr().out)
     assert out["model"] == "micro-gpt_neo" and set(out["test"]) == {*TASKS, "average"}

@@ -183,3 +183,23 @@ def test_notebook_and_analyze(tmp_path):
         assert [sum(row) for row in found["matrix"]] == pytest.approx([1.0] * len(found["tasks"]))
         assert found["chance"] == pytest.approx(1 / len(found["experts"]))
     assert (tmp_path / "t" / "routing_private.png").is_file()
+
+
+def test_library_expert_loads_with_auto_peft_model(library):
+    # issue 20: the adapter recorded `micro:gpt_neo` as its base, which AutoPeftModelForCausalLM cannot load
+    from peft import AutoPeftModelForCausalLM, PeftModel
+
+    from common.models import load_model
+    from common.tiny_world import resolve_base
+
+    root, _lib = library
+    folder = root / "private" / "experts" / "champ_category"
+    assert json.loads((folder / "extras.json").read_text())["base_model"] == "micro:gpt_neo"  # the spec kept
+    theirs = AutoPeftModelForCausalLM.from_pretrained(folder).eval()
+    ours = PeftModel.from_pretrained(load_model(resolve_base("micro:gpt_neo")), folder).eval()
+    base = load_model(resolve_base("micro:gpt_neo"))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.equal(theirs(input_ids=ids).logits, ours(input_ids=ids).logits)
+        # the LoRA is applied
+        assert not torch.equal(theirs(input_ids=ids).logits, base(input_ids=ids).logits)

@@ -283,3 +283,31 @@ def test_routing_probe_pools_route_probabilities_over_encoder_modules_and_real_t
     torch.testing.assert_close(pooled[0], probs.mean((0, 1)))
     assert top1[0].shape == probs.shape[:2] and torch.equal(top1[0], probs.argmax(-1))
     assert torch.allclose(pooled.sum(-1), torch.ones(2))
+
+
+def test_experts_of_different_rank_are_zero_padded():
+    # issue 20: experts of rank 2 and 4 ended in a raw torch.stack size error
+    base = micro_model("t5", seed=0)
+    ex2, peft2 = _expert(base, "r2", seed=3, rank=2)
+    ex4, peft4 = _expert(base, "r4", seed=4, rank=4)
+    model = copy.deepcopy(base)
+    modules = attach_experts(model, [ex2, ex4])
+    assert all(m.A.shape[1] == 4 and m.B.shape[2] == 4 for m in modules.values())
+    with torch.no_grad():
+        for i, peft_model in enumerate((peft2, peft4)):  # each expert alone is its own LoRA model
+            set_mode(model, "fixed", i)
+            torch.testing.assert_close(model(**_inputs()).logits, peft_model(**_inputs()).logits)
+
+
+def test_experts_of_different_modules_are_refused_by_name_and_rank():
+    base = micro_model("t5", seed=0)
+    ex2, _ = _expert(base, "all_modules", seed=3, rank=2)
+    ex4, _ = _expert(base, "fewer_modules", seed=4, rank=4)
+    dropped = sorted(ex4.A)[0]
+    del ex4.A[dropped], ex4.B[dropped]
+    with pytest.raises(ValueError) as err:
+        attach_experts(copy.deepcopy(base), [ex2, ex4])
+    msg = str(err.value)
+    n = len(ex2.A)
+    assert f"'all_modules' adapts {n} modules, rank 2" in msg
+    assert f"'fewer_modules' adapts {n - 1} modules, rank 4, not ['{dropped}']" in msg

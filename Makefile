@@ -58,7 +58,7 @@ tiny-bases: setup
 tables: $(addprefix table-,$(PROJECTS))
 	$(RUN_ENV) $(PY) -m common.results_md --runs runs --out RESULTS.md
 
-# Each project's table target runs its Makefile fragment if present (projects/<name>/table.mk).
+# Each project's table target runs its table script if present (projects/<name>/table.sh).
 $(addprefix table-,$(PROJECTS)): table-%: setup
 	@if [ -f projects/$*/table.sh ]; then $(RUN_ENV) SCALE=$(SCALE) PY=$(PY) bash projects/$*/table.sh; \
 	 else echo "table-$*: not built yet (see the project's issue)"; fi

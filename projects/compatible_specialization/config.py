@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
         "early_step": 1000,
         "later_step": 8000,
         "snapshot_every": 500,  # CKA over fine-tuning checkpoints
+        "log_backend": "jsonl",  # or "tensorboard": also write the logged scalars as TensorBoard events
     },
     "routing": {
         "train_tokens": 160000,
@@ -62,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
         "renormalize": False,  # the original keeps the top-k softmax weights as they are
         "num_multi_layer_experts": 1,
         "multi_layer": [1, 2, 3, 4],  # the table's L values (k = 2L, all experts)
+        "log_backend": "jsonl",
     },
     "interpolation": {"alphas": [round(0.1 * i, 1) for i in range(11)]},
     "cka": {"layer": 6, "windows": 128},  # the original: hidden_states_list[6], one batch of 128

@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
         "weight_decay": 0.0,
         "seed": 42,
         "mixed_precision": "bf16",
+        "log_backend": "jsonl",  # or "tensorboard": also write the logged scalars as TensorBoard events
     },
     "eval_run": {"eval_batch_size": 32, "length_normalization": False},
     "metadata": {"num_examples": 1000, "gram_batch_size": 8, "seed": 0},

@@ -131,6 +131,7 @@ def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -
         batch_size=cfg["micro_batch_size"],
         eval_every=cfg["eval_every"] or steps,
         log_every=max(1, steps // 10),
+        log_backend=cfg["log_backend"],
     )
     best: dict[str, Any] = {"val_loss": math.inf, "state": None}
 
@@ -146,7 +147,14 @@ def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -
     base_val = mean_loss(peft_model, val_set, pad_id)
     examples = Dataset.from_list(train_set)  # map-style: batched and reshuffled by `train` from the seed
     result = train(
-        peft_model, lm_loss, examples, tcfg, run_dir, collate_fn=collate(pad_id), eval_fn=keep_best
+        peft_model,
+        lm_loss,
+        examples,
+        tcfg,
+        run_dir,
+        collate_fn=collate(pad_id),
+        eval_fn=keep_best,
+        label=f"expert {name}",
     )
     params = dict(peft_model.named_parameters())
     with torch.no_grad():

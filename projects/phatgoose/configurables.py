@@ -30,7 +30,7 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 def main_settings(
     procedure_exec_order: Sequence[str] = ("P/TRAIN",),
     exp_name: str = "",
-    logging_backend: str | None = None,  # accepted; runs log to train_log.jsonl (no wandb here)
+    logging_backend: str | None = None,  # None or "jsonl": train_log.jsonl only; "tensorboard": also events
     exp_out: str = "exp_out",
     seed: int = 42,
 ) -> dict[str, Any]:

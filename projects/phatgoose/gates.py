@@ -34,6 +34,7 @@ def train_gate(
     settings: TrainSettings,
     *,
     seed: int | None = None,
+    log_backend: str | None = None,
 ) -> Path:
     """Train the gates of the expert at `expert_path` on `data`; write expert + gates to `out/checkpoint`."""
     model, tokenizer = load_base(base)
@@ -47,11 +48,12 @@ def train_gate(
         model,
         seq2seq_loss,
         data,
-        settings.train_config(seed),
+        settings.train_config(seed, log_backend),
         out / "training",
         collate_fn=seq2seq_collate(tokenizer, settings.max_length),
         params=list(gates.values()),
         resume=True,
+        label=f"gates {Path(expert_path).name}",
     )
     model.eval()
     expert.gate = {name: g.detach().clone() for name, g in gates.items()}

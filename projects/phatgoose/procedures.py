@@ -89,6 +89,7 @@ def train_single_task_loralinear(exp_name: str, dataset: str, seed: int | None =
         name=dataset_name(dataset),
         seed=seed,
         validate=_validator(dataset) if settings.validation_step_interval else None,
+        log_backend=C.main_settings()["logging_backend"],
     )
     run.write_results({"steps": settings.num_steps}, dataset=dataset)
     return out / CHECKPOINT
@@ -137,6 +138,7 @@ def train_multitask(exp_name: str, datasets: Sequence[str], seed: int | None = N
         target_modules=moe.target_modules,
         name="multitask",
         seed=seed,
+        log_backend=C.main_settings()["logging_backend"],
     )
     run.write_results({"steps": settings.num_steps})
     return out / CHECKPOINT
@@ -153,7 +155,16 @@ def train_gate_step(exp_name: str, dataset: str, old_exp_name: str, seed: int | 
         dataset=dataset,
         old_exp_name=old_exp_name,
     )
-    train_gate(_base(), checkpoint(old_exp_name), _train_rows(dataset), out, settings, seed=seed)
+    log_backend = C.main_settings()["logging_backend"]
+    train_gate(
+        _base(),
+        checkpoint(old_exp_name),
+        _train_rows(dataset),
+        out,
+        settings,
+        seed=seed,
+        log_backend=log_backend,
+    )
     run.write_results({"steps": settings.num_steps}, dataset=dataset)
     return out / CHECKPOINT
 

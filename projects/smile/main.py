@@ -226,7 +226,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | list[dict[str, Any]]
     for i, (job, cfg) in enumerate(zip(jobs, cfgs)):
         print(f"[multirun {i + 1}/{len(jobs)}] {' '.join(job)}", file=sys.stderr, flush=True)
         reports.append(run_and_save(cfg))
-        line = {"job": i, "overrides": job, "report_save_path": cfg["report_save_path"], "report": reports[-1]}
+        line = {
+            "job": i,
+            "overrides": job,
+            "report_save_path": cfg["report_save_path"],
+            "report": reports[-1],
+        }
         print(json.dumps(line, default=str), flush=True)
     return reports
 

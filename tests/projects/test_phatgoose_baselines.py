@@ -337,3 +337,13 @@ def test_includes_resolve_without_gin_logging_path_not_found(tmp_path, caplog, m
     with pytest.raises(FileNotFoundError, match=r"'nowhere\.gin' is neither beside it nor in"):
         C.parse([tmp_path / "missing.gin"])
     gin.clear_config()
+
+
+def test_main_logging_backend_reaches_the_training_loop():
+    C.parse([CONFIGS / "micro.gin"], ['main.logging_backend="tensorboard"'])
+    settings = C.scoped("P/TRAIN", C.trainer_settings)
+    assert settings.train_config(0, C.main_settings()["logging_backend"]).log_backend == "tensorboard"
+    assert settings.train_config(0, None).log_backend == "jsonl"  # the seed's main.logging_backend=None
+    with pytest.raises(ValueError, match='"wandb" is not wired here: use "tensorboard"'):
+        settings.train_config(0, "wandb")
+    gin.clear_config()

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
+from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from common.config import load_config
@@ -266,7 +267,7 @@ def evaluate(
     """
     scores = {}
     length_normalize = cfg["eval_run"]["length_normalization"]
-    for task, examples in data.items():
+    for task, examples in tqdm(data.items(), desc="evaluate tasks", leave=False):
         if not examples[0]["choices"]:
             scores[task] = generation_score(model, tokenizer, examples, cfg)
         elif is_encoder_decoder(model):

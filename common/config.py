@@ -3,13 +3,15 @@
 Precedence, highest first: explicit flags > `key=value` overrides > config files (later beats earlier)
 > defaults. Keys are dotted paths into nested mappings; integer parts index lists
 (`modelpool.models.0.path=...`). A key absent from the defaults is an error naming the close matches,
-unless it is written `+key=value` (a deliberate new key, as in Hydra).
+unless it is written `+key=value` (a deliberate new key, as in Hydra). Values may refer to other keys as
+OmegaConf does, `${method.k}`, resolved once the config is complete.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -132,6 +134,41 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any, bool]]:
     return parsed
 
 
+def split_sweep(value: str) -> list[str]:
+    """Hydra's sweep syntax `a,b,c` -> ["a", "b", "c"]; commas inside [], {}, () or quotes do not split."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(value):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(value[start:i])
+            start = i + 1
+    return [*items, value[start:]]
+
+
+def expand_sweeps(args: Sequence[str], *, multirun: bool) -> list[list[str]]:
+    """`key=value` arguments -> one argument list per job: the product of every `key=a,b` sweep, the
+    last key varying fastest (Hydra's basic sweeper). Without `multirun` a sweep is refused, as in Hydra.
+    """
+    jobs: list[list[str]] = [[]]
+    for item in args:
+        key, sep, value = item.partition("=")
+        options = split_sweep(value) if sep else [value]
+        if len(options) > 1 and not multirun:
+            raise ConfigError(
+                f"{item!r} is a sweep: add -m (--multirun) to run each value; write [{value}] for a list "
+                f"or quote it ({key}='{value}') for a string"
+            )
+        jobs = [[*job, f"{key}{sep}{o}"] for job in jobs for o in options]
+    return jobs
+
+
 def load_config(
     defaults: Mapping[str, Any] | None = None,
     files: Sequence[str | os.PathLike] = (),
@@ -140,9 +177,9 @@ def load_config(
     *,
     strict: bool = True,
 ) -> Config:
-    """Resolve a config: defaults < files < `key=value` overrides < flags (None-valued flags are unset).
-
-    With `strict` (the default when `defaults` is given) every key must exist in the defaults.
+    """Resolve a config: defaults < files < `key=value` overrides < flags (None-valued flags are unset),
+    then its `${...}` references. With `strict` (the default when `defaults` is given) every key must exist
+    in the defaults.
     """
     strict = strict and defaults is not None
     cfg: Config = copy.deepcopy(dict(defaults or {}))
@@ -155,7 +192,57 @@ def load_config(
     for key, value in (flags or {}).items():
         if value is not None:
             set_path(cfg, key, value, strict=strict, where=f"flag --{key}")
-    return cfg
+    return interpolate(cfg)
+
+
+_REF = re.compile(r"\$\{([^${}]*)\}")
+
+
+def interpolate(cfg: Config) -> Config:
+    """Resolve OmegaConf-style references: a value that is exactly `${a.b}` takes a.b's value (its type
+    kept); `${a.b}` inside a longer string is replaced by str(value). References may chain; cycles, missing
+    keys and resolvers (`${now:...}`, `${oc.env:...}`) are errors. OmegaConf is not a dependency and the
+    configs are plain dicts, so this small resolver serves the one feature the configs use.
+    """
+
+    def resolve_key(key: str, stack: tuple[str, ...]) -> Any:
+        if ":" in key:
+            raise ConfigError(
+                f"${{{key}}}: resolvers ({key.split(':')[0]}:...) are not supported; write the value"
+            )
+        if key in stack:
+            raise ConfigError(f"interpolation cycle: {' -> '.join((*stack, key))}")
+        node: Any = cfg
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if isinstance(node, str):  # a reference on the way (`${b.x}` where b is `${c}`)
+                node = resolve(node, (*stack, ".".join(parts[:i])))
+            if isinstance(node, list) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+                node = node[int(part)]
+            elif isinstance(node, Mapping) and part in node:
+                node = node[part]
+            else:
+                raise ConfigError(
+                    f"${{{key}}}: config has no key {key!r}.{close_matches(key, _all_keys(cfg))}"
+                )
+        return resolve(node, (*stack, key))
+
+    def resolve(value: Any, stack: tuple[str, ...]) -> Any:
+        if isinstance(value, Mapping):
+            return {k: resolve(v, stack) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolve(v, stack) for v in value]
+        if not isinstance(value, str) or "${" not in value:
+            return value
+        whole = _REF.fullmatch(value)
+        if whole:
+            return resolve_key(whole.group(1).strip(), stack)
+        out = _REF.sub(lambda m: str(resolve_key(m.group(1).strip(), stack)), value)
+        if "${" in out:
+            raise ConfigError(f"cannot resolve {value!r}: nested or unclosed ${{...}}")
+        return out
+
+    return resolve(cfg, ())
 
 
 def get_path(cfg: Mapping[str, Any], key: str) -> Any:

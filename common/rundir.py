@@ -84,6 +84,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Keys, at any depth, that change where logs go and never what a run computes.
+RESULT_NEUTRAL_KEYS = frozenset({"log_backend"})
+
+
+def _without_neutral(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: _without_neutral(v) for k, v in tree.items() if k not in RESULT_NEUTRAL_KEYS}
+    return tree
+
+
 def check_same_config(
     path: str | os.PathLike, config: Mapping[str, Any], may_change: Sequence[str] = ()
 ) -> None:
@@ -95,8 +105,8 @@ def check_same_config(
     saved_path = Path(path) / "config.yaml"
     if not saved_path.is_file():
         return
-    saved = read_config_file(saved_path)
-    as_saved = yaml.safe_load(dump_config(config)) or {}  # as it would read back (tuples -> lists, ...)
+    saved = _without_neutral(read_config_file(saved_path))
+    as_saved = _without_neutral(yaml.safe_load(dump_config(config)) or {})  # as read back (tuples -> lists)
     now = {k: v for k, v in as_saved.items() if k not in may_change}
     before = {k: v for k, v in saved.items() if k not in may_change}
     changed = {

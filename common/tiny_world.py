@@ -458,7 +458,9 @@ def _pretrain(name: str, s: BaseSpec, out: Path) -> None:
         max_grad_norm=1.0,
     )
     run_dir = out / "pretraining"
-    result = train(model, lookup(OBJECTIVES, s.objective, "objective"), data, cfg, run_dir)
+    result = train(
+        model, lookup(OBJECTIVES, s.objective, "objective"), data, cfg, run_dir, label=f"pretrain {name}"
+    )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     _plot_loss(result.losses, out / "loss_curve.png", f"tiny {name}: pretraining loss")

@@ -3,6 +3,7 @@ clipping, mixed precision and multi-GPU through `accelerate`, atomic checkpoints
 
 Layout of a run directory:
     run_dir/train_log.jsonl                      one JSON line per logged step or evaluation
+    run_dir/tensorboard/events.out.tfevents.*    the same scalars, with `log_backend: tensorboard`
     run_dir/checkpoints/step_<N>/                weights.safetensors, optimizer.pt, trainer_state.json
     run_dir/checkpoints/latest.json              {"step": N, "path": "step_<N>"}
 
@@ -53,7 +54,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 EVAL_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHTS, OPTIMIZER, STATE = "weights.safetensors", "optimizer.pt", "trainer_state.json"
 # Config keys a resumed run may change: they extend the run or change bookkeeping, not the updates so far.
-_RESUMABLE_CHANGES = {"max_steps", "log_every", "eval_every", "save_every", "keep_last"}
+_RESUMABLE_CHANGES = {"max_steps", "log_every", "eval_every", "save_every", "keep_last", "log_backend"}
 _DATA_ORDER, _STEP_RNG = 0, 1  # stream tags for `_derived_seed`
 
 
@@ -80,9 +81,11 @@ class TrainConfig:
     keep_last: int = 2
     save_full: bool = False  # save all weights, not just the trained parameters and the buffers
     mixed_precision: str = "no"  # passed to accelerate: "no", "bf16" or "fp16"
+    log_backend: str = "jsonl"  # a key of LOG_BACKENDS: where logged scalars go besides train_log.jsonl
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives a list
+        lookup(LOG_BACKENDS, self.log_backend, "log_backend")
         lookup(SCHEDULES, self.schedule, "schedule")
         if not 0.0 <= self.min_lr_ratio < 1.0:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1), got {self.min_lr_ratio}")
@@ -118,6 +121,43 @@ def eval_dtype(mixed_precision: str) -> torch.dtype:
     return lookup(EVAL_DTYPES, mixed_precision, "mixed_precision")
 
 
+class _TensorBoard:
+    """Scalars to `run_dir/tensorboard` through torch's SummaryWriter (needs the `tensorboard` package)."""
+
+    def __init__(self, run_dir: Path, step: int) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ImportError(
+                "log_backend=tensorboard needs the tensorboard package: pip install 'moerging[tensorboard]' "
+                "(make setup installs it), or set log_backend=jsonl"
+            ) from e
+        # purge_step: a resumed run drops the events a killed run wrote after its last checkpoint
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step or None)
+
+    def log(self, step: int, scalars: Mapping[str, float]) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _NoSink:
+    def log(self, step: int, scalars: Mapping[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# train_log.jsonl is always written; a backend adds a second sink for the same scalars.
+LOG_BACKENDS: dict[str, Callable[[Path, int], Any]] = {
+    "jsonl": lambda run_dir, step: _NoSink(),
+    "tensorboard": _TensorBoard,
+}
+
+
 @dataclass
 class TrainResult:
     """Where training stopped, with the loss and eval history (including steps before a resumption)."""
@@ -141,6 +181,7 @@ def train(
     callbacks: Sequence[Callable[[int, Mapping[str, float]], None]] = (),
     resume: bool = True,
     device: str | torch.device | None = None,
+    label: str = "train",
 ) -> TrainResult:
     """Minimise `loss_fn(model, batch)` with AdamW over `params` (default: those with requires_grad).
 
@@ -152,6 +193,8 @@ def train(
     mode under no_grad. Callbacks run after every step as `cb(step, {"loss", "lr", ["grad_norm"]})`.
     Training resets the global RNGs (torch, numpy, random) at every step. `device`: None or "auto" lets
     accelerate choose (the GPU when there is one); "cpu" keeps a run on the CPU on a GPU machine.
+    Training resets the global RNGs (torch, numpy, random) at every step. `label` names the progress bar
+    (the expert or stage being trained).
     """
     run_dir = Path(run_dir)
     trained = _trained_parameters(model, params)
@@ -175,6 +218,7 @@ def train(
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     prepared = model
+    sink: Any = _NoSink()
     try:
         # Freeze what is not optimised: no gradients are computed or kept for it, and DDP ignores it.
         trained_ids = {id(p) for p in trained.values()}
@@ -206,8 +250,10 @@ def train(
 
         rank, world = accelerator.process_index, accelerator.num_processes
         batches = _micro_batches(data, cfg, collate_fn, epoch, consumed, rank, world)
+        if main:
+            sink = LOG_BACKENDS[cfg.log_backend](run_dir, step)
         bar = tqdm(
-            total=cfg.max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process
+            total=cfg.max_steps, initial=step, desc=label, disable=not accelerator.is_local_main_process
         )
         prepared.train()
         window: list[float] = []  # losses of the micro-batches of the current step
@@ -237,12 +283,14 @@ def train(
                 losses.append((step, loss_mean))
                 if main:
                     _append_log(log_path, {"step": step, **logs, "loss": loss_mean})
+                    sink.log(step, {f"train/{k}": v for k, v in {**logs, "loss": loss_mean}.items()})
                 bar.set_postfix(loss=f"{loss_mean:.4g}")
             if eval_fn is not None and cfg.eval_every is not None and step % cfg.eval_every == 0:
                 metrics = _evaluate(eval_fn, accelerator.unwrap_model(prepared))
                 evals.append((step, metrics))
                 if main:
                     _append_log(log_path, {"step": step, "eval": metrics})
+                    sink.log(step, {f"eval/{k}": v for k, v in metrics.items()})
             if main and (
                 step == cfg.max_steps or (cfg.save_every is not None and step % cfg.save_every == 0)
             ):
@@ -263,6 +311,7 @@ def train(
         bar.close()
         return TrainResult(step, losses, evals, run_dir / "checkpoints" / f"step_{step}")
     finally:
+        sink.close()
         for p, flag in requires_grad:
             p.requires_grad_(flag)
         accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)  # undo the mixed-precision forward patch

@@ -251,6 +251,7 @@ def _train(task: str, seed: int, settings: ZooSettings, key: Mapping[str, Any], 
         collate_fn=lambda batch: collate(
             batch, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         ),
+        label=f"zoo expert {task}",
     )
     model.eval()
     validation = {}

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from common.config import ConfigError, get_path, load_config, parse_overrides
+from common.config import ConfigError, expand_sweeps, get_path, interpolate, load_config, parse_overrides
 
 DEFAULTS = {
     "lr": 1e-3,
@@ -60,3 +60,37 @@ def test_bad_inputs(tmp_path):
         load_config(DEFAULTS, [lst])
     with pytest.raises(ConfigError, match=r"no key 'method\.kay'"):
         get_path(DEFAULTS, "method.kay")
+
+
+def test_interpolation_resolves_references_after_overrides():
+    cfg = load_config(
+        {**DEFAULTS, "out": "runs/g${method.gate_k}_k${method.k}.json", "k_copy": "${method.k}"},
+        overrides=["method.k=32"],
+    )
+    assert cfg["out"] == "runs/g1_k32.json"  # the override, not the default, and written as text
+    assert cfg["k_copy"] == 32  # a whole-value reference keeps the type
+    chained = interpolate({"a": "${b}", "b": "${c.0}", "c": [{"x": 1}], "d": "x${b.x}"})
+    assert chained == {"a": {"x": 1}, "b": {"x": 1}, "c": [{"x": 1}], "d": "x1"}
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        ({"a": "${b}", "b": "${a}"}, "interpolation cycle: b -> a -> b"),
+        ({"a": "${methd.k}", "method": {"k": 1}}, "config has no key 'methd.k'.*method.k"),
+        ({"a": "${now:%H}"}, r"resolvers \(now:...\) are not supported"),
+        ({"a": "x${b", "b": 1}, "unclosed"),
+    ],
+)
+def test_interpolation_errors_name_the_reference(cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        interpolate(cfg)
+
+
+def test_sweeps_expand_to_the_product_and_need_multirun():
+    jobs = expand_sweeps(["m=smile", "k=4,8", "g=1,2", "l=[1,2]", "s='a,b'"], multirun=True)
+    assert [j[1:3] for j in jobs] == [["k=4", "g=1"], ["k=4", "g=2"], ["k=8", "g=1"], ["k=8", "g=2"]]
+    assert all(j[0] == "m=smile" and j[3:] == ["l=[1,2]", "s='a,b'"] for j in jobs)
+    assert expand_sweeps(["k=4", "l=[1,2]"], multirun=False) == [["k=4", "l=[1,2]"]]
+    with pytest.raises(ConfigError, match=r"'k=4,8' is a sweep: add -m"):
+        expand_sweeps(["k=4,8"], multirun=False)

@@ -100,3 +100,5 @@ def test_check_same_config_refuses_a_folder_made_with_another_config(tmp_path):
         check_same_config(tmp_path, {**cfg, "train": {"steps": 6}})
     with pytest.raises(ValueError, match="'new_key': \\(None, 1\\)"):
         check_same_config(tmp_path, {**cfg, "new_key": 1})
+    # where logs go changes no result: a folder made before `log_backend` existed is still reused
+    check_same_config(tmp_path, {**cfg, "train": {"steps": 5, "log_backend": "tensorboard"}})

@@ -319,3 +319,43 @@ def test_runs_in_other_precisions_follow_each_other_in_one_process(tmp_path):
         model.insert(1, Record())  # after the first Linear
         train(model, mse, regression(), config(max_steps=1, mixed_precision=precision), tmp_path / str(i))
         assert seen[-1] == (torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
+def test_tensorboard_backend_holds_the_logged_losses_and_a_resume_replaces_redone_steps(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def scalars(run_dir):
+        acc = EventAccumulator(str(run_dir / "tensorboard"))
+        acc.Reload()
+        return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+    evals = iter(range(100))
+    cfg = config(max_steps=6, log_every=2, eval_every=3, save_every=3, log_backend="tensorboard")
+    result = train(mlp(), mse, regression(), cfg, tmp_path, eval_fn=lambda m: {"acc": float(next(evals))})
+    tb = scalars(tmp_path)
+    assert {"train/loss", "train/lr", "eval/acc"} <= set(tb)
+    assert [s for s, _ in tb["train/loss"]] == [2, 4, 6]
+    for (step, value), (rstep, loss) in zip(tb["train/loss"], result.losses, strict=True):
+        assert step == rstep and value == pytest.approx(loss, rel=1e-6)  # float32 in the event file
+    assert tb["eval/acc"] == [(3, 0.0), (6, 1.0)]
+    # resume from step 3 with more steps: the event files hold each step once, from the resumed run
+    (tmp_path / "checkpoints" / "step_6").rename(tmp_path / "step_6_gone")
+    (tmp_path / "checkpoints" / "latest.json").write_text(json.dumps({"step": 3, "path": "step_3"}))
+    again = train(mlp(), mse, regression(), config(**{**cfg.__dict__, "max_steps": 8}), tmp_path)
+    steps = [s for s, _ in scalars(tmp_path)["train/loss"]]
+    assert steps == [2, 4, 6, 8] and [s for s, _ in again.losses] == [2, 4, 6, 8]
+
+
+def test_tensorboard_backend_without_the_package_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as when not installed
+    with pytest.raises(ImportError, match=r"pip install 'moerging\[tensorboard\]'"):
+        train(mlp(), mse, regression(), config(max_steps=1, log_backend="tensorboard"), tmp_path)
+    with pytest.raises(KeyError, match="tensorboard"):  # a typo names the choices
+        config(log_backend="tensorbord")
+
+
+def test_progress_bar_carries_the_label(tmp_path, capsys):
+    train(mlp(), mse, regression(), config(max_steps=2), tmp_path, label="expert mnist")
+    err = capsys.readouterr().err
+    assert "expert mnist:" in err and "train:" not in err

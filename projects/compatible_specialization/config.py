@@ -50,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
         "later_step": 8000,
         "snapshot_every": 500,  # CKA over fine-tuning checkpoints
         "mixed_precision": "no",  # common.training's: "no", "bf16", "fp16"
+        "log_backend": "jsonl",  # or "tensorboard": also write the logged scalars as TensorBoard events
     },
     "routing": {
         "train_tokens": 160000,
@@ -65,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
         "num_multi_layer_experts": 1,
         "multi_layer": [1, 2, 3, 4],  # the table's L values (k = 2L, all experts)
         "mixed_precision": "bf16",  # the original trains the routed model in bf16
+        "log_backend": "jsonl",
     },
     "interpolation": {"alphas": [round(0.1 * i, 1) for i in range(11)]},
     "cka": {"layer": 6, "windows": 128},  # the original: hidden_states_list[6], one batch of 128

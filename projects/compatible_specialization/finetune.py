@@ -46,6 +46,7 @@ def train_config(opt: dict[str, Any], seed: int) -> TrainConfig:
         shuffle=False,  # the windows are already at random starts
         log_every=max(1, steps // 20),
         mixed_precision=opt.get("mixed_precision", "no"),
+        log_backend=opt.get("log_backend", "jsonl"),
     )
 
 
@@ -75,7 +76,17 @@ def finetune_mlps(
 
     windows = RandomWindows(stream, context, cfg.max_steps * opt["batch_size"], seed)
     mlp_params = [p for n, p in model.named_parameters() if ".mlp." in n]  # `train` freezes the rest
-    train(model, _causal_lm, windows, cfg, run_dir, params=mlp_params, callbacks=[snapshot], device=device)
+    train(
+        model,
+        _causal_lm,
+        windows,
+        cfg,
+        run_dir,
+        params=mlp_params,
+        callbacks=[snapshot],
+        device=device,
+        label="finetune MLPs",
+    )
     missing = [s for s, p in paths.items() if not p.exists()]
     if missing:  # a finished run resumed from its final checkpoint cannot rewrite lost snapshots
         raise RuntimeError(
@@ -97,7 +108,9 @@ def train_routers(
     cfg = train_config(opt, seed)
     params = router_parameters(model)  # `train` freezes every other parameter
     windows = RandomWindows(stream, context, cfg.max_steps * opt["batch_size"], seed)
-    return train(model, _causal_lm, windows, cfg, run_dir, params=list(params.values()), device=device).losses
+    return train(
+        model, _causal_lm, windows, cfg, run_dir, params=list(params.values()), device=device, label="routers"
+    ).losses
 
 
 def test_loss(model: nn.Module, windows: torch.Tensor, batch_size: int, dtype: str = "float32") -> float:

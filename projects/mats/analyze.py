@@ -1,5 +1,8 @@
 """The paper's multitask table from the per-seed results of `reproduce.py`: test accuracy (rank
-classification, mean over the mixture's tasks) as mean ± std over seeds, full fine-tuning and (IA)^3."""
+classification, mean over the mixture's tasks) as mean ± std over seeds, full fine-tuning and (IA)^3;
+and the paper's figures: per-task test accuracy by method (`per_task_<format>.png`) and validation accuracy
+against the merge's λ (`lambda_<format>.png`: model_lambda for RegMean, Fisher and MaTS, the scaling
+factor for task arithmetic and TIES), each with its data as JSON beside it."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from common.io import read_json, write_text
+from common.io import read_json, write_json, write_text
 from common.rundir import markdown_table
 
 ROWS = (
@@ -46,6 +49,99 @@ def table(runs: Path, scale: str) -> str:
     return markdown_table(rows)
 
 
+FORMATS = {"full_model": "full fine-tuning", "ia3": "(IA)^3"}
+
+
+def per_task(runs: Path, scale: str, fmt: str) -> dict[str, dict[str, list[float]]]:
+    """{method: {task: [test accuracy per seed]}} from each seed's `per_task`."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for path in sorted((runs / scale / fmt).glob("seed*/results.json")):
+        for method, scores in read_json(path).get("per_task", {}).items():
+            for task, value in scores.items():
+                if task != "average":
+                    out.setdefault(method, {}).setdefault(task, []).append(value)
+    return out
+
+
+def lambda_curves(runs: Path, scale: str, fmt: str) -> dict[str, dict[float, list[float]]]:
+    """{merge: {λ: [validation average per seed]}} from the merges' `sweep` (those that swept λ)."""
+    out: dict[str, dict[float, list[float]]] = {}
+    merging = f"seed*/exp_out/merging/*/*/*/{fmt}"
+    for path in sorted((runs / scale).glob(f"{merging}/*/results.json")) + sorted(
+        (runs / scale).glob(f"{merging}/conjugate_gradients/*/results.json")
+    ):
+        record = read_json(path)
+        sweep = record.get("sweep") or []
+        if len(sweep) < 2:
+            continue
+        method = record.get("merge", {}).get("method", path.parent.name)
+        for point in sweep:
+            out.setdefault(method, {}).setdefault(float(point["model_lambda"]), []).append(point["average"])
+    return out
+
+
+def _plot_per_task(data: dict[str, dict[str, list[float]]], title: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [key for key, _ in ROWS if key in data]
+    tasks = sorted({t for m in methods for t in data[m]})
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks)), 3.5))
+    labels = dict(ROWS)
+    for i, m in enumerate(methods):
+        means = [100 * statistics.fmean(data[m][t]) if data[m].get(t) else 0.0 for t in tasks]
+        ax.bar([j + i * width for j in range(len(tasks))], means, width, label=labels[m])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=30, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _plot_lambda(data: dict[str, dict[float, list[float]]], title: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method, curve in sorted(data.items()):
+        xs = sorted(curve)
+        ax.plot(xs, [100 * statistics.fmean(curve[x]) for x in xs], marker="o", label=method)
+    ax.set_xlabel("λ")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def figures(runs: Path, scale: str) -> list[Path]:
+    """Write per_task_<fmt>.png and lambda_<fmt>.png (+ .json with the means and the per-seed values)."""
+    written = []
+    for fmt, name in FORMATS.items():
+        bars = per_task(runs, scale, fmt)
+        if bars:
+            out = runs / scale / f"per_task_{fmt}.png"
+            _plot_per_task(bars, f"MaTS {scale}, {name}: test accuracy per task", out)
+            means = {m: {t: statistics.fmean(v) for t, v in tasks.items()} for m, tasks in bars.items()}
+            write_json(out.with_suffix(".json"), {"mean": means, "per_seed": bars})
+            written.append(out)
+        curves = lambda_curves(runs, scale, fmt)
+        if curves:
+            out = runs / scale / f"lambda_{fmt}.png"
+            _plot_lambda(curves, f"MaTS {scale}, {name}: validation accuracy against λ", out)
+            means = {m: {str(x): statistics.fmean(v) for x, v in c.items()} for m, c in curves.items()}
+            per_seed = {m: {str(x): v for x, v in c.items()} for m, c in curves.items()}
+            write_json(out.with_suffix(".json"), {"mean": means, "per_seed": per_seed})
+            written.append(out)
+    return written
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=Path, default=Path("runs/mats"))
@@ -54,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     text = table(a.runs, a.scale)
     write_text(a.runs / a.scale / "table.md", f"## MaTS, {a.scale} scale: test accuracy (%)\n\n{text}\n")
     print(text)
+    for path in figures(a.runs, a.scale):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

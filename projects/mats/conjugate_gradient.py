@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from projects.mats.merging import (
     MergeError,
@@ -163,7 +164,7 @@ def conjugate_gradient(
     on = [{k: v.to(device) for k, v in m.items()} for m in models]
     on_stats = None if stats is None else [_to(s, device) for s in stats]
     out = {}
-    for name in base:
+    for name in tqdm(base, desc=f"conjugate gradient ({objective})", leave=False):
         system = _system(objective, name, on, on_stats, model_lambda)
         if system is None:
             out[name] = torch.stack([m[name] for m in models]).mean(0)

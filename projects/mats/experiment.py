@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
+from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from common.config import load_config
@@ -63,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
         "weight_decay": 0.0,
         "seed": 42,
         "mixed_precision": "bf16",
+        "log_backend": "jsonl",  # or "tensorboard": also write the logged scalars as TensorBoard events
     },
     "eval_run": {"eval_batch_size": 32, "length_normalization": False},
     "metadata": {"num_examples": 1000, "gram_batch_size": 8, "seed": 0},
@@ -266,7 +268,7 @@ def evaluate(
     """
     scores = {}
     length_normalize = cfg["eval_run"]["length_normalization"]
-    for task, examples in data.items():
+    for task, examples in tqdm(data.items(), desc="evaluate tasks", leave=False):
         if not examples[0]["choices"]:
             scores[task] = generation_score(model, tokenizer, examples, cfg)
         elif is_encoder_decoder(model):

@@ -64,6 +64,7 @@ def train_config(cfg: Mapping[str, Any]) -> TrainConfig:
         eval_every=r["checkpoint_frequency"],
         log_every=max(1, min(10, r["checkpoint_frequency"])),
         mixed_precision=r["mixed_precision"],
+        log_backend=r["log_backend"],
         max_grad_norm=None,
     )
 
@@ -119,7 +120,8 @@ def train_model(cfg: Mapping[str, Any], run_dir: str | Path | None = None, scale
     stopped_early = False
     try:
         train(model, loss_fn, train_set, train_config(cfg), run_dir, collate_fn=collate,
-              params=merged_parameters(model, fmt).values(), eval_fn=eval_fn)  # fmt: skip
+              params=merged_parameters(model, fmt).values(), eval_fn=eval_fn,
+              label=f"{fmt} {cfg['train_dataset']['train_dataset']}")  # fmt: skip
     except EarlyStop:
         stopped_early = True
     if best["idx"] is None:  # fewer steps than one checkpoint: evaluate the final model once

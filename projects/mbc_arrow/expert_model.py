@@ -164,7 +164,13 @@ class MultiExpertModel:
         base_model: str | None = None,
         device: str | torch.device = "auto",
         dtype: torch.dtype = torch.float32,
+        selector_config: Mapping[str, Any] | str | None = None,
+        device_map: str | None = None,
     ) -> MultiExpertModel:
+        """`selector_config=` and `device_map=` are mttl's names (the notebook's call) for `selector` and `device`."""
+        if selector_config is not None:
+            selector = selector_config
+        device = device_map or device
         lib = library if isinstance(library, ExpertLibrary) else get_expert_library(library)
         names = lib.keys()
         if not names:

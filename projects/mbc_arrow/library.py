@@ -97,6 +97,13 @@ class ExpertLibrary:
         elif read_json(marker).get("format") != FORMAT["format"]:
             raise LibraryError(f"{marker} is not a moerging expert library marker")
 
+    @staticmethod
+    def get_expert_library(
+        library_id: str, *, create: bool = False, destination_id: str | None = None
+    ) -> ExpertLibrary:
+        """mttl's spelling, `ExpertLibrary.get_expert_library(id)`, of the module's `get_expert_library`."""
+        return get_expert_library(library_id, create=create, destination_id=destination_id)
+
     # -- listing -------------------------------------------------------------------------------
     def keys(self) -> list[str]:
         d = self.root / "experts"

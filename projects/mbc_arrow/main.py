@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "micro_batch_size": 16,
     "num_train_epochs": 1.0,
     "total_steps": None,
+    "log_backend": "jsonl",  # or "tensorboard": also write the logged scalars as TensorBoard events
     "max_grad_norm": 0.1,
     "eval_every": None,
     "force": False,

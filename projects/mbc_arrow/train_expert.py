@@ -138,6 +138,7 @@ def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -
         eval_every=cfg["eval_every"] or steps,
         log_every=max(1, steps // 10),
         mixed_precision=precision(cfg["precision"])[0],
+        log_backend=cfg["log_backend"],
     )
     best: dict[str, Any] = {"val_loss": math.inf, "state": None}
 
@@ -161,6 +162,7 @@ def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -
         collate_fn=collate(pad_id),
         eval_fn=keep_best,
         device=cfg["device"],
+        label=f"expert {name}",
     )
     params = dict(peft_model.named_parameters())
     with torch.no_grad():

@@ -10,6 +10,7 @@ A binding to anything not listed here fails in `parse` with the supported names.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 def main_settings(
     procedure_exec_order: Sequence[str] = ("P/TRAIN",),
     exp_name: str = "",
-    logging_backend: str | None = None,  # accepted; runs log to train_log.jsonl (no wandb here)
+    logging_backend: str | None = None,  # None or "jsonl": train_log.jsonl only; "tensorboard": also events
     exp_out: str = "exp_out",
     seed: int = 42,
 ) -> dict[str, Any]:
@@ -242,14 +243,38 @@ SUPPORTED = (
 )
 
 
+_INCLUDE = re.compile(r"""^[ \t]*include[ \t]+(['"])([^'"]+)\1[ \t]*$""", re.M)
+
+
+def gin_text(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> str:
+    """A gin file's text with each `include 'x.gin'` replaced by x.gin's text (recursively), x.gin found
+    beside the including file or in configs/. gin's own lookup tries the working directory and then
+    Python packages first, and logs "ERROR Path not found: x.gin" for every include it then finds later.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"gin file not found: {path}")
+    if path.resolve() in _seen:
+        raise ValueError(f"gin include cycle: {' -> '.join(str(p) for p in (*_seen, path.resolve()))}")
+
+    def expand(m: re.Match) -> str:
+        name = Path(m.group(2))
+        for candidate in (name,) if name.is_absolute() else (path.parent / name, CONFIGS / name):
+            if candidate.is_file():
+                return gin_text(candidate, (*_seen, path.resolve()))
+        raise FileNotFoundError(f"{path}: include {str(name)!r} is neither beside it nor in {CONFIGS}")
+
+    return _INCLUDE.sub(expand, path.read_text())
+
+
 def parse(files: Sequence[str | os.PathLike] = (), bindings: Sequence[str] = ()) -> None:
     """Clear gin, then read files then bindings (later beat earlier); unsupported names fail clearly."""
     gin.clear_config()
-    # `include 'tiny.gin'` resolves here from any working directory (gin first logs "Path not found:
-    # tiny.gin" from its Python-package lookup; harmless).
-    gin.add_config_file_search_path(str(CONFIGS))
+    texts = [gin_text(f) for f in files]
     try:
-        gin.parse_config_files_and_bindings([str(f) for f in files], list(bindings), finalize_config=False)
+        for text in texts:  # what gin.parse_config_files_and_bindings does, with includes expanded here
+            gin.parse_config(text)
+        gin.parse_config(list(bindings))
     except ValueError as e:
         raise ValueError(
             f"unsupported gin binding: {str(e).splitlines()[0]} This reproduction supports the "

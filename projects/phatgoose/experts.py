@@ -49,9 +49,16 @@ class TrainSettings:
     # the original validates every 100 steps and keeps the best step (`best.pt`); None: keep the last step
     validation_step_interval: int | None = None
 
-    def train_config(self, seed: int | None = None) -> TrainConfig:
+    def train_config(self, seed: int | None = None, log_backend: str | None = None) -> TrainConfig:
+        """`log_backend`: main.logging_backend (None: train_log.jsonl only)."""
+        if log_backend == "wandb":
+            raise ValueError(
+                'main.logging_backend="wandb" is not wired here: use "tensorboard" (pip install '
+                "'moerging[tensorboard]') or None (train_log.jsonl only)"
+            )
         interval = self.validation_step_interval
         return TrainConfig(
+            log_backend=log_backend or "jsonl",
             lr=self.lr,
             weight_decay=self.weight_decay,
             max_steps=self.num_steps,
@@ -134,6 +141,7 @@ def train_lora_expert(
     validate: Callable[[nn.Module, Any], float] | None = None,
     device: str | torch.device = "auto",
     mixed_precision: str = "no",
+    log_backend: str | None = None,
 ) -> Path:
     """Train one LoRA (base frozen) on `data` (source, target); the PEFT adapter goes to `out/checkpoint`.
 
@@ -157,12 +165,13 @@ def train_lora_expert(
         model,
         seq2seq_loss,
         data,
-        dataclasses.replace(settings.train_config(seed), mixed_precision=mixed_precision),
+        dataclasses.replace(settings.train_config(seed, log_backend), mixed_precision=mixed_precision),
         out / "training",
         collate_fn=seq2seq_collate(tokenizer, settings.max_length),
         eval_fn=eval_fn,
         resume=True,
         device=device,
+        label=f"expert {name}",
     )
     meta = {"name": name, "stage": "lora", "base": base}
     if eval_fn is not None and result.evals:

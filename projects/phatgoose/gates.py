@@ -38,6 +38,7 @@ def train_gate(
     seed: int | None = None,
     device: str | torch.device = "auto",
     mixed_precision: str = "no",
+    log_backend: str | None = None,
 ) -> Path:
     """Train the gates of the expert at `expert_path` on `data`; write expert + gates to `out/checkpoint`."""
     model, tokenizer = load_base(base, device)
@@ -51,12 +52,13 @@ def train_gate(
         model,
         seq2seq_loss,
         data,
-        dataclasses.replace(settings.train_config(seed), mixed_precision=mixed_precision),
+        dataclasses.replace(settings.train_config(seed, log_backend), mixed_precision=mixed_precision),
         out / "training",
         collate_fn=seq2seq_collate(tokenizer, settings.max_length),
         params=list(gates.values()),
         resume=True,
         device=device,
+        label=f"gates {Path(expert_path).name}",
     )
     model.eval()
     expert.gate = {name: g.detach().clone() for name, g in gates.items()}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import gin
+from tqdm.auto import tqdm
 
 from common.io import load_tensors, read_json, save_tensors, write_json
 from common.rundir import RunDir
@@ -103,6 +104,7 @@ def train_single_task_loralinear(exp_name: str, dataset: str, seed: int | None =
         seed=seed,
         validate=_validator(dataset) if settings.validation_step_interval else None,
         **_placement(),
+        log_backend=C.main_settings()["logging_backend"],
     )
     run.write_results({"steps": settings.num_steps}, dataset=dataset)
     return out / CHECKPOINT
@@ -152,6 +154,7 @@ def train_multitask(exp_name: str, datasets: Sequence[str], seed: int | None = N
         name="multitask",
         seed=seed,
         **_placement(),
+        log_backend=C.main_settings()["logging_backend"],
     )
     run.write_results({"steps": settings.num_steps})
     return out / CHECKPOINT
@@ -168,8 +171,16 @@ def train_gate_step(exp_name: str, dataset: str, old_exp_name: str, seed: int | 
         dataset=dataset,
         old_exp_name=old_exp_name,
     )
+    log_backend = C.main_settings()["logging_backend"]
     train_gate(
-        _base(), checkpoint(old_exp_name), _train_rows(dataset), out, settings, seed=seed, **_placement()
+        _base(),
+        checkpoint(old_exp_name),
+        _train_rows(dataset),
+        out,
+        settings,
+        seed=seed,
+        log_backend=log_backend,
+        **_placement(),
     )
     run.write_results({"steps": settings.num_steps}, dataset=dataset)
     return out / CHECKPOINT
@@ -336,7 +347,7 @@ def evaluate(
         to_evaluate = ev.datasets if datasets is None else datasets
         if not to_evaluate:
             raise ValueError(f"{proc}/Evaluator.datasets is empty: bind the datasets to evaluate")
-        for d in to_evaluate:
+        for d in tqdm(to_evaluate, desc=f"{proc} datasets", leave=False):
             name = dataset_name(d)
             rows = list(subsample(load_task(d)[ev.split], ev.num_examples))
             experts_of_rows = None

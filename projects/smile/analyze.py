@@ -268,7 +268,20 @@ def _model_order(name: str) -> tuple[int, str, int]:
     return (1, experts, int(k))
 
 
-def plot_grid(runs: list[dict[str, Any]], rd: RunDir, plot_name: str = "grid_accuracy_vs_params") -> None:
+def readable_log_ticks(ax: Any, values: Sequence[float], nbins: int = 5) -> None:
+    """Within one decade matplotlib labels every minor tick of a log axis (`1.1×10^0`, `1.2×10^0`, ...),
+    which overlap; there, label a few plain values instead (1, 1.2, 1.4) and no minor ticks."""
+    from matplotlib.ticker import MaxNLocator, NullFormatter
+
+    lo, hi = min(values), max(values)
+    if lo <= 0 or hi / lo >= 10:
+        return  # a decade or more: the default labels (10^0, 10^1, 2×10^0 ...) do not collide
+    ticks = [t for t in MaxNLocator(nbins=nbins).tick_values(lo, hi) if lo * 0.98 <= t <= hi * 1.02]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def plot_grid(runs: list[dict[str, Any]], rd: RunDir, plot_name: str = "grid_accuracy_vs_params") -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,10 +309,12 @@ def plot_grid(runs: list[dict[str, Any]], rd: RunDir, plot_name: str = "grid_acc
             color="C1" if key == "individual" else "C2",
         )
     ax.set_xscale("log")
+    readable_log_ticks(ax, [p["params_ratio"] for p in points])
     ax.set_xlabel("parameters (x base model)")
     ax.set_ylabel("8-task average accuracy (%)")
     ax.legend(fontsize=7)
     rd.save_plot(fig, plot_name, {"points": points})
+    return fig
 
 
 def main(argv: list[str] | None = None) -> None:

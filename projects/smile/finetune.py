@@ -34,7 +34,14 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "scale": "tiny",
     "out": "runs/smile/tiny/experts/seed_0",
-    "train": {"lr": 1e-4, "weight_decay": 0.1, "max_steps": 200, "warmup_steps": 20, "batch_size": 64},
+    "train": {
+        "lr": 1e-4,
+        "weight_decay": 0.1,
+        "max_steps": 200,
+        "warmup_steps": 20,
+        "batch_size": 64,
+        "log_backend": "jsonl",
+    },
     "trainable": "all",  # all: the whole vision tower; linear: only the nn.Linear layers SMILE upscales
     "max_train_examples": None,
     "max_eval_examples": None,
@@ -75,7 +82,8 @@ def finetune_task(cfg: dict[str, Any], task: str, out: Path) -> dict[str, float]
         )
 
     run = out.with_name(out.name + ".training")
-    train(vision, loss_fn, epoch_batches, tc, run, params=trainable_parameters(vision, cfg["trainable"]))
+    params = trainable_parameters(vision, cfg["trainable"])
+    train(vision, loss_fn, epoch_batches, tc, run, params=params, label=f"expert {task}")
     vision.eval().save_pretrained(out)
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
     return validate(cfg, task, out)

@@ -41,7 +41,14 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "scale": "tiny",
     "out": "runs/smile/tiny/lm_experts/seed_0",
-    "train": {"lr": 5e-4, "weight_decay": 0.01, "max_steps": 200, "warmup_steps": 20, "batch_size": 16},
+    "train": {
+        "lr": 5e-4,
+        "weight_decay": 0.01,
+        "max_steps": 200,
+        "warmup_steps": 20,
+        "batch_size": 16,
+        "log_backend": "jsonl",
+    },
 }
 
 
@@ -70,7 +77,8 @@ def finetune_expert(cfg: dict[str, Any], spec: dict[str, Any], out: Path) -> flo
     data = token_windows(tokenizer, domain_texts(spec, "train"), cfg["seq_len"], tokenizer.eos_token_id)
     tc = TrainConfig(**{**cfg["train"], "seed": cfg["seed"], "schedule": "cosine", "log_every": 20})
     run = out.with_name(out.name + ".training")
-    result = train(model, lambda m, batch: m(input_ids=batch, labels=batch).loss, data, tc, run)
+    loss_fn = lambda m, batch: m(input_ids=batch, labels=batch).loss  # noqa: E731
+    result = train(model, loss_fn, data, tc, run, label=f"expert {out.name}")
     if cfg["method"] == "lora":
         save_adapter(model.eval(), out)
     else:

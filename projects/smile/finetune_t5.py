@@ -41,7 +41,14 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "scale": "tiny",
     "out": "runs/smile/tiny/t5_full/experts/seed_0",
-    "train": {"lr": 1e-3, "weight_decay": 0.01, "max_steps": 150, "warmup_steps": 15, "batch_size": 16},
+    "train": {
+        "lr": 1e-3,
+        "weight_decay": 0.01,
+        "max_steps": 150,
+        "warmup_steps": 15,
+        "batch_size": 16,
+        "log_backend": "jsonl",
+    },
 }
 METHODS = ("full", "lora")
 
@@ -76,7 +83,8 @@ def finetune_task(cfg: dict[str, Any], task: str, spec: Any, out: Path) -> dict[
         return encode_pairs(tokenizer, sources, targets, cfg["max_source_length"])
 
     run = out.with_name(out.name + ".training")
-    train(model, lambda m, batch: m(**batch).loss, data, tc, run, collate_fn=collate, params=params)
+    loss_fn = lambda m, batch: m(**batch).loss  # noqa: E731
+    train(model, loss_fn, data, tc, run, collate_fn=collate, params=params, label=f"expert {task}")
     if cfg["method"] == "lora":
         save_adapter(model, out)
     else:

@@ -6,14 +6,17 @@
 
 `group=name` picks configs/<group>/<name>.yaml (a bare name is found in any subfolder, so the seed's
 `modelpool=Seq2SeqLMPool/clip-vit-base-patch32_TA8` still resolves); `a.b.0.c=value` overrides a key
-(list items by index); `+a.b=value` adds one. The report (`report_save_path`) has fusion_bench's shape:
-{"model_info": {...}, "<task>": {"accuracy", "loss"}, ..., "average": {...}}; `run_dir` (default: the
-report path without `.json`) gets `results.json` with provenance.
+(list items by index); `+a.b=value` adds one. As with Hydra, `${method.k}` refers to another key
+(`report_save_path=outputs/k=${method.k}.json`) and `-m method.k=4,8 method.gate_k=1,2` runs every
+combination in turn (one JSON line per run on stdout). The report (`report_save_path`) has fusion_bench's
+shape: {"model_info": {...}, "<task>": {"accuracy", "loss"}, ..., "average": {...}}, and is also printed
+as JSON; `run_dir` (default: the report path without `.json`) gets `results.json` with provenance.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 import transformers
 
-from common.config import ConfigError, load_config, merge, read_config_file
+from common.config import ConfigError, expand_sweeps, load_config, merge, read_config_file
 from common.distributed import prepare_process
 from common.io import atomic_dir, write_json
 from common.registry import close_matches, lookup
@@ -165,19 +168,11 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    prepare_process()  # one report from a multi-process launch; say if the launcher ignored a request
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--config", action="append", default=[], help="a run config (YAML) with a defaults list"
-    )
-    parser.add_argument("--dry_run", action="store_true", help="build on meta and count parameters only")
-    parser.add_argument("args", nargs="*", help="group=name choices and key=value overrides")
-    ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    transformers.logging.set_verbosity_error()  # loading a tower from a full CLIP folder lists the other's keys
-    cfg = resolve(ns.args + (["dry_run=true"] if ns.dry_run else []), ns.config)
+OUTPUTS = ("report_save_path", "run_dir", "merged_model_save_path")
+
+
+def run_and_save(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One run: the report, written to `report_save_path` and `run_dir` when set."""
     started = time.time()
     report = run(cfg)
     if cfg["report_save_path"]:
@@ -192,9 +187,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         rd.started = started
         rd.write_results(report)
-    summary = {k: v for k, v in report.get("average", {}).items()}
-    print({"model_info": report["model_info"], "average": summary})
     return report
+
+
+def check_distinct_outputs(cfgs: list[dict[str, Any]], jobs: list[list[str]]) -> None:
+    """Refuse a multirun whose runs would overwrite one another's outputs."""
+    for key in OUTPUTS:
+        paths = [c[key] for c in cfgs if c[key]]
+        if len(set(paths)) < len(paths):
+            raise ConfigError(
+                f"-m: the {len(jobs)} runs would all write {key}={paths[0]}; put the swept keys in it, "
+                f"e.g. {key}=outputs/k=${{method.k}}.json"
+            )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | list[dict[str, Any]]:
+    prepare_process()  # one report from a multi-process launch; say if the launcher ignored a request
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", action="append", default=[], help="a run config (YAML) with a defaults list"
+    )
+    parser.add_argument("--dry_run", action="store_true", help="build on meta and count parameters only")
+    parser.add_argument(
+        "-m", "--multirun", action="store_true", help="run every combination of `key=a,b` sweeps, in turn"
+    )
+    parser.add_argument("args", nargs="*", help="group=name choices and key=value overrides")
+    ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    transformers.logging.set_verbosity_error()  # loading a tower from a full CLIP folder lists the other's keys
+    extra = ["dry_run=true"] if ns.dry_run else []
+    jobs = expand_sweeps(ns.args, multirun=ns.multirun)
+    cfgs = [resolve(job + extra, ns.config) for job in jobs]  # every run's config is checked before any runs
+    if not ns.multirun:
+        report = run_and_save(cfgs[0])
+        print(json.dumps(report, indent=2, default=str))
+        return report
+    check_distinct_outputs(cfgs, jobs)
+    reports = []
+    for i, (job, cfg) in enumerate(zip(jobs, cfgs)):
+        print(f"[multirun {i + 1}/{len(jobs)}] {' '.join(job)}", file=sys.stderr, flush=True)
+        reports.append(run_and_save(cfg))
+        line = {
+            "job": i,
+            "overrides": job,
+            "report_save_path": cfg["report_save_path"],
+            "report": reports[-1],
+        }
+        print(json.dumps(line, default=str), flush=True)
+    return reports
 
 
 if __name__ == "__main__":

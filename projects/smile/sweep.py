@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     metrics = sweep(cfg)
     run.write_results(metrics)
-    print({k: v for k, v in metrics.items() if not isinstance(v, dict)})
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, default=str))
     return metrics
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from common.device import resolve_device
 from common.routing import experts_b_rows, routed_lowrank, top_k_route
@@ -373,7 +374,7 @@ def smile_upscale(
     experts = list(finetuned.values())
     upscaled, skipped = {}, []
     linear_names = linear_layers(pretrained, targets)
-    for name in linear_names:
+    for name in tqdm(linear_names, desc=f"SMILE upscaling ({len(experts)} experts)", leave=False):
         base = pretrained.get_submodule(name)
         try:
             layer = smile_linear(

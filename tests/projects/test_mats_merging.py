@@ -1,5 +1,7 @@
 """MaTS merges against closed forms and hand-computed cases (spec §1b, peers §3)."""
 
+import re
+
 import pytest
 import torch
 
@@ -252,3 +254,10 @@ def test_clear_errors(problem):
         conjugate_gradient(base, models, objective="kfca")
     with pytest.raises(MergeError, match="nothing to merge"):
         average(base, [])
+
+
+def test_conjugate_gradient_shows_a_labelled_progress_bar(problem, capsys):
+    base, models, stats = problem
+    conjugate_gradient(base, models, stats=stats, objective="regmean", num_iterations=3)
+    err = capsys.readouterr().err
+    assert re.search(r"conjugate gradient \(regmean\): +0%.*\| 0/2 ", err), err  # one bar over the 2 blocks

@@ -266,3 +266,21 @@ def test_mbc_transform_on_trained_experts_and_cache(tmp_path):
     assert sorted(map(sorted, by_expert.values())) == [["a1", "a2"], ["b1", "b2"]]
     assert sorted(map(sorted, clusters.values())) == [["champ_category"] * 2, ["gsm_language_id"] * 2]
     assert mbc_transform(lib, {"k": 2, "sparsity_threshold": 0.2}) == clusters
+
+
+def test_mttl_notebook_names_are_aliases(tmp_path):
+    """The notebook's mttl spellings open the same library and pick the same selector as ours."""
+    make_library(tmp_path, 2)
+    lib_id = f"local://{tmp_path / 'lib'}"
+    lib = ExpertLibrary.get_expert_library(lib_id)
+    assert isinstance(lib, ExpertLibrary) and lib.keys() == get_expert_library(lib_id).keys() == ["e0", "e1"]
+    ids = torch.randint(0, 200, (2, 7))
+    ours = MultiExpertModel.from_pretrained_library(lib_id, {"name": "arrow", "top_k": 1})
+    mttl = MultiExpertModel.from_pretrained_library(
+        lib_id, selector_config={"name": "arrow", "top_k": 1}, device_map="cpu"
+    )
+    assert mttl.selector == ours.selector and mttl.selector["top_k"] == 1
+    with torch.no_grad():
+        assert torch.allclose(mttl.model(ids).logits, ours.model(ids).logits, atol=1e-6)
+    with pytest.raises(KeyError, match="selector"):  # the alias reaches the same checks
+        MultiExpertModel.from_pretrained_library(lib_id, selector_config={"name": "aroww"})

@@ -314,3 +314,36 @@ def test_validation_every_n_steps_keeps_the_best_step_as_the_original_best_pt(tm
         validate=validate,
     )
     assert "best_step" not in load_adapter(last).extras_meta and len(seen_modes) == 3
+
+
+def test_includes_resolve_without_gin_logging_path_not_found(tmp_path, caplog, monkeypatch):
+    """micro.gin's `include 'tiny.gin'` used to log "ERROR Path not found: tiny.gin" from any directory."""
+    monkeypatch.chdir(tmp_path)  # not the configs folder
+    with caplog.at_level("INFO"):
+        C.parse([CONFIGS / "micro.gin"])
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    assert C.scoped("P/TRAIN", C.trainer_settings).num_steps == 2  # micro.gin's, after tiny.gin's
+    assert C.scoped("P/EVALUATE", C.eval_settings).datasets  # only tiny.gin binds these
+    # a user's file includes a sibling, and nested includes (paper_flan -> paper_p3) expand in order
+    (tmp_path / "base.gin").write_text("include 'micro.gin'\nP/TRAIN/Trainer.num_steps = 7\n")
+    (tmp_path / "mine.gin").write_text("include 'base.gin'\nP/TRAIN/GATE/Trainer.num_steps = 5\n")
+    C.parse([tmp_path / "mine.gin"])
+    assert C.scoped("P/TRAIN", C.trainer_settings).num_steps == 7
+    assert C.scoped("P/TRAIN/GATE", C.trainer_settings).num_steps == 5
+    (tmp_path / "loop.gin").write_text("include 'loop.gin'\n")
+    with pytest.raises(ValueError, match="gin include cycle"):
+        C.parse([tmp_path / "loop.gin"])
+    (tmp_path / "missing.gin").write_text("include 'nowhere.gin'\n")
+    with pytest.raises(FileNotFoundError, match=r"'nowhere\.gin' is neither beside it nor in"):
+        C.parse([tmp_path / "missing.gin"])
+    gin.clear_config()
+
+
+def test_main_logging_backend_reaches_the_training_loop():
+    C.parse([CONFIGS / "micro.gin"], ['main.logging_backend="tensorboard"'])
+    settings = C.scoped("P/TRAIN", C.trainer_settings)
+    assert settings.train_config(0, C.main_settings()["logging_backend"]).log_backend == "tensorboard"
+    assert settings.train_config(0, None).log_backend == "jsonl"  # the seed's main.logging_backend=None
+    with pytest.raises(ValueError, match='"wandb" is not wired here: use "tensorboard"'):
+        settings.train_config(0, "wandb")
+    gin.clear_config()

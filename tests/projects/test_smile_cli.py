@@ -136,8 +136,43 @@ def test_dry_run_paper_clip_counts_match_the_paper():
         "modelpool=Seq2SeqLMPool/clip-vit-base-patch32_TA8",
         "taskpool=clip-vit-classification_TA8",
     )
-    assert "'all_params': 141203712" in proc.stdout  # the paper: 141.1M, 1.61x
-    assert "'added_params_formula': 53747712" in proc.stdout
+    info = json.loads(proc.stdout)["model_info"]  # stdout is the report, as JSON
+    assert info["all_params"] == 141203712  # the paper: 141.1M, 1.61x
+    assert info["added_params_formula"] == 53747712
+
+
+PAPER_CLIP = (
+    "--dry_run",
+    "method=smile_upscaling/smile_upscaling",
+    "method.k=4",
+    "modelpool=Seq2SeqLMPool/clip-vit-base-patch32_TA8",
+    "taskpool=clip-vit-classification_TA8",
+)
+
+
+def test_multirun_sweeps_and_interpolates_report_paths(tmp_path):
+    """`-m method.gate_k=1,2` runs both; `${method.gate_k}` in the report path resolves per run."""
+    proc = _main(
+        "-m", *PAPER_CLIP, "method.gate_k=1,2", f"report_save_path={tmp_path}/g${{method.gate_k}}.json"
+    )
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["report_save_path"] for line in lines] == [f"{tmp_path}/g1.json", f"{tmp_path}/g2.json"]
+    for gate_k, line in zip((1, 2), lines):
+        saved = json.loads((tmp_path / f"g{gate_k}.json").read_text())
+        assert saved == line["report"]
+    # each expert's router is gate_k x d_in per layer, so gate_k 1 -> 2 adds 8 experts x sum(d_in); ViT-B/32's
+    # 12 layers upscale q, k, v, out_proj and fc1 (768 in) and fc2 (3072 in)
+    added = [line["report"]["model_info"]["added_params"] for line in lines]
+    assert added[1] - added[0] == 8 * 12 * (5 * 768 + 3072)
+    assert not list(tmp_path.glob("*$*"))  # nothing written under a literal ${...} name
+
+
+def test_sweeps_without_multirun_and_colliding_outputs_are_refused(tmp_path):
+    with pytest.raises(AssertionError, match=r"'method.gate_k=1,2' is a sweep: add -m"):
+        _main(*PAPER_CLIP, "method.gate_k=1,2")
+    with pytest.raises(AssertionError, match=r"would all write report_save_path=.*put the swept keys in it"):
+        _main("-m", *PAPER_CLIP, "method.gate_k=1,2", f"report_save_path={tmp_path}/same.json")
+    assert not list(tmp_path.iterdir())
 
 
 def test_clear_errors_from_the_cli(experts):

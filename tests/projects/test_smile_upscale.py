@@ -1,6 +1,7 @@
 """SMILE upscaling: equalities the construction must satisfy, the parameter formula, and clear errors."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -209,3 +210,10 @@ def test_linear_only_finetuning_selects_exactly_the_upscaled_layers():
     assert len(trainable_parameters(vision, "all")) == len(list(vision.parameters()))
     with pytest.raises(ValueError, match="trainable must be one of"):
         trainable_parameters(vision, "lora")
+
+
+def test_upscaling_shows_a_labelled_progress_bar(capsys):
+    base = _mlp()
+    smile_upscale(base, _finetuned(base, 2), gate_k=2, k=2)
+    err = capsys.readouterr().err
+    assert re.search(r"SMILE upscaling \(2 experts\): +0%.*\| 0/2 ", err), err  # the _mlp's 2 Linears

@@ -22,7 +22,7 @@ import sys
 from typing import Any
 
 from common.config import load_config
-from common.io import write_json
+from common.io import check_replaceable, write_json
 from common.rundir import RunDir, seed_everything
 from projects.mbc_arrow import arrow, clustering
 from projects.mbc_arrow.library import ExpertInfo, LibraryError, get_expert_library
@@ -84,6 +84,7 @@ DEFAULTS: dict[str, Any] = {
     "split": "test",
     "predict_batch_size": 16,
     "save_model": None,
+    "overwrite": False,  # let save_model replace a non-empty folder that is not a saved model
     "model_path": None,
     "downstream": False,
     "downstream_task": "tweet_sentiment_other",  # ours offline; "arc_easy" (hub) at paper scale
@@ -207,10 +208,12 @@ def cmd_arrow(cfg: dict[str, Any]) -> dict[str, int]:
 
 def cmd_evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     from projects.mbc_arrow.evaluators import downstream_evaluate, rouge_evaluate
-    from projects.mbc_arrow.expert_model import MultiExpertModel
+    from projects.mbc_arrow.expert_model import MODEL_KIND, MultiExpertModel
     from projects.mbc_arrow.tasks import downstream_task, task_data
 
     need(cfg, "library_id")
+    if cfg["save_model"]:  # before the evaluation: a refusal costs nothing
+        check_replaceable(cfg["save_model"], MODEL_KIND, cfg["overwrite"])
     seed_everything(cfg["seed"])
     rd = run_dir(cfg, "evaluate")
     lib = get_expert_library(cfg["library_id"])
@@ -226,7 +229,7 @@ def cmd_evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
         )
         out["downstream_acc"] = acc["acc"]
     if cfg["save_model"]:
-        model.save_pretrained(cfg["save_model"])
+        model.save_pretrained(cfg["save_model"], overwrite=cfg["overwrite"])
     rd.write_results(out)
     return out
 
@@ -285,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     command, action, cfg = parse(argv)
     try:
         out = cmd_library(cfg, action) if command == "library" else COMMANDS[command](cfg)
-    except (LibraryError, KeyError, FileNotFoundError) as e:
+    except (LibraryError, KeyError, FileNotFoundError, FileExistsError) as e:
         raise SystemExit(f"error: {e}") from e
     print(json.dumps(out, indent=2, default=str))
 

@@ -24,6 +24,7 @@ from projects.smile.upscale import SmileMoELinear, smile_upscale
 
 Method = Callable[[Mapping[str, Any], "nn.Module | None", dict[str, nn.Module]], tuple[nn.Module, dict]]
 SMILE_FILE = "smile.json"
+MODEL_KIND = "smile method model"  # what method.model_path holds (common.io.atomic_dir's marker)
 
 
 def _need_pretrained(pretrained: nn.Module | None, method: str) -> nn.Module:
@@ -76,13 +77,16 @@ def smile_upscaling(cfg: Mapping[str, Any], pretrained: nn.Module | None, models
         "skipped_layers": info.skipped,
     }
     if cfg.get("model_path"):
-        save_upscaled(model, smile, cfg["model_path"])
+        save_upscaled(model, smile, cfg["model_path"], overwrite=bool(cfg.get("overwrite")))
     return model, {"added_params_formula": info.added_parameters, "smile": smile}
 
 
-def save_upscaled(model: nn.Module, smile: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """config.json + model.safetensors + smile.json, written atomically."""
-    with atomic_dir(path) as tmp:
+def save_upscaled(
+    model: nn.Module, smile: Mapping[str, Any], path: str | os.PathLike, overwrite: bool = False
+) -> None:
+    """config.json + model.safetensors + smile.json, written atomically (a non-empty folder we did not
+    write is replaced only with `overwrite`)."""
+    with atomic_dir(path, kind=MODEL_KIND, overwrite=overwrite) as tmp:
         if hasattr(model, "config"):
             model.config.save_pretrained(tmp)
         save_tensors(tmp / "model.safetensors", model.state_dict())
@@ -147,7 +151,7 @@ def singular_projection_merging(
         full_matrices=bool(cfg["full_matrices"]),
     )
     if cfg.get("model_path"):
-        with atomic_dir(cfg["model_path"]) as tmp:
+        with atomic_dir(cfg["model_path"], kind=MODEL_KIND, overwrite=bool(cfg.get("overwrite"))) as tmp:
             model.save_pretrained(tmp)
     return model, {}
 
@@ -178,7 +182,7 @@ def smile_mistral_upscaling(
     if cfg.get("model_path"):
         from transformers import AutoTokenizer
 
-        with atomic_dir(cfg["model_path"]) as tmp:
+        with atomic_dir(cfg["model_path"], kind=MODEL_KIND, overwrite=bool(cfg.get("overwrite"))) as tmp:
             model.save_pretrained(tmp)
             source = getattr(pretrained.config, "_name_or_path", "")
             if source and (Path(source) / "tokenizer_config.json").is_file():

@@ -115,3 +115,38 @@ def test_smile_method_model_path_keeps_a_foreign_folder(clip_experts, tmp_path):
     assert (target / "keep.txt").read_text() == "k"
     _smile_main(*args, "overwrite=true")
     assert (target / "smile.json").is_file()
+
+
+# --- 2. RESULTS.md is merged per project, never replaced by empty tables ----------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_results_md_without_runs_leaves_the_committed_file(tmp_path):
+    from common.results_md import main
+
+    out = tmp_path / "RESULTS.md"
+    committed = (REPO / "RESULTS.md").read_text()
+    out.write_text(committed)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(SystemExit, match=r"no results\.json.*refusing to replace"):
+        main(["--runs", str(tmp_path / "runs"), "--out", str(out)])
+    assert out.read_text() == committed
+
+
+def test_results_md_with_one_projects_runs_keeps_the_other_sections(tmp_path):
+    from common.results_md import main, sections
+    from common.rundir import RunDir
+
+    out = tmp_path / "RESULTS.md"
+    committed = (REPO / "RESULTS.md").read_text()
+    out.write_text(committed)
+    RunDir(
+        tmp_path / "runs" / "a", project="mats", experiment="tiny_full_model", scale="tiny", seed=0, config={}
+    ).write_results({"ties": 0.123})
+    main(["--runs", str(tmp_path / "runs"), "--out", str(out)])
+    before, after = sections(committed), sections(out.read_text())
+    assert set(after) == set(before) and len(before) == 5
+    for project in set(before) - {"mats"}:  # untouched, byte for byte
+        assert after[project] == before[project], project
+    assert "0.123 ± 0 (n=1)" in after["mats"] and after["mats"] != before["mats"]

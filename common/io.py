@@ -144,6 +144,17 @@ def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torc
     return load_file(str(path), device=device)
 
 
+def tensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata saved in a safetensors header (`save_tensors(..., metadata=)`), without the tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such safetensors file: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def torch_load_safe(path: str | os.PathLike) -> Any:
     """Read a `.pt`/`.ckpt` with `weights_only=True`; a file that needs arbitrary unpickling is refused."""
     path = Path(path)

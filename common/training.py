@@ -117,6 +117,7 @@ def train(
     eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
     callbacks: Sequence[Callable[[int, Mapping[str, float]], None]] = (),
     resume: bool = True,
+    run_key: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Minimise `loss_fn(model, batch)` with AdamW over `params` (default: those with requires_grad).
 
@@ -126,7 +127,9 @@ def train(
     epoch for a resumed run to match. Across processes each one takes every `num_processes`-th batch.
     `loss_fn` gets the prepared model (DDP-wrapped under multi-GPU); `eval_fn` the plain model, in eval
     mode under no_grad. Callbacks run after every step as `cb(step, {"loss", "lr", ["grad_norm"]})`.
-    Training resets the global RNGs (torch, numpy, random) at every step.
+    Training resets the global RNGs (torch, numpy, random) at every step. `run_key` is what the weights
+    are trained for beyond `cfg` (the resolved data, task, base model and model settings): it is saved in
+    every checkpoint, and a checkpoint made for another key is never resumed (nor, when finished, reused).
     """
     run_dir = Path(run_dir)
     trained = _trained_parameters(model, params)
@@ -165,7 +168,9 @@ def train(
         )
         step, epoch, consumed = 0, 0, 0
         if checkpoint is not None:
-            step, epoch, consumed = _restore(checkpoint, model, optimizer, scheduler, accelerator, cfg)
+            step, epoch, consumed = _restore(
+                checkpoint, model, optimizer, scheduler, accelerator, cfg, run_key
+            )
         prepared, optimizer = accelerator.prepare(model, optimizer)
 
         log_path = run_dir / "train_log.jsonl"
@@ -227,6 +232,7 @@ def train(
                     accelerator,
                     (epoch, consumed),
                     cfg,
+                    run_key,
                 )
             for callback in callbacks:
                 callback(step, logs)
@@ -238,6 +244,28 @@ def train(
             p.requires_grad_(flag)
         accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)  # undo the mixed-precision forward patch
         model.train(was_training)
+
+
+def _as_json(obj: Any) -> Any:
+    """`obj` as it reads back from JSON (tuples -> lists, paths -> str), so saved and current keys compare."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def check_run_key(checkpoint: str | os.PathLike, run_key: Mapping[str, Any] | None) -> None:
+    """Refuse a checkpoint trained for another run key (see `train`); checkpoints saved before run keys
+    existed, or a caller that gives none, are not compared."""
+    saved = read_json(Path(checkpoint) / STATE).get("run_key")
+    if run_key is None or saved is None:
+        return
+    now = _as_json(run_key)
+    changed = {
+        k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
+    }
+    if changed:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: it was trained for another run (key: saved, now): {changed}; "
+            f"use a new output folder or delete {Path(checkpoint).parents[1]}"
+        )
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -407,6 +435,7 @@ def _save_checkpoint(
     accelerator: Accelerator,
     position: tuple[int, int],
     cfg: TrainConfig,
+    run_key: Mapping[str, Any] | None = None,
 ) -> None:
     """Write `checkpoints/step_<step>` atomically, point `latest.json` at it and prune to `keep_last`."""
     root = run_dir / "checkpoints"
@@ -427,6 +456,7 @@ def _save_checkpoint(
                 "batches_in_epoch": position[1],
                 "num_processes": accelerator.num_processes,
                 "config": asdict(cfg),
+                **({"run_key": _as_json(run_key)} if run_key is not None else {}),
             },
         )
     write_json(root / "latest.json", {"step": step, "path": f"step_{step}"})
@@ -441,9 +471,11 @@ def _restore(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     accelerator: Accelerator,
     cfg: TrainConfig,
+    run_key: Mapping[str, Any] | None = None,
 ) -> tuple[int, int, int]:
     """Load a checkpoint into the training state; returns (step, epoch, micro-batches consumed in it)."""
     state = read_json(checkpoint / STATE)
+    check_run_key(checkpoint, run_key)
     now = json.loads(json.dumps(asdict(cfg)))
     changed = {
         k: (state["config"].get(k), v)

@@ -6,6 +6,7 @@ One test per defect; each failed on the code before its fix. Micro models only, 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,110 @@ def test_results_md_with_one_projects_runs_keeps_the_other_sections(tmp_path):
     for project in set(before) - {"mats"}:  # untouched, byte for byte
         assert after[project] == before[project], project
     assert "0.123 ± 0 (n=1)" in after["mats"] and after["mats"] != before["mats"]
+
+
+# --- 4. a failed re-run leaves the folder's config.yaml alone ---------------------------------------
+
+
+def test_failed_rerun_keeps_the_saved_config(tmp_path):
+    from common.config import read_config_file
+    from common.rundir import RunDir
+
+    first = {"task": "code", "lr": 0.1}
+    RunDir(tmp_path, project="p", experiment="e", scale="micro", seed=0, config=first).write_results({"x": 1})
+    rerun = RunDir(tmp_path, project="p", experiment="e", scale="micro", seed=0, config={**first, "lr": 0.2})
+    # ... the re-run fails here (its config check refuses the folder's checkpoints): no results written
+    assert read_config_file(tmp_path / "config.yaml") == first
+    rerun.write_results({"x": 2})  # a re-run that finishes owns the folder: its config goes with its results
+    assert read_config_file(tmp_path / "config.yaml") == {**first, "lr": 0.2}
+
+
+def test_failed_mats_train_rerun_keeps_the_saved_config(mats_run):
+    from common.config import read_config_file
+    from projects.mats.main import main
+
+    run, _args = mats_run
+    saved = (run / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="cannot resume"):
+        main(_mats_args(run.parents[5], "lr=0.5"))
+    assert (run / "config.yaml").read_text() == saved
+    assert read_config_file(run / "config.yaml")["train_run"]["lr"] != 0.5
+
+
+# --- 3. a repeated run keeps the validation-chosen checkpoint ---------------------------------------
+
+MATS_CONFIGS = REPO / "projects" / "mats" / "configs"
+
+
+def _mats_args(root: Path, *train_run: str) -> list[str]:
+    return [
+        "train", "-c", str(MATS_CONFIGS / "micro_t5.yaml"),
+        "-td", "train_dataset=gsm_language_id", "-ed", "evaluation_dataset=gsm_language_id",
+        "-tr", "micro_train_batch_size=4", "num_batches=6", *train_run, "-er", "eval_batch_size=8",
+        "--register", str(root / "registry.yaml"),
+        "-o", f"experiment.exp_out={root / 'exp_out'}", "experiment.run_name=seed0",
+    ]  # fmt: skip
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    """The run's outputs that a repeated run must reproduce byte for byte (results.json has wall times)."""
+    names = ["checkpoints.json", *sorted(p.name for p in run.glob("checkpoint_*.safetensors"))]
+    return {n: (run / n).read_bytes() for n in names}
+
+
+@pytest.fixture(scope="module")
+def mats_run(tmp_path_factory):
+    """One micro MaTS expert trained through `main train` (6 steps, a validation every 2)."""
+    from projects.mats.main import main
+
+    root = tmp_path_factory.mktemp("mats")
+    main(_mats_args(root))
+    (run,) = (root / "exp_out").rglob("seed0")
+    return run, _mats_args(root)
+
+
+def test_mats_train_rerun_keeps_the_best_checkpoint(mats_run):
+    from projects.mats.main import main
+
+    run, args = mats_run
+    first = _files(run)
+    history = json.loads(first["checkpoints.json"])
+    assert len(history) == 3  # validations at steps 2, 4, 6
+    best = json.loads((run / "results.json").read_text())
+    registry = (Path(args[args.index("--register") + 1])).read_text()
+    main(args)  # the same command again: the run is finished, nothing may change
+    assert _files(run) == first
+    again = json.loads((run / "results.json").read_text())
+    assert again["metrics"] == best["metrics"] and again["checkpoint"] == best["checkpoint"]
+    assert (
+        Path(again["checkpoint"]).name == f"checkpoint_{best['metrics']['best_checkpoint_idx']}.safetensors"
+    )
+    assert (Path(args[args.index("--register") + 1])).read_text() == registry
+
+
+MBC_MICRO = ["-c", str(REPO / "projects" / "mbc_arrow" / "configs" / "micro_notebook.yaml")]
+
+
+def _mbc_train_expert(root: Path, task: str, *extra: str) -> dict:
+    from projects.mbc_arrow.main import main
+
+    main(["train-expert", *MBC_MICRO, "-k", f"finetune_task_name={task}", f"library_id=local://{root / 'lib'}",
+          f"output_dir={root / 'run'}", "eval_every=1", *extra])  # fmt: skip
+    return json.loads((root / "run" / "results.json").read_text())["metrics"]
+
+
+@pytest.fixture(scope="module")
+def mbc_expert(tmp_path_factory):
+    """One micro mbc_arrow expert (3 steps, a validation after each) in a fresh library."""
+    root = tmp_path_factory.mktemp("mbc")
+    return root, _mbc_train_expert(root, "gsm_language_id")
+
+
+def test_mbc_train_expert_rerun_keeps_the_best_validation_weights(mbc_expert):
+    root, first = mbc_expert
+    expert = root / "lib" / "experts" / "gsm_language_id"
+    weights = {p.name: p.read_bytes() for p in expert.iterdir() if p.suffix == ".safetensors"}
+    assert math.isfinite(first["val_loss_best"]) and first["val_loss_best"] <= first["val_loss_base"]
+    again = _mbc_train_expert(root, "gsm_language_id", "force=True")  # finished run, re-run
+    assert again["val_loss_best"] == first["val_loss_best"]
+    assert {p.name: p.read_bytes() for p in expert.iterdir() if p.suffix == ".safetensors"} == weights

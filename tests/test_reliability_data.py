@@ -258,3 +258,41 @@ def test_mbc_train_expert_rerun_keeps_the_best_validation_weights(mbc_expert):
     again = _mbc_train_expert(root, "gsm_language_id", "force=True")  # finished run, re-run
     assert again["val_loss_best"] == first["val_loss_best"]
     assert {p.name: p.read_bytes() for p in expert.iterdir() if p.suffix == ".safetensors"} == weights
+
+
+# --- 5. a run folder made for another task is refused, never resumed or shipped ---------------------
+
+
+def test_mbc_train_expert_refuses_another_tasks_run_folder(mbc_expert):
+    root, _ = mbc_expert
+    with pytest.raises(ValueError, match=r"trained for another run.*'tasks': \(\['gsm_language_id'\]"):
+        _mbc_train_expert(root, "champ_category", "expert_name=champ_category")
+    assert not (root / "lib" / "experts" / "champ_category").exists()
+
+
+def test_phatgoose_expert_refuses_another_tasks_run_folder(tmp_path):
+    from datasets import Dataset
+
+    from projects.phatgoose.experts import CHECKPOINT, TrainSettings, train_lora_expert
+
+    settings = TrainSettings(num_steps=2, batch_size=2, gradient_accumulation_factor=1, max_length=16)
+    rows = {
+        "a": Dataset.from_dict({"source": ["one two", "three four"] * 2, "target": ["yes", "no"] * 2}),
+        "b": Dataset.from_dict({"source": ["five six", "seven"] * 2, "target": ["no", "yes"] * 2}),
+    }
+    train_lora_expert("micro:t5", rows["a"], tmp_path, settings, rank=2, name="a")
+    shipped = (tmp_path / CHECKPOINT / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"trained for another run.*'data'"):
+        train_lora_expert("micro:t5", rows["b"], tmp_path, settings, rank=2, name="a")
+    assert (tmp_path / CHECKPOINT / "adapter_model.safetensors").read_bytes() == shipped
+    train_lora_expert("micro:t5", rows["a"], tmp_path, settings, rank=2, name="a")  # the same run: reused
+
+
+def test_compatible_specialization_refuses_another_domains_run_folder(tmp_path):
+    from projects.compatible_specialization.main import main
+
+    args = ["--scale", "micro", "--arch", "gpt2", "--pretrained", "--train_mlp", "--batch_size", "4",
+            "--train_tokens", "8", "--name", "specialist", "--out_dir", str(tmp_path)]  # fmt: skip
+    main([*args, "--datasets", "tinycodes"])
+    with pytest.raises(ValueError, match=r"trained for another run.*'domain': \('code', 'math'\)"):
+        main([*args, "--datasets", "orca-math-problems"])

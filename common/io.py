@@ -137,11 +137,32 @@ def save_tensors(
         save_file(contiguous, str(tmp), metadata=dict(metadata or {}))
 
 
-def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+class NonFiniteError(ValueError):
+    """Weights or statistics holding NaN or inf: everything computed from them would be NaN."""
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: Any) -> None:
+    """Refuse NaN/inf in floating-point `tensors`, naming `source` (a file, a model) and the tensors."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise NonFiniteError(
+            f"{source} holds NaN/inf weights in {bad[:5]}{more}: every output computed from them would be NaN; "
+            "recreate or re-download it"
+        )
+
+
+def load_tensors(
+    path: str | os.PathLike, device: str = "cpu", *, finite: bool = True
+) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; NaN/inf are refused here, once, for every caller (`finite=False` skips it)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such safetensors file: {path}")
-    return load_file(str(path), device=device)
+    tensors = load_file(str(path), device=device)
+    if finite:
+        check_finite(tensors, path)
+    return tensors
 
 
 def tensors_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -296,3 +296,60 @@ def test_compatible_specialization_refuses_another_domains_run_folder(tmp_path):
     main([*args, "--datasets", "tinycodes"])
     with pytest.raises(ValueError, match=r"trained for another run.*'domain': \('code', 'math'\)"):
         main([*args, "--datasets", "orca-math-problems"])
+
+
+# --- 6. NaN/inf refused at load, naming the file and the tensor -------------------------------------
+
+
+def test_phatgoose_nan_router_key_is_refused_at_load(tmp_path):
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from common.adapters import AdapterError
+    from projects.phatgoose.library import read_expert, write_expert
+    from projects.phatgoose.moe import Expert
+
+    m = "encoder.block.0.layer.0.SelfAttention.q"
+    expert = Expert("e", A={m: torch.randn(2, 4)}, B={m: torch.zeros(4, 2)}, scaling=1.0,
+                    router={m: torch.randn(4)})  # fmt: skip
+    write_expert(tmp_path / "e", LoraConfig(r=2, lora_alpha=2, target_modules=["q"]), expert)
+    assert torch.equal(read_expert(tmp_path / "e").router[m], expert.router[m])
+    save_file(
+        {f"router.{m}": torch.tensor([1.0, float("nan"), 0.0, 0.0])},
+        str(tmp_path / "e" / "extras.safetensors"),
+    )
+    with pytest.raises(
+        AdapterError, match=rf"extras\.safetensors holds NaN/inf weights in \['router\.{m}'\]"
+    ):
+        read_expert(tmp_path / "e")
+
+
+def test_arrow_nan_prototypes_are_refused_at_load(mbc_expert):
+    from safetensors.torch import save_file
+
+    from common.io import NonFiniteError
+    from projects.mbc_arrow.library import get_expert_library
+
+    root, _ = mbc_expert
+    lib = get_expert_library(f"local://{root / 'lib'}")
+    lib.add_auxiliary("gsm_language_id", "arrow-test", {"q": torch.ones(3)}, {"top_k": 1})
+    aux = root / "lib" / "experts" / "gsm_language_id" / "aux" / "arrow-test.safetensors"
+    save_file({"q": torch.tensor([1.0, float("inf"), 0.0])}, str(aux))  # written by someone else
+    with pytest.raises(NonFiniteError, match=r"arrow-test\.safetensors holds NaN/inf weights in \['q'\]"):
+        lib.get_auxiliary("gsm_language_id", "arrow-test")
+
+
+def test_smile_simple_average_refuses_a_nan_model(clip_experts, tmp_path):
+    from common.io import NonFiniteError
+    from common.models import load_model
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    (pool / "mnist").symlink_to(clip_experts / "mnist")
+    model = load_model(clip_experts / "digits", "clip_vision")
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    model.save_pretrained(pool / "digits")
+    for method in ("simple_average", "task_arithmetic"):
+        with pytest.raises(NonFiniteError, match=r"modelpool model 'digits' \(.*digits\) holds NaN/inf"):
+            _smile_main(f"modelpool.expert_root={pool}", f"method={method}")

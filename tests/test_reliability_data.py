@@ -353,3 +353,26 @@ def test_smile_simple_average_refuses_a_nan_model(clip_experts, tmp_path):
     for method in ("simple_average", "task_arithmetic"):
         with pytest.raises(NonFiniteError, match=r"modelpool model 'digits' \(.*digits\) holds NaN/inf"):
             _smile_main(f"modelpool.expert_root={pool}", f"method={method}")
+
+
+# --- 7. a crash while an expert is written leaves nothing a later run would reuse -------------------
+
+
+def test_smile_expert_half_written_by_a_crash_is_not_reused(tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    from projects.smile.finetune import main
+
+    def crash(self, folder, *args, **kwargs):  # the config lands, then the disk fills up
+        self.config.save_pretrained(folder)
+        raise OSError("No space left on device")
+
+    args = ["--config", "projects/smile/configs/micro_finetune.yaml", f"out={tmp_path}", "tasks=[mnist]"]
+    monkeypatch.chdir(REPO)
+    with monkeypatch.context() as m:
+        m.setattr(PreTrainedModel, "save_pretrained", crash)
+        with pytest.raises(OSError, match="No space left"):
+            main(args)
+    assert not (tmp_path / "mnist").exists()
+    main(args)  # the next run trains (resumes) and saves the expert instead of "reusing" a config.json
+    assert (tmp_path / "mnist" / "model.safetensors").is_file()

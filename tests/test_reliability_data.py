@@ -376,3 +376,76 @@ def test_smile_expert_half_written_by_a_crash_is_not_reused(tmp_path, monkeypatc
     assert not (tmp_path / "mnist").exists()
     main(args)  # the next run trains (resumes) and saves the expert instead of "reusing" a config.json
     assert (tmp_path / "mnist" / "model.safetensors").is_file()
+
+
+# --- 8. commands that need no hub run offline; hub calls have timeouts ------------------------------
+
+
+def test_hub_defaults_follow_the_scale_and_keep_user_values():
+    from common.hub_env import OFFLINE, TIMEOUTS, apply_hub_defaults, hub_defaults
+
+    micro = str(MATS_CONFIGS / "micro_t5.yaml")
+    for argv in (["x", "--scale", "micro"], ["x", "scale=tiny"], ["x", "-c", micro], ["x", "--dry_run"],
+                 ["x", "--scale=real"], ["x", "modelpool.scale=micro"]):  # fmt: skip
+        assert all(hub_defaults(argv)[k] == "1" for k in OFFLINE), argv
+    for argv in (
+        ["x"],
+        ["x", "--scale", "paper"],
+        ["x", "--scale", "tiny", "-c", str(MATS_CONFIGS / "paper_t5_large.yaml")],
+    ):
+        assert hub_defaults(argv) == TIMEOUTS, argv  # may need the hub: only the timeouts
+    env = {"HF_HUB_OFFLINE": "0", "HF_HUB_ETAG_TIMEOUT": "99"}
+    added = apply_hub_defaults(["x", "--scale", "micro"], env)
+    assert env["HF_HUB_OFFLINE"] == "0" and env["HF_HUB_ETAG_TIMEOUT"] == "99"  # the user's values stay
+    assert env["HF_DATASETS_OFFLINE"] == "1" and "HF_HUB_OFFLINE" not in added
+
+
+def test_dry_run_entry_point_does_not_hang_on_a_silent_network(tmp_path):
+    """The issue's case: a network that accepts connections and never answers; HF_HUB_OFFLINE unset."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # connections are accepted by the kernel; nothing is ever sent back
+        port = silent.getsockname()[1]
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        }
+        env |= {
+            "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+            "PYTHONPATH": str(REPO),
+            "HF_HOME": str(tmp_path / "hf"),
+        }
+        argv = [
+            "-m",
+            "projects.mats.main",
+            "train",
+            "--dry_run",
+            "-c",
+            str(MATS_CONFIGS / "paper_t5_large.yaml"),
+        ]
+        out = subprocess.run(
+            [sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+    assert out.returncode == 0 and "parameters" in out.stdout, out.stderr[-2000:]
+
+
+def test_entry_point_sets_offline_before_transformers_reads_it():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_OFFLINE"))}
+    code = (  # as `python -m projects.<p>.main --scale micro` starts: sys.argv[0] is "-m" while packages import
+        "import sys; sys.argv = ['-m', '--scale', 'micro']; import projects; "
+        "from huggingface_hub import constants; import os; "
+        "print(constants.HF_HUB_OFFLINE, os.environ['HF_DATASETS_OFFLINE'], constants.HF_HUB_ETAG_TIMEOUT)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.stdout.split() == ["True", "1", "10"], out.stderr

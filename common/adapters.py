@@ -24,7 +24,15 @@ import torch
 from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from common.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from common.io import (
+    NonFiniteError,
+    atomic_dir,
+    check_finite,
+    load_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -187,7 +195,7 @@ def save_adapter(
             for f in sub.iterdir():
                 f.rename(tmp / f.name)
             sub.rmdir()
-        _check_finite(load_tensors(tmp / ADAPTER_WEIGHTS), path)
+        _check_finite(load_tensors(tmp / ADAPTER_WEIGHTS, finite=False), path)
         if extras:
             save_tensors(tmp / EXTRAS_WEIGHTS, extras)
         if extras or extras_meta:
@@ -211,9 +219,12 @@ def load_adapter(path: str | os.PathLike) -> SavedAdapter:
     if not (path / ADAPTER_WEIGHTS).is_file():
         raise AdapterError(f"{path} has no {ADAPTER_WEIGHTS} (only safetensors adapters are read)")
     config = PeftConfig.from_pretrained(str(path))
-    state = load_tensors(path / ADAPTER_WEIGHTS)
-    _check_finite(state, path)
-    extras = load_tensors(path / EXTRAS_WEIGHTS) if (path / EXTRAS_WEIGHTS).is_file() else {}
+    state = load_tensors(path / ADAPTER_WEIGHTS, finite=False)
+    _check_finite(state, path)  # as an AdapterError
+    try:  # router keys, gates, prototypes: NaN/inf refused with the file and tensor named
+        extras = load_tensors(path / EXTRAS_WEIGHTS) if (path / EXTRAS_WEIGHTS).is_file() else {}
+    except NonFiniteError as e:
+        raise AdapterError(str(e)) from e
     meta = read_json(path / EXTRAS_META) if (path / EXTRAS_META).is_file() else {}
     return SavedAdapter(config=config, state=state, extras=extras, extras_meta=meta)
 
@@ -226,6 +237,7 @@ def check_compatible(config: PeftConfig, base_model_name: str | None) -> None:
 
 
 def _check_finite(state: Mapping[str, torch.Tensor], where: Any) -> None:
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise AdapterError(f"adapter at {where} has NaN/inf weights in {bad[:3]}")
+    try:
+        check_finite(state, f"adapter at {where}")
+    except NonFiniteError as e:
+        raise AdapterError(str(e)) from e

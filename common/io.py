@@ -30,16 +30,70 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             tmp.unlink()
 
 
+OUTPUT_MARKER = ".moerging_output.json"  # {"kind": ...}: this folder is an output we wrote, of that kind
+
+
+class OutputExistsError(FileExistsError):
+    """A user-given output folder holds files we did not write; replacing it would delete them."""
+
+
+def check_replaceable(
+    path: str | os.PathLike, kind: str, overwrite: bool = False, option: str = "overwrite=true"
+) -> None:
+    """Refuse to replace `path` unless it is absent, empty, a previous output of `kind`, or `overwrite`.
+
+    An entry point calls it on its output paths before the work, so that a refusal costs nothing."""
+    path = Path(path).resolve()
+    if path.is_file():
+        raise OutputExistsError(f"{path} is a file, not a {kind} folder; choose another path for {kind}")
+    cwd = Path.cwd().resolve()
+    if path == cwd or path in cwd.parents or path == Path.home().resolve():
+        raise OutputExistsError(
+            f"{path} is the working directory, an ancestor of it or the home folder: never replaced by "
+            f"a {kind}; choose a new folder"
+        )
+    if overwrite or not path.is_dir() or not any(path.iterdir()):
+        return
+    marker = path / OUTPUT_MARKER
+    try:
+        previous = json.loads(marker.read_text()).get("kind") if marker.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        previous = None
+    if previous != kind:
+        what = f"a {previous}" if previous else "files this project did not write"
+        raise OutputExistsError(
+            f"{path} is not empty and holds {what}, not a previous {kind}: refusing to replace (its "
+            f"contents would be deleted); choose a new folder, or set {option} to replace it"
+        )
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp directory beside `path`; on success it replaces `path` (an old copy is removed)."""
+def atomic_dir(
+    path: str | os.PathLike,
+    *,
+    kind: str | None = None,
+    overwrite: bool = False,
+    option: str = "overwrite=true",
+) -> Iterator[Path]:
+    """Yield a temp directory beside `path`; on success it replaces `path` (an old copy is removed).
+
+    `kind=None` is for folders the code owns (checkpoints, caches): they are replaced whatever they hold.
+    A user-given output passes its `kind` (e.g. "smile model"): the folder gets an `OUTPUT_MARKER` naming
+    it, and a non-empty `path` is replaced only when it is a previous output of the same kind, or when
+    `overwrite` (the user's `option`, named in the refusal) is set. The check runs before any work.
+    """
     import shutil
 
-    path = Path(path)
+    path = Path(path).resolve()  # "." has no name and no parent to put the temp folder in
+    if kind is not None:
+        check_replaceable(path, kind, overwrite, option)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        if kind is not None:
+            (tmp / OUTPUT_MARKER).write_text(json.dumps({"kind": kind}) + "\n")
+            check_replaceable(path, kind, overwrite, option)  # it may have been filled meanwhile
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             if old.exists():
@@ -83,11 +137,43 @@ def save_tensors(
         save_file(contiguous, str(tmp), metadata=dict(metadata or {}))
 
 
-def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+class NonFiniteError(ValueError):
+    """Weights or statistics holding NaN or inf: everything computed from them would be NaN."""
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: Any) -> None:
+    """Refuse NaN/inf in floating-point `tensors`, naming `source` (a file, a model) and the tensors."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise NonFiniteError(
+            f"{source} holds NaN/inf weights in {bad[:5]}{more}: every output computed from them would be NaN; "
+            "recreate or re-download it"
+        )
+
+
+def load_tensors(
+    path: str | os.PathLike, device: str = "cpu", *, finite: bool = True
+) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; NaN/inf are refused here, once, for every caller (`finite=False` skips it)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such safetensors file: {path}")
-    return load_file(str(path), device=device)
+    tensors = load_file(str(path), device=device)
+    if finite:
+        check_finite(tensors, path)
+    return tensors
+
+
+def tensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata saved in a safetensors header (`save_tensors(..., metadata=)`), without the tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such safetensors file: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
 def torch_load_safe(path: str | os.PathLike) -> Any:

@@ -1,6 +1,9 @@
 """Gather every `results.json` under a runs folder into RESULTS.md: per paper, our figures
 (mean ± std over seeds) beside the paper's, and for each of the paper's claims whether our runs show it.
 
+The file is updated per project: a project with no results under the runs folder keeps its section of
+the existing RESULTS.md, and with no results at all the file is left alone (an error says so).
+
 Each project states its paper's numbers and claims as data in `projects/<name>/paper.yaml`:
 
     paper: <title>
@@ -102,8 +105,50 @@ def _pm(stat: tuple[float, float, int] | None) -> str:
     return f"{mean:.4g} ± {std:.2g} (n={n})"
 
 
-def render(records: list[dict[str, Any]], projects_dir: Path = PROJECTS_DIR) -> str:
+def render_project(project: str, spec: Mapping[str, Any], stats: Mapping[tuple[str, str], Any]) -> str:
+    """One project's section: a table per experiment (ours beside the paper's) and its claims."""
+    parts = [f"## {project}: {spec.get('paper', '')}", ""]
+    for exp, info in (spec.get("experiments") or {}).items():
+        ours = stats.get((project, exp), {})
+        paper = info.get("paper") or {}
+        rows = [
+            {"metric": m, "ours": _pm(ours.get(m)), "paper": paper.get(m, "—")}
+            for m in dict.fromkeys([*paper, *ours])
+        ]
+        parts += [f"### {info.get('title', exp)}", "", markdown_table(rows), ""]
+    claims = spec.get("claims") or []
+    if claims:
+        rows = [
+            {
+                "claim": c["text"],
+                "shown by our runs": check_claim(c, stats.get((project, c["experiment"]), {})),
+            }
+            for c in claims
+        ]
+        parts += ["### Claims", "", markdown_table(rows), ""]
+    return "\n".join(parts)
+
+
+def sections(text: str) -> dict[str, str]:
+    """An existing RESULTS.md's sections by project (`## <project>: <paper>` up to the next `## `)."""
+    found: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            current = found.setdefault(line[3:].partition(":")[0].strip(), [])
+        if current is not None:
+            current.append(line)
+    return {project: "\n".join(lines).rstrip("\n") + "\n" for project, lines in found.items()}
+
+
+def render(
+    records: list[dict[str, Any]], projects_dir: Path = PROJECTS_DIR, previous: str | None = None
+) -> str:
+    """RESULTS.md from `records`; a project with no record keeps its section of `previous` (the file as
+    committed), so a checkout holding one project's runs does not wipe the others' tables."""
     stats = aggregate(records)
+    ran = {r["project"] for r in records}
+    kept = sections(previous or "")
     parts = [
         "# Results",
         "",
@@ -112,26 +157,11 @@ def render(records: list[dict[str, Any]], projects_dir: Path = PROJECTS_DIR) -> 
     ]
     for paper_file in sorted(projects_dir.glob("*/paper.yaml")):
         project = paper_file.parent.name
+        if project not in ran and project in kept:
+            parts.append(kept[project])
+            continue
         spec = yaml.safe_load(paper_file.read_text()) or {}
-        parts += [f"## {project}: {spec.get('paper', '')}", ""]
-        for exp, info in (spec.get("experiments") or {}).items():
-            ours = stats.get((project, exp), {})
-            paper = info.get("paper") or {}
-            rows = [
-                {"metric": m, "ours": _pm(ours.get(m)), "paper": paper.get(m, "—")}
-                for m in dict.fromkeys([*paper, *ours])
-            ]
-            parts += [f"### {info.get('title', exp)}", "", markdown_table(rows), ""]
-        claims = spec.get("claims") or []
-        if claims:
-            rows = [
-                {
-                    "claim": c["text"],
-                    "shown by our runs": check_claim(c, stats.get((project, c["experiment"]), {})),
-                }
-                for c in claims
-            ]
-            parts += ["### Claims", "", markdown_table(rows), ""]
+        parts.append(render_project(project, spec, stats))
     return "\n".join(parts)
 
 
@@ -142,8 +172,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="RESULTS.md")
     args = parser.parse_args(argv)
     records = load_results(args.runs, args.scale or None)
-    write_text(args.out, render(records))
-    print(f"wrote {args.out} from {len(records)} results")
+    out = Path(args.out)
+    previous = out.read_text() if out.is_file() else None
+    if not records and previous is not None and sections(previous):
+        raise SystemExit(
+            f"error: no results.json of scale {args.scale or 'any'!r} under {args.runs}: refusing to replace "
+            f"{out}'s tables with empty ones; run the experiments first or pass --runs <folder with runs>"
+        )
+    write_text(out, render(records, previous=previous))
+    print(f"wrote {out} from {len(records)} results ({', '.join(sorted({r['project'] for r in records}))})")
 
 
 if __name__ == "__main__":

@@ -120,7 +120,8 @@ def check_same_config(
 
 
 class RunDir:
-    """One run's output folder. Create it, write the resolved config first, results last."""
+    """One run's output folder. Create it, write the resolved config first, results last (a re-run with
+    another config replaces the saved `config.yaml` only together with its results)."""
 
     def __init__(
         self,
@@ -139,7 +140,14 @@ class RunDir:
         self.project, self.experiment, self.scale, self.seed = project, experiment, scale, seed
         self.config = dict(config)
         self.started = time.time()
-        write_text(self.path / "config.yaml", dump_config(self.config))
+        # A re-run with another config keeps the saved one until it has results: a run that fails (e.g. on
+        # the config check of a resumed training) must leave config.yaml describing the folder's files.
+        saved, text = self.path / "config.yaml", dump_config(self.config)
+        self._pending_config: str | None = None
+        if saved.is_file() and saved.read_text() != text:
+            self._pending_config = text
+        else:
+            write_text(saved, text)
 
     def write_results(self, metrics: Mapping[str, Any], **extra: Any) -> Path:
         """Write `results.json` (schema above); `extra` adds top-level fields such as per-example data."""
@@ -154,6 +162,9 @@ class RunDir:
             "provenance": provenance(self.seed, self.started),
             **extra,
         }
+        if self._pending_config is not None:
+            write_text(self.path / "config.yaml", self._pending_config)
+            self._pending_config = None
         out = self.path / "results.json"
         write_json(out, record)
         return out

@@ -182,6 +182,7 @@ def train(
     resume: bool = True,
     device: str | torch.device | None = None,
     label: str = "train",
+    run_key: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Minimise `loss_fn(model, batch)` with AdamW over `params` (default: those with requires_grad).
 
@@ -195,6 +196,9 @@ def train(
     accelerate choose (the GPU when there is one); "cpu" keeps a run on the CPU on a GPU machine.
     Training resets the global RNGs (torch, numpy, random) at every step. `label` names the progress bar
     (the expert or stage being trained).
+    Training resets the global RNGs (torch, numpy, random) at every step. `run_key` is what the weights
+    are trained for beyond `cfg` (the resolved data, task, base model and model settings): it is saved in
+    every checkpoint, and a checkpoint made for another key is never resumed (nor, when finished, reused).
     """
     run_dir = Path(run_dir)
     trained = _trained_parameters(model, params)
@@ -238,7 +242,9 @@ def train(
         )
         step, epoch, consumed = 0, 0, 0
         if checkpoint is not None:
-            step, epoch, consumed = _restore(checkpoint, model, optimizer, scheduler, accelerator, cfg)
+            step, epoch, consumed = _restore(
+                checkpoint, model, optimizer, scheduler, accelerator, cfg, run_key
+            )
         prepared, optimizer = accelerator.prepare(model, optimizer)
 
         log_path = run_dir / "train_log.jsonl"
@@ -304,6 +310,7 @@ def train(
                     accelerator,
                     (epoch, consumed),
                     cfg,
+                    run_key,
                 )
             for callback in callbacks:
                 callback(step, logs)
@@ -316,6 +323,28 @@ def train(
             p.requires_grad_(flag)
         accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)  # undo the mixed-precision forward patch
         model.train(was_training)
+
+
+def _as_json(obj: Any) -> Any:
+    """`obj` as it reads back from JSON (tuples -> lists, paths -> str), so saved and current keys compare."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def check_run_key(checkpoint: str | os.PathLike, run_key: Mapping[str, Any] | None) -> None:
+    """Refuse a checkpoint trained for another run key (see `train`); checkpoints saved before run keys
+    existed, or a caller that gives none, are not compared."""
+    saved = read_json(Path(checkpoint) / STATE).get("run_key")
+    if run_key is None or saved is None:
+        return
+    now = _as_json(run_key)
+    changed = {
+        k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
+    }
+    if changed:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: it was trained for another run (key: saved, now): {changed}; "
+            f"use a new output folder or delete {Path(checkpoint).parents[1]}"
+        )
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -485,6 +514,7 @@ def _save_checkpoint(
     accelerator: Accelerator,
     position: tuple[int, int],
     cfg: TrainConfig,
+    run_key: Mapping[str, Any] | None = None,
 ) -> None:
     """Write `checkpoints/step_<step>` atomically, point `latest.json` at it and prune to `keep_last`."""
     root = run_dir / "checkpoints"
@@ -505,6 +535,7 @@ def _save_checkpoint(
                 "batches_in_epoch": position[1],
                 "num_processes": accelerator.num_processes,
                 "config": asdict(cfg),
+                **({"run_key": _as_json(run_key)} if run_key is not None else {}),
             },
         )
     write_json(root / "latest.json", {"step": step, "path": f"step_{step}"})
@@ -519,9 +550,11 @@ def _restore(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     accelerator: Accelerator,
     cfg: TrainConfig,
+    run_key: Mapping[str, Any] | None = None,
 ) -> tuple[int, int, int]:
     """Load a checkpoint into the training state; returns (step, epoch, micro-batches consumed in it)."""
     state = read_json(checkpoint / STATE)
+    check_run_key(checkpoint, run_key)
     now = json.loads(json.dumps(asdict(cfg)))
     changed = {
         k: (state["config"].get(k), v)

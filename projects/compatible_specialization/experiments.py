@@ -92,9 +92,13 @@ def finetune_specialist(
     """A copy of `base` with its MLPs fine-tuned on a domain's train split, and its snapshots by step."""
     model = copy.deepcopy(base)
     meta = {"domain": domain, "dataset": cfg["data"][domain], "seed": seed}
+    # What the weights are trained for (the optimiser settings are checked by `train` itself): a run folder
+    # holding another domain's or base's specialist is refused, never resumed or reused.
+    data = {k: cfg["data"][k] for k in ("split_seed", "build_kwargs", "max_train_tokens") if k in cfg["data"]}
+    run_key = {**meta, "data": data, **{k: cfg[k] for k in ("scale", "arch", "context", "model")}}
     paths = finetune_mlps(
         model, corpus.stream(domain, "train"), cfg["finetune"], cfg["context"], run_dir, seed,
-        snapshot_steps(cfg["finetune"]), meta, cfg["device"],
+        snapshot_steps(cfg["finetune"]), meta, cfg["device"], run_key=run_key,
     )  # fmt: skip
     return model, paths
 

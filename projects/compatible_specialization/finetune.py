@@ -4,7 +4,7 @@ routers trained on the target with everything else frozen; the test loss of eith
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from common.evaluation import lm_loss
-from common.training import TrainConfig, train
+from common.training import TrainConfig, check_run_key, latest_checkpoint, train
 from projects.compatible_specialization.checkpoints import save_specialist
 from projects.compatible_specialization.data import RandomWindows
 from projects.compatible_specialization.mixture import router_parameters
@@ -60,10 +60,15 @@ def finetune_mlps(
     snapshot_steps: Iterable[int],
     meta: dict[str, Any],
     device: str | None = None,
+    run_key: Mapping[str, Any] | None = None,
 ) -> dict[int, Path]:
-    """Fine-tune the MLPs in place; write `snapshots/step_<N>.safetensors` at step 0 and each snapshot step."""
+    """Fine-tune the MLPs in place; write `snapshots/step_<N>.safetensors` at step 0 and each snapshot step.
+    A run folder whose checkpoints were trained for another `run_key` is refused before anything is read."""
     cfg = train_config(opt, seed)
     run_dir = Path(run_dir)
+    done = latest_checkpoint(run_dir)
+    if done is not None:
+        check_run_key(done, run_key)
     wanted = sorted({0, *(s for s in snapshot_steps if s <= cfg.max_steps)})
     paths = {s: run_dir / "snapshots" / f"step_{s}.safetensors" for s in wanted}
     meta = {**meta, "n_layer": model.config.n_layer, "n_embd": model.config.n_embd}
@@ -86,6 +91,7 @@ def finetune_mlps(
         callbacks=[snapshot],
         device=device,
         label="finetune MLPs",
+        run_key=run_key,
     )
     missing = [s for s, p in paths.items() if not p.exists()]
     if missing:  # a finished run resumed from its final checkpoint cannot rewrite lost snapshots

@@ -7,6 +7,7 @@ stopping after `early_stopping_num_checkpoints_without_improvement` checkpoints 
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections.abc import Mapping
@@ -16,9 +17,9 @@ from typing import Any
 from accelerate import PartialState
 from datasets import Dataset
 
-from common.io import write_json
+from common.io import read_json, write_json
 from common.rundir import RunDir, seed_everything
-from common.training import TrainConfig, train
+from common.training import TrainConfig, latest_checkpoint, train
 from projects.mats.experiment import eval_data, evaluate, name_of_model
 from projects.mats.model import (
     build,
@@ -69,6 +70,37 @@ def train_config(cfg: Mapping[str, Any]) -> TrainConfig:
     )
 
 
+def _validation_history(run_dir: Path, tcfg: TrainConfig) -> list[dict]:
+    """The validations a previous run of this folder made up to the training checkpoint it resumes from
+    (`checkpoints.json`; evaluation i ran at step (i+1)·eval_every); later ones are redone. Best-checkpoint
+    files that no kept validation chose are removed, so the folder ends as an uninterrupted run's would."""
+    done = latest_checkpoint(run_dir)
+    path = run_dir / "checkpoints.json"
+    history = read_json(path) if done is not None and path.is_file() else []
+    step = read_json(done / "trainer_state.json")["step"] if done is not None else 0
+    history = [h for h in history if (h["checkpoint_idx"] + 1) * tcfg.eval_every <= step]
+    best = _best_of(history)["idx"]
+    if PartialState().is_main_process:
+        for f in run_dir.glob("checkpoint_*"):  # save_model folders (checkpoint_<idx>/)
+            if f.is_dir() and re.fullmatch(r"checkpoint_\d+", f.name) and f.name != f"checkpoint_{best}":
+                shutil.rmtree(f)
+    if best is not None and not (run_dir / f"checkpoint_{best}").is_dir():
+        raise FileNotFoundError(
+            f"{run_dir}: checkpoints.json names checkpoint_{best} as the best, but it is gone; "
+            "delete the run folder and train again"
+        )
+    return history
+
+
+def _best_of(history: list[dict]) -> dict[str, Any]:
+    """The first validation with the highest average (as the original's strict `>`)."""
+    best: dict[str, Any] = {"score": -1.0, "idx": None}
+    for h in history:
+        if h["average"] > best["score"]:
+            best.update(score=h["average"], idx=h["checkpoint_idx"])
+    return best
+
+
 def train_model(cfg: Mapping[str, Any], run_dir: str | Path | None = None, scale: str | None = None) -> Path:
     """Train as configured; returns the run dir (results.json names the best checkpoint)."""
     run_dir = Path(run_dir or run_dir_of(cfg))
@@ -98,28 +130,33 @@ def train_model(cfg: Mapping[str, Any], run_dir: str | Path | None = None, scale
 
     rd = RunDir(run_dir, project="mats", experiment="train", scale=scale or cfg["model"]["scale"],
                 seed=cfg["train_run"]["seed"], config=cfg)  # fmt: skip
-    history: list[dict] = []
-    best = {"score": -1.0, "idx": None}
+    tcfg = train_config(cfg)
+    history = _validation_history(run_dir, tcfg)
+    best = _best_of(history)
     patience = cfg["train_run"]["early_stopping_num_checkpoints_without_improvement"]
+    main_process = PartialState().is_main_process
 
     def eval_fn(m) -> dict[str, float]:
         scores = evaluate(m, tokenizer, val, cfg)
         idx = len(history)
         history.append({"checkpoint_idx": idx, **scores})
-        if scores["average"] > best["score"]:
-            if PartialState().is_main_process:
+        improved = scores["average"] > best["score"]
+        if improved:
+            if main_process:
                 old = run_dir / f"checkpoint_{best['idx']}"
                 save_model(model, fmt, run_dir / f"checkpoint_{idx}", tokenizer)
                 if best["idx"] is not None and old.is_dir():
                     shutil.rmtree(old)
             best.update(score=scores["average"], idx=idx)
-        elif idx - best["idx"] >= patience:
+        if main_process:  # on disk at once: a re-run or resumed run continues it (with the best's score)
+            write_json(run_dir / "checkpoints.json", history)
+        if not improved and idx - best["idx"] >= patience:
             raise EarlyStop
         return scores
 
     stopped_early = False
     try:
-        train(model, loss_fn, train_set, train_config(cfg), run_dir, collate_fn=collate,
+        train(model, loss_fn, train_set, tcfg, run_dir, collate_fn=collate,
               params=merged_parameters(model, fmt).values(), eval_fn=eval_fn,
               label=f"{fmt} {cfg['train_dataset']['train_dataset']}")  # fmt: skip
     except EarlyStop:

@@ -35,6 +35,7 @@ from projects.mbc_arrow.library import (
 from projects.mbc_arrow.selectors import route, selector_config
 
 MODEL_FILE, WEIGHTS_FILE = "multi_expert_model.json", "experts.safetensors"
+MODEL_KIND = "mbc_arrow MultiExpertModel"  # what save_model folders hold (common.io.atomic_dir's marker)
 
 
 # mttl's `precision` flag -> (common.training's mixed_precision, the dtype the model is evaluated in).
@@ -262,8 +263,9 @@ class MultiExpertModel:
             self.task_ids = None
 
     # -- saving --------------------------------------------------------------------------------
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """The experts, their task map and the selector (with its prototypes), written atomically."""
+    def save_pretrained(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """The experts, their task map and the selector (with its prototypes), written atomically; a
+        non-empty folder that is not a saved MultiExpertModel is replaced only with `overwrite`."""
         tensors = {}
         for m, layer in self.layers().items():
             for key in ("A", "B", "scaling", "protos"):
@@ -275,7 +277,7 @@ class MultiExpertModel:
             "task_to_expert": self.task_to_expert,
             "selector": self.selector,
         }
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, kind=MODEL_KIND, overwrite=overwrite) as tmp:
             save_tensors(tmp / WEIGHTS_FILE, tensors)
             write_json(tmp / MODEL_FILE, meta)
         return Path(path)

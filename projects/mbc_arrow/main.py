@@ -23,7 +23,7 @@ from typing import Any
 
 from common.config import load_config
 from common.distributed import prepare_process
-from common.io import write_json
+from common.io import check_replaceable, write_json
 from common.rundir import RunDir, seed_everything
 from projects.mbc_arrow import arrow, clustering
 from projects.mbc_arrow.library import ExpertInfo, LibraryError, get_expert_library
@@ -89,6 +89,7 @@ DEFAULTS: dict[str, Any] = {
     "split": "test",
     "predict_batch_size": 16,
     "save_model": None,
+    "overwrite": False,  # let save_model replace a non-empty folder that is not a saved model
     "model_path": None,
     "downstream": False,
     # ours offline, or lm-eval task names: the paper's table (tasks.PAPER_ZERO_SHOT), the notebook's arc_easy
@@ -220,12 +221,14 @@ def cmd_arrow(cfg: dict[str, Any]) -> dict[str, int]:
 
 def cmd_evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     from projects.mbc_arrow.evaluators import downstream_scores, rouge_evaluate
-    from projects.mbc_arrow.expert_model import MultiExpertModel, precision
+    from projects.mbc_arrow.expert_model import MODEL_KIND, MultiExpertModel, precision
     from projects.mbc_arrow.tasks import HELDOUT_TASK, downstream_tasks, task_data
 
     need(cfg, "library_id")
     if cfg["downstream"]:
         downstream_tasks(cfg)  # a bad task list fails before any model is loaded
+    if cfg["save_model"]:  # before the evaluation: a refusal costs nothing
+        check_replaceable(cfg["save_model"], MODEL_KIND, cfg["overwrite"])
     seed_everything(cfg["seed"])
     rd = run_dir(cfg, "evaluate")
     lib = get_expert_library(cfg["library_id"])
@@ -244,7 +247,7 @@ def cmd_evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
         else:
             out["downstream"] = scores
     if cfg["save_model"]:
-        model.save_pretrained(cfg["save_model"])
+        model.save_pretrained(cfg["save_model"], overwrite=cfg["overwrite"])
     rd.write_results(out)
     return out
 
@@ -317,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     command, action, cfg = parse(argv)
     try:
         out = cmd_library(cfg, action) if command == "library" else COMMANDS[command](cfg)
-    except (LibraryError, KeyError, FileNotFoundError, ValueError) as e:
+    except (LibraryError, KeyError, FileNotFoundError, FileExistsError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
     print(json.dumps(out, indent=2, default=str))
 

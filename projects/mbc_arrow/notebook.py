@@ -104,7 +104,7 @@ def run_notebook(cfg: dict[str, Any], rd: RunDir) -> dict[str, Any]:
             rouge_scores[name + suffix], per_task[name + suffix] = r["rougeL"], r["per_task"]
             loss(model, name + suffix)
             if name == "uniform" and not suffix:
-                model.save_pretrained(out / "uniform_model")
+                model.save_pretrained(out / "uniform_model", overwrite=True)  # the notebook's own folder
         grid = cfg["arrow_top_k_grid"] or [cfg["top_k"]]
         val = {}
         for k in grid if len(grid) > 1 else []:
@@ -116,7 +116,7 @@ def run_notebook(cfg: dict[str, Any], rd: RunDir) -> dict[str, Any]:
         rouge_scores["arrow" + suffix], per_task["arrow" + suffix] = r["rougeL"], r["per_task"]
         loss(model, "arrow" + suffix)
         if not suffix:
-            model.save_pretrained(out / "arrow_model")
+            model.save_pretrained(out / "arrow_model", overwrite=True)
         top_k[f"validation{suffix}"] = val
 
     del model

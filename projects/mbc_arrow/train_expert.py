@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,8 +21,9 @@ from torch import nn
 
 from common.adapters import lora_config, save_adapter
 from common.evaluation import IGNORE_INDEX
+from common.io import load_tensors, read_json, save_tensors, tensors_metadata
 from common.tiny_world import resolve_base
-from common.training import TrainConfig, train
+from common.training import TrainConfig, check_run_key, latest_checkpoint, train
 from projects.mbc_arrow.arrow import tie_groups
 from projects.mbc_arrow.expert_model import load_base, precision
 from projects.mbc_arrow.library import ExpertInfo, ExpertLibrary
@@ -90,6 +92,30 @@ def mean_loss(
     return total / max(count, 1)
 
 
+# Config keys that decide an expert's weights (with the resolved task list): the resume key of its run folder.
+RUN_KEY = (
+    "base_model", "dataset", "max_train_examples", "max_eval_examples", "max_input_length",
+    "max_output_length", "lora_rank", "lora_alpha", "lora_dropout", "modify_layers", "tie_params", "seed",
+)  # fmt: skip
+BEST_FILE = "best_val.safetensors"  # the best validation's trained weights; metadata: val_loss, step
+
+
+def resumed_best(run_dir: Path, tcfg: TrainConfig, run_key: Mapping[str, Any]) -> dict[str, Any]:
+    """The best validation so far of the run `train` will resume in `run_dir` (none for a new run): its
+    loss, weights and the number of validations made; a best found after the resumed step is redone."""
+    best: dict[str, Any] = {"val_loss": math.inf, "state": None, "evals": 0}
+    done = latest_checkpoint(run_dir)
+    if done is None:
+        return best
+    check_run_key(done, run_key)  # before anything is read from the folder
+    step = read_json(done / "trainer_state.json")["step"]
+    best["evals"] = step // tcfg.eval_every
+    path = run_dir / BEST_FILE
+    if path.is_file() and int(tensors_metadata(path)["step"]) <= step:
+        best.update(val_loss=float(tensors_metadata(path)["val_loss"]), state=load_tensors(path))
+    return best
+
+
 def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -> dict[str, Any]:
     """Train the expert `cfg["expert_name"]` on `cfg["finetune_task_name"]` and add it to `library`."""
     tasks = resolve_task_names(cfg["finetune_task_name"], cfg["finetune_task_path"])
@@ -140,15 +166,19 @@ def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -
         mixed_precision=precision(cfg["precision"])[0],
         log_backend=cfg["log_backend"],
     )
-    best: dict[str, Any] = {"val_loss": math.inf, "state": None}
+    # What the weights are trained for: a run folder holding another task's (or base's) expert is refused.
+    run_key = {"tasks": tasks, **{k: cfg[k] for k in RUN_KEY}}
+    best = resumed_best(Path(run_dir), tcfg, run_key)
 
     def keep_best(m: nn.Module) -> dict[str, float]:
         loss = mean_loss(m, val_set, pad_id)
+        best["evals"] += 1
         if loss < best["val_loss"]:
-            best.update(
-                val_loss=loss,
-                state={k: v.detach().clone() for k, v in m.named_parameters() if v.requires_grad},
-            )
+            state = {k: v.detach().clone() for k, v in m.named_parameters() if v.requires_grad}
+            best.update(val_loss=loss, state=state)
+            # On disk, so that a resumed or repeated run keeps the best weights and their score.
+            meta = {"val_loss": repr(loss), "step": str(best["evals"] * tcfg.eval_every)}
+            save_tensors(Path(run_dir) / BEST_FILE, state, metadata=meta)
         return {"val_loss": loss}
 
     base_val = mean_loss(peft_model, val_set, pad_id)
@@ -163,6 +193,7 @@ def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -
         eval_fn=keep_best,
         device=cfg["device"],
         label=f"expert {name}",
+        run_key=run_key,
     )
     params = dict(peft_model.named_parameters())
     with torch.no_grad():

@@ -21,9 +21,10 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from common.adapters import add_adapter, lora_config, save_adapter
+from common.cache import content_hash
 from common.models import load_model
 from common.tiny_world import resolve_base
-from common.training import TrainConfig, load_weights, train
+from common.training import TrainConfig, check_run_key, latest_checkpoint, load_weights, train
 from projects.phatgoose.tasks import subsample
 
 T5_TARGETS = ("q", "k", "v", "o", "wi_0", "wi_1", "wo")
@@ -158,6 +159,16 @@ def train_lora_expert(
     model.train()  # T5 dropout is active while training, as in the original
     data = cap_examples(data, settings.max_train_examples)
     out = Path(out)
+    # What the weights are trained for (the optimiser settings are checked by `train` itself): a folder
+    # holding another task's or base's expert is refused, never resumed or shipped under this name.
+    run_key = {
+        "base": resolve_base(base), "name": name, "rank": rank, "init_scale": init_scale,
+        "target_modules": list(target_modules), "max_length": settings.max_length,
+        "data": content_hash({c: data[c] for c in data.column_names}),
+    }  # fmt: skip
+    done = latest_checkpoint(out / "training")
+    if done is not None:
+        check_run_key(done, run_key)
     eval_fn = None
     if validate is not None and settings.validation_step_interval:
         eval_fn = lambda m: {"accuracy": validate(m, tokenizer)}  # noqa: E731
@@ -172,6 +183,7 @@ def train_lora_expert(
         resume=True,
         device=device,
         label=f"expert {name}",
+        run_key=run_key,
     )
     meta = {"name": name, "stage": "lora", "base": base}
     if eval_fn is not None and result.evals:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import transformers
 
 from common.config import load_config
+from common.io import atomic_dir
 from common.models import load_model
 from common.rundir import RunDir, check_same_config, seed_everything
 from common.training import TrainConfig, train
@@ -84,7 +85,8 @@ def finetune_task(cfg: dict[str, Any], task: str, out: Path) -> dict[str, float]
     run = out.with_name(out.name + ".training")
     params = trainable_parameters(vision, cfg["trainable"])
     train(vision, loss_fn, epoch_batches, tc, run, params=params, label=f"expert {task}")
-    vision.eval().save_pretrained(out)
+    with atomic_dir(out) as tmp:  # a crash mid-write leaves no folder that a later run would reuse
+        vision.eval().save_pretrained(tmp)
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
     return validate(cfg, task, out)
 
@@ -148,7 +150,10 @@ def finetune_experts(
     metrics = {}
     for task in tasks:
         folder = out / task
-        if (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
+        if any(
+            (folder / f).is_file()
+            for f in ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+        ):
             print(f"expert {task}: exists at {folder}, reused")
             metrics[task] = validate_one(task, folder)
         else:

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 from common.adapters import add_adapter, lora_config, save_adapter
 from common.config import load_config
 from common.data import load
+from common.io import atomic_dir
 from common.models import load_model
 from common.tiny_world import PRETRAIN_SPLIT_SEED, token_windows
 from common.training import TrainConfig, train
@@ -82,8 +83,9 @@ def finetune_expert(cfg: dict[str, Any], spec: dict[str, Any], out: Path) -> flo
     if cfg["method"] == "lora":
         save_adapter(model.eval(), out)
     else:
-        model.eval().save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        with atomic_dir(out) as tmp:  # a crash mid-write leaves no folder that a later run would reuse
+            model.eval().save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
     return result.losses[-1][1]
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from common.adapters import add_adapter, lora_config, save_adapter
 from common.config import load_config, read_config_file
+from common.io import atomic_dir
 from common.models import load_model
 from common.training import TrainConfig, train
 from projects.smile.finetune import finetune_experts, trainable_parameters
@@ -88,7 +89,8 @@ def finetune_task(cfg: dict[str, Any], task: str, spec: Any, out: Path) -> dict[
     if cfg["method"] == "lora":
         save_adapter(model, out)
     else:
-        model.eval().save_pretrained(out)
+        with atomic_dir(out) as tmp:  # a crash mid-write leaves no folder that a later run would reuse
+            model.eval().save_pretrained(tmp)
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
     return validate(cfg, task, spec, out)
 

@@ -27,20 +27,22 @@ import transformers
 
 from common.config import ConfigError, expand_sweeps, load_config, merge, read_config_file
 from common.distributed import prepare_process
-from common.io import atomic_dir, write_json
+from common.io import atomic_dir, check_replaceable, write_json
 from common.registry import close_matches, lookup
 from common.rundir import RunDir, seed_everything
-from projects.smile.methods import METHODS, model_info
+from projects.smile.methods import METHODS, MODEL_KIND, model_info
 from projects.smile.pools import build_taskpool, load_modelpool
 
 CONFIGS = Path(__file__).parent / "configs"
 GROUPS = ("method", "modelpool", "taskpool")
+MERGED_KIND = "smile merged model"  # what merged_model_save_path holds (common.io.atomic_dir's marker)
 DEFAULTS: dict[str, Any] = {
     "method": {},
     "modelpool": {},
     "taskpool": {"type": "DummyTaskPool"},
     "report_save_path": None,
     "merged_model_save_path": None,
+    "overwrite": False,  # replace a non-empty merged_model_save_path / method.model_path we did not write
     "run_dir": None,
     "experiment": None,  # the results.json experiment name; default: the method's name
     "scale": "tiny",
@@ -157,10 +159,17 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["dry_run"]:
         return dry_run(cfg)
     method = lookup(METHODS, cfg["method"].get("name", ""), "method")
+    overwrite = bool(cfg["overwrite"])
+    for path, kind in (
+        (cfg["merged_model_save_path"], MERGED_KIND),
+        (cfg["method"].get("model_path"), MODEL_KIND),
+    ):
+        if path:  # before the work: a refusal costs nothing
+            check_replaceable(path, kind, overwrite)
     pretrained, models = load_modelpool(cfg["modelpool"])
-    model, extra = method(cfg["method"], pretrained, models)
+    model, extra = method({**cfg["method"], "overwrite": overwrite}, pretrained, models)
     if cfg["merged_model_save_path"]:
-        with atomic_dir(cfg["merged_model_save_path"]) as tmp:
+        with atomic_dir(cfg["merged_model_save_path"], kind=MERGED_KIND, overwrite=overwrite) as tmp:
             model.save_pretrained(tmp)
     report: dict[str, Any] = {"model_info": model_info(model, pretrained) | extra}
     with torch.no_grad():

@@ -26,6 +26,7 @@ from projects.smile.upscale import SmileMoELinear, smile_upscale
 
 Method = Callable[[Mapping[str, Any], "nn.Module | None", dict[str, nn.Module]], tuple[nn.Module, dict]]
 SMILE_FILE = "smile.json"
+MODEL_KIND = "smile method model"  # what method.model_path holds (common.io.atomic_dir's marker)
 
 
 def _need_pretrained(pretrained: nn.Module | None, method: str) -> nn.Module:
@@ -87,15 +88,18 @@ def smile_upscaling(cfg: Mapping[str, Any], pretrained: nn.Module | None, models
         "skipped_layers": info.skipped,
     }
     if cfg.get("model_path"):
-        save_smile_model(model, pretrained, cfg["model_path"])
+        save_smile_model(model, pretrained, cfg["model_path"], overwrite=bool(cfg.get("overwrite")))
     return model, {"added_params_formula": info.added_parameters, "smile": smile}
 
 
-def save_smile_model(model: nn.Module, pretrained: nn.Module, path: str | os.PathLike) -> None:
-    """`save_pretrained` of a SMILE model (+ the base's tokenizer, if its folder has one), atomically."""
+def save_smile_model(
+    model: nn.Module, pretrained: nn.Module, path: str | os.PathLike, overwrite: bool = False
+) -> None:
+    """`save_pretrained` of a SMILE model (+ the base's tokenizer, if its folder has one), atomically (a
+    non-empty folder we did not write is replaced only with `overwrite`)."""
     from transformers import AutoTokenizer
 
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, kind=MODEL_KIND, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         source = getattr(pretrained.config, "_name_or_path", "")
         if source and (Path(source) / "tokenizer_config.json").is_file():
@@ -170,7 +174,7 @@ def singular_projection_merging(
         full_matrices=bool(cfg["full_matrices"]),
     )
     if cfg.get("model_path"):
-        with atomic_dir(cfg["model_path"]) as tmp:
+        with atomic_dir(cfg["model_path"], kind=MODEL_KIND, overwrite=bool(cfg.get("overwrite"))) as tmp:
             model.save_pretrained(tmp)
     return model, {}
 
@@ -199,7 +203,7 @@ def smile_mistral_upscaling(
         model = model.to(lookup(DTYPES, cfg["model_dtype"], "model_dtype"))
     model = model.to(resolve_device(cfg["device"]))
     if cfg.get("model_path"):
-        save_smile_model(model, pretrained, cfg["model_path"])
+        save_smile_model(model, pretrained, cfg["model_path"], overwrite=bool(cfg.get("overwrite")))
     return model, {"smile": {"experts": list(models), **info}}
 
 

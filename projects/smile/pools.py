@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from common.io import check_finite
 from common.models import load_model
 from common.registry import lookup
 from common.tiny_world import resolve_base
@@ -74,6 +75,8 @@ def load_modelpool(cfg: Mapping[str, Any]) -> tuple[nn.Module | None, dict[str, 
             models[name] = merge_lora(models[PRETRAINED], _local(path))
         else:
             models[name] = load_model(path, family, dtype=dtype)
+        # Once, at load, for every method (simple_average and task_arithmetic would pass NaN on silently).
+        check_finite(models[name].state_dict(), f"modelpool model {name!r} ({path})")
     return models.pop(PRETRAINED, None), models
 
 

@@ -24,6 +24,7 @@ import torch
 from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
+from common.cli import UserError
 from common.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -51,7 +52,7 @@ IA3_TARGETS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError):
     """A missing, malformed or incompatible adapter."""
 
 

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from common.io import (
+    CorruptFileError,
     atomic_dir,
     load_tensors,
     read_json,
@@ -125,7 +127,7 @@ def train(
     an iterable of batches re-read every epoch. The last two must give the same batches for the same
     epoch for a resumed run to match. Across processes each one takes every `num_processes`-th batch.
     `loss_fn` gets the prepared model (DDP-wrapped under multi-GPU); `eval_fn` the plain model, in eval
-    mode under no_grad. Callbacks run after every step as `cb(step, {"loss", "lr", ["grad_norm"]})`.
+    mode under no_grad. Callbacks run after every step, before its checkpoint is saved, as `cb(step, {"loss", "lr", ["grad_norm"]})`.
     Training resets the global RNGs (torch, numpy, random) at every step.
     """
     run_dir = Path(run_dir)
@@ -165,7 +167,9 @@ def train(
         )
         step, epoch, consumed = 0, 0, 0
         if checkpoint is not None:
-            step, epoch, consumed = _restore(checkpoint, model, optimizer, scheduler, accelerator, cfg)
+            checkpoint = _restore_newest_readable(run_dir, model, optimizer, scheduler, accelerator, cfg)
+        if checkpoint is not None:
+            step, epoch, consumed = _position(checkpoint)
         prepared, optimizer = accelerator.prepare(model, optimizer)
 
         log_path = run_dir / "train_log.jsonl"
@@ -214,6 +218,10 @@ def train(
                 evals.append((step, metrics))
                 if main:
                     _append_log(log_path, {"step": step, "eval": metrics})
+            # Callbacks before the checkpoint: what they write (snapshots) exists whenever the checkpoint
+            # does, so a run killed right after saving step N never resumes past a snapshot it lacks.
+            for callback in callbacks:
+                callback(step, logs)
             if main and (
                 step == cfg.max_steps or (cfg.save_every is not None and step % cfg.save_every == 0)
             ):
@@ -228,8 +236,6 @@ def train(
                     (epoch, consumed),
                     cfg,
                 )
-            for callback in callbacks:
-                callback(step, logs)
             bar.update(1)
         bar.close()
         return TrainResult(step, losses, evals, run_dir / "checkpoints" / f"step_{step}")
@@ -258,7 +264,12 @@ def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 def load_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
     """Copy a checkpoint's weights (the trained ones, or all with `save_full`) into `model`, in place."""
-    tensors = load_tensors(Path(checkpoint) / WEIGHTS)
+    _copy_weights(model, load_tensors(Path(checkpoint) / WEIGHTS), checkpoint)
+
+
+def _copy_weights(
+    model: nn.Module, tensors: Mapping[str, torch.Tensor], checkpoint: str | os.PathLike
+) -> None:
     state = model.state_dict(keep_vars=True)
     unknown = sorted(set(tensors) - set(state))
     if unknown:
@@ -299,8 +310,21 @@ def _micro_batches(
             empty = False
             yield epoch, position, batch
         if empty and consumed == 0:
-            raise ValueError(f"the training data yields no batches for process {rank} in epoch {epoch}")
+            raise ValueError(_no_batches_message(data, cfg, rank, world, epoch))
         epoch, consumed = epoch + 1, 0
+
+
+def _no_batches_message(data: Any, cfg: TrainConfig, rank: int, world: int, epoch: int) -> str:
+    """Why an epoch is empty: with a dataset of examples, usually fewer examples than one batch needs."""
+    if _is_examples(data):
+        n, per_step = len(data), cfg.batch_size * world
+        return (
+            f"the training data yields no batches: {n} examples, fewer than the batch size {cfg.batch_size}"
+            + (f" times {world} processes" if world > 1 else "")
+            + f" ({per_step} examples per micro-batch across processes; only full batches are used); "
+            "add examples or lower the batch size"
+        )
+    return f"the training data yields no batches for process {rank} of {world} in epoch {epoch} (it is empty)"
 
 
 def _epoch_batches(
@@ -434,6 +458,39 @@ def _save_checkpoint(
         shutil.rmtree(path)
 
 
+def _restore_newest_readable(
+    run_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    accelerator: Accelerator,
+    cfg: TrainConfig,
+) -> Path | None:
+    """Restore the newest checkpoint that reads back; a corrupt one (e.g. a disk filled up after the
+    rename) is moved aside to `.step_<N>.corrupt` with a warning, and the one before it is tried."""
+    for _, checkpoint in reversed(_complete_checkpoints(run_dir / "checkpoints")):
+        try:
+            _restore(checkpoint, model, optimizer, scheduler, accelerator, cfg)
+            return checkpoint
+        except CorruptFileError as e:
+            aside = checkpoint.with_name(f".{checkpoint.name}.corrupt")
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.replace(checkpoint, aside)
+            warnings.warn(
+                f"checkpoint {checkpoint} is corrupt ({e}); moved it to {aside.name} and resuming from the "
+                "previous complete checkpoint",
+                stacklevel=3,
+            )
+    return None
+
+
+def _position(checkpoint: Path) -> tuple[int, int, int]:
+    """(step, epoch, micro-batches consumed in that epoch) saved in `checkpoint`."""
+    state = read_json(checkpoint / STATE)
+    return state["step"], state["epoch"], state["batches_in_epoch"]
+
+
 def _restore(
     checkpoint: Path,
     model: nn.Module,
@@ -441,8 +498,9 @@ def _restore(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     accelerator: Accelerator,
     cfg: TrainConfig,
-) -> tuple[int, int, int]:
-    """Load a checkpoint into the training state; returns (step, epoch, micro-batches consumed in it)."""
+) -> None:
+    """Load a checkpoint into the training state. Every file is read before anything is changed, so a
+    corrupt file (CorruptFileError) leaves the model and optimizer as they were."""
     state = read_json(checkpoint / STATE)
     now = json.loads(json.dumps(asdict(cfg)))
     changed = {
@@ -457,10 +515,10 @@ def _restore(
             f"cannot resume from {checkpoint}: saved with {state['num_processes']} processes, "
             f"now {accelerator.num_processes} (the data position is per process)"
         )
-    load_weights(model, checkpoint)
+    tensors = load_tensors(checkpoint / WEIGHTS)
     extra = torch_load_safe(checkpoint / OPTIMIZER)
+    _copy_weights(model, tensors, checkpoint)
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     if accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(extra["scaler"])
-    return state["step"], state["epoch"], state["batches_in_epoch"]

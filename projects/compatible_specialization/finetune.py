@@ -45,6 +45,7 @@ def train_config(opt: dict[str, Any], seed: int) -> TrainConfig:
         batch_size=opt["batch_size"] // opt["grad_accum"],
         shuffle=False,  # the windows are already at random starts
         log_every=max(1, steps // 20),
+        save_every=opt.get("save_every"),
     )
 
 

@@ -21,11 +21,12 @@ import json
 import sys
 from typing import Any
 
+from common.cli import run_main
 from common.config import load_config
 from common.io import write_json
 from common.rundir import RunDir, seed_everything
 from projects.mbc_arrow import arrow, clustering
-from projects.mbc_arrow.library import ExpertInfo, LibraryError, get_expert_library
+from projects.mbc_arrow.library import ExpertInfo, get_expert_library
 
 PROJECT = "mbc_arrow"
 # mttl's flat `-k key=value` namespace (ExpertConfig + selector + transform fields), defaults as the code.
@@ -283,12 +284,9 @@ def parse(argv: list[str] | None = None) -> tuple[str, str | None, dict[str, Any
 
 def main(argv: list[str] | None = None) -> None:
     command, action, cfg = parse(argv)
-    try:
-        out = cmd_library(cfg, action) if command == "library" else COMMANDS[command](cfg)
-    except (LibraryError, KeyError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from e
+    out = cmd_library(cfg, action) if command == "library" else COMMANDS[command](cfg)
     print(json.dumps(out, indent=2, default=str))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

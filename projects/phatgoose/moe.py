@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.adapters import AdapterError
 from common.routing import routed_lowrank, top_k_route
 
 MODES = ("route", "fixed", "gate")
@@ -129,13 +130,19 @@ def attach_experts(
     for ex in experts[1:]:
         if set(ex.A) != set(modules):
             missing = sorted(set(modules) ^ set(ex.A))[:3]
-            raise ValueError(f"expert {ex.name!r} adapts other modules than {experts[0].name!r}: {missing}")
+            raise AdapterError(
+                f"expert {ex.name!r} adapts other modules than {experts[0].name!r}: {missing}; a library's "
+                "experts must adapt the same modules (the same LoRA target_modules)"
+            )
     names = dict(model.named_modules())
     out = {}
     for m in modules:
         if m not in names or not isinstance(names[m], nn.Linear):
-            raise ValueError(f"expert module {m!r} is not a Linear of this model (another base model?)")
+            raise AdapterError(
+                f"expert module {m!r} is not a Linear of this model: the experts were trained on another base"
+            )
         base = names[m]
+        _check_shapes(m, base, experts)
         ref = base.weight
         A = torch.stack([ex.A[m] for ex in experts]).to(ref)
         B = torch.stack([ex.B[m] for ex in experts]).to(ref)
@@ -150,6 +157,24 @@ def attach_experts(
     for p in model.parameters():
         p.requires_grad_(False)
     return out
+
+
+def _check_shapes(module: str, base: nn.Linear, experts: Sequence[Expert]) -> None:
+    """Every expert's A (r, d_in) and B (d_out, r) must fit `base` and share one rank r (they are stacked)."""
+    for ex in experts:
+        (r, d_in), (d_out, r_b) = ex.A[module].shape, ex.B[module].shape
+        if (d_in, d_out) != (base.in_features, base.out_features) or r != r_b:
+            raise AdapterError(
+                f"expert {ex.name!r} adapts {module} as a {d_in}->{d_out} linear map (LoRA A {tuple(ex.A[module].shape)}, "
+                f"B {tuple(ex.B[module].shape)}) but this model's {module} is {base.in_features}->"
+                f"{base.out_features}: the expert was trained on another base model"
+            )
+    ranks = {ex.name: ex.A[module].shape[0] for ex in experts}
+    if len(set(ranks.values())) > 1:
+        raise AdapterError(
+            f"the experts have different LoRA ranks at {module}: {ranks}; PHATGOOSE stacks them, so a "
+            "library's experts must share one rank (retrain the odd ones with the same LoRA r)"
+        )
 
 
 def moe_modules(model: nn.Module) -> dict[str, MoELoRALinear]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from common.cli import run_main
 from common.config import load_config
 from common.models import load_model
 from common.rundir import RunDir, check_same_config, seed_everything
@@ -151,4 +153,4 @@ def finetune_experts(
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 import transformers
 
+from common.cli import run_main
 from common.config import ConfigError, load_config, merge, read_config_file
-from common.io import atomic_dir, write_json
+from common.io import atomic_dir, check_writable, write_json
 from common.registry import close_matches, lookup
 from common.rundir import RunDir, seed_everything
 from projects.smile.methods import METHODS, model_info
@@ -176,6 +177,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
     transformers.logging.set_verbosity_error()  # loading a tower from a full CLIP folder lists the other's keys
     cfg = resolve(ns.args + (["dry_run=true"] if ns.dry_run else []), ns.config)
+    for key in ("report_save_path", "merged_model_save_path", "run_dir"):
+        if cfg[key]:  # before the run, not after it: a run's report is never lost to a read-only folder
+            check_writable(cfg[key], key)
+    if cfg["method"].get("model_path"):
+        check_writable(cfg["method"]["model_path"], "method.model_path")
     started = time.time()
     report = run(cfg)
     if cfg["report_save_path"]:
@@ -196,4 +202,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

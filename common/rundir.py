@@ -42,14 +42,15 @@ class RunDirBusyError(UserError):
 
 
 def lock_run_dir(path: str | os.PathLike) -> None:
-    """Take an exclusive `fcntl.flock` on `path/.lock`, held until this process exits.
+    """Take an exclusive `fcntl.flock` on `path/.lock`, held until the run writes its results (or exits).
 
     A second process writing to the same folder would interleave checkpoints and results; it is refused.
-    Taking the lock again in the same process is a no-op. (flock is advisory and local: on a network file
+    Taking the lock again in the same process is a no-op, and the processes of one distributed launch
+    (torchrun/accelerate set RANK) are one run: only rank 0 locks. (flock is advisory and local: on a file
     system that does not support it the call fails and we go on without a lock.)
     """
     path = Path(path).resolve()
-    if path in _LOCKS:
+    if path in _LOCKS or os.environ.get("RANK", "0") != "0":
         return
     fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -69,6 +70,13 @@ def lock_run_dir(path: str | os.PathLike) -> None:
     _LOCKS[path] = fd
 
 
+def release_run_dir(path: str | os.PathLike) -> None:
+    """Let another process write to `path` again (the run's results are written)."""
+    fd = _LOCKS.pop(Path(path).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def discard_unfinished() -> list[Path]:
     """Remove run folders this process created that hold nothing but their config (a run that failed
     before writing anything); called by `common.cli.run_main` when a command fails."""
@@ -77,9 +85,7 @@ def discard_unfinished() -> list[Path]:
         if path.is_dir() and {p.name for p in path.iterdir()} <= {"config.yaml", LOCK}:
             for name in ("config.yaml", LOCK):
                 (path / name).unlink(missing_ok=True)
-            fd = _LOCKS.pop(path.resolve(), None)
-            if fd is not None:
-                os.close(fd)
+            release_run_dir(path)
             path.rmdir()
             removed.append(path)
     _FRESH.clear()
@@ -208,6 +214,7 @@ class RunDir:
         }
         out = self.path / "results.json"
         write_json(out, record)
+        release_run_dir(self.path)
         return out
 
     def write_table(

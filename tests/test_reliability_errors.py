@@ -394,10 +394,12 @@ def test_second_process_on_the_same_run_folder_is_refused(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    RunDir(run, project="p", experiment="e", scale="micro", seed=0, config={})  # free again
+    rd = RunDir(run, project="p", experiment="e", scale="micro", seed=0, config={})  # free again
     fd = os.open(run / ".lock", os.O_RDWR)
-    with pytest.raises(BlockingIOError):  # and this process now holds the lock
+    with pytest.raises(BlockingIOError):  # and this process now holds the lock ...
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    rd.write_results({"acc": 1.0})  # ... until the run's results are written
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.close(fd)
 
 

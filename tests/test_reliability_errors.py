@@ -190,7 +190,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     whole = _mlp()
     train(whole, _mse, _data(), _cfg(), tmp_path / "whole")
     with pytest.raises(_Stop):
-        train(_mlp(), _mse, _data(), _cfg(), tmp_path / "killed", callbacks=[_stop_at(6)])
+        train(
+            _mlp(), _mse, _data(), _cfg(), tmp_path / "killed", callbacks=[_stop_at(7)]
+        )  # after step 6 is saved
     newest = tmp_path / "killed" / "checkpoints" / "step_6" / "weights.safetensors"
     newest.write_bytes(newest.read_bytes()[:40])  # the disk filled up, or the copy was cut short
     resumed = _mlp()

@@ -24,6 +24,7 @@ import torch
 from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
+from common.cli import UserError
 from common.io import (
     NonFiniteError,
     atomic_dir,
@@ -59,7 +60,7 @@ IA3_TARGETS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError):
     """A missing, malformed or incompatible adapter."""
 
 

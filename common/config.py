@@ -18,13 +18,47 @@ from typing import Any
 
 import yaml
 
+from common.cli import UserError
 from common.registry import close_matches
 
 Config = dict[str, Any]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad config file, key or value."""
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(
+        type(value), f"a {type(value).__name__}"
+    )
+
+
+def check_type(key: str, default: Any, value: Any, where: str) -> None:
+    """Refuse `value` for `key` when its type cannot stand in for the default's (`k=four` where k is 4).
+
+    Numbers and booleans are strict (an int may stand for a float); `null` is always allowed (it means
+    "off" for many keys), and so is anything where the default is `null` or a string.
+    """
+    if value is None or default is None or isinstance(default, str):
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+    elif isinstance(default, Mapping):
+        ok = isinstance(value, Mapping)
+    else:
+        return
+    if not ok:
+        raise ConfigError(
+            f"config key {key!r} = {value!r} (from {where}) must be {_type_name(default)}, "
+            f"like its default {default!r}; fix the value"
+        )
 
 
 def parse_value(text: str) -> Any:
@@ -41,7 +75,12 @@ def read_config_file(path: str | os.PathLike) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start : e.start + 1]!r}); "
+            "save it as UTF-8"
+        ) from e
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse config file {path}: {e}") from e
     if data is None:
@@ -84,6 +123,8 @@ def set_path(cfg: MutableMapping[str, Any], key: str, value: Any, *, strict: boo
                     f"{key!r} (from {where}): index {idx} out of range for a list of length {len(node)}"
                 )
             if last:
+                if strict:
+                    check_type(key, node[idx], value, where)
                 node[idx] = value
             else:
                 node = node[idx]
@@ -96,6 +137,8 @@ def set_path(cfg: MutableMapping[str, Any], key: str, value: Any, *, strict: boo
             if not last:
                 node[part] = {}
         if last:
+            if strict and part in node:
+                check_type(key, node[part], value, where)
             node[part] = value
         else:
             node = node[part]
@@ -114,6 +157,8 @@ def merge(base: Config, update: Mapping[str, Any], *, strict: bool, where: str, 
         elif isinstance(out[k], Mapping) and isinstance(v, Mapping):
             out[k] = merge(dict(out[k]), v, strict=strict, where=where, _prefix=full + ".")
         else:
+            if strict:
+                check_type(full, out[k], v, where)
             out[k] = copy.deepcopy(v)
     return out
 
@@ -243,6 +288,17 @@ def interpolate(cfg: Config) -> Config:
         return out
 
     return resolve(cfg, ())
+
+
+def check_at_least(cfg: Mapping[str, Any], minimums: Mapping[str, int], where: str) -> None:
+    """Refuse an integer key below its minimum (`--batch_size 0`, `--context 0`, `--seed -1`) up front,
+    before it fails deep inside a run as a ZeroDivisionError or an IndexError. `where` names the sources."""
+    for key, low in minimums.items():
+        value = get_path(cfg, key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"config key {key!r} = {value!r} (from {where}) must be an integer >= {low}")
 
 
 def get_path(cfg: Mapping[str, Any], key: str) -> Any:

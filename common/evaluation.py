@@ -16,6 +16,7 @@ import contextlib
 import math
 import re
 import string
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -145,8 +146,9 @@ def sequence_logprobs(
     """Σ_t log p(continuation_t | context, continuation_<t) for each pair, with its token count and greediness.
 
     `append_eos` also scores the EOS token after the continuation (T-Few-style rank classification of T5).
-    Decoder-only inputs longer than `max_length` (default: the model's position limit) lose tokens on
-    the left, as in lm-eval.
+    Inputs longer than `max_length` (default: the model's position limit; for relative-position models
+    such as T5, the tokenizer's `model_max_length`) lose tokens on the left, as in lm-eval, with a warning:
+    an unbounded T5 input would otherwise fail in the allocator.
     """
     if len(contexts) != len(continuations):
         raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
@@ -158,7 +160,13 @@ def sequence_logprobs(
         if tokenizer.eos_token_id is None:
             raise ValueError("append_eos=True needs a tokenizer with an EOS token")
         pairs = [(c, [*y, tokenizer.eos_token_id]) for c, y in pairs]
-    limit = max_length or _max_positions(model)
+    limit = max_length or _max_positions(model) or _tokenizer_limit(tokenizer)
+    cut = sum(len(c) + (len(y) if not encoder_decoder else 0) > (limit or math.inf) for c, y in pairs)
+    if cut:
+        warnings.warn(
+            f"{cut} of {len(pairs)} inputs are longer than {limit} tokens; their contexts lose tokens on the left",
+            stacklevel=2,
+        )
     if limit is not None and (longest := max((len(y) for _, y in pairs), default=0)) > limit:
         raise ValueError(f"a continuation has {longest} tokens, more than the model's limit of {limit}")
     if supports_shared_prefix(model):  # decoder-only: each distinct context forwarded once
@@ -461,6 +469,12 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
 
 def _is_encoder_decoder(model: nn.Module) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def _tokenizer_limit(tokenizer: Any) -> int | None:
+    """The tokenizer's `model_max_length` (512 for T5), unless it is transformers' 'no limit' placeholder."""
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and value < 10**8 else None
 
 
 def _max_positions(model: nn.Module) -> int | None:

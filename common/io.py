@@ -11,7 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from common.cli import UserError
+
+
+class CorruptFileError(UserError):
+    """A file that exists but cannot be read back (truncated, not UTF-8, not the format its name says)."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file the user named (or a run needs) that is not there."""
 
 
 @contextlib.contextmanager
@@ -108,6 +119,22 @@ def atomic_dir(
             shutil.rmtree(tmp)
 
 
+def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
+    """Fail now, not after the run, when `path` (a file or folder, made later) could not be written:
+    its nearest existing ancestor must be a writable folder, and `path` itself, if it exists, writable."""
+    path = Path(path).expanduser()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe != path and not probe.is_dir():
+        raise UserError(f"{what} {path}: {probe} is a file, not a folder; choose another path")
+    if not os.access(probe, os.W_OK | (os.X_OK if probe.is_dir() else 0)):
+        raise UserError(f"{what} {path}: {probe} is not writable; choose another path or fix its permissions")
+    return path
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
@@ -116,8 +143,18 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such JSON file: {path}")
-    return json.loads(path.read_text())
+        raise MissingFileError(f"no such JSON file: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CorruptFileError(
+            f"{path} is not UTF-8 text (byte {e.start}); it is not a JSON file we wrote"
+        ) from e
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(
+            f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}): it may have been cut "
+            "short; remove it (or rerun the step that writes it)"
+        ) from e
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -158,8 +195,14 @@ def load_tensors(
     """Read a safetensors file; NaN/inf are refused here, once, for every caller (`finite=False` skips it)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such safetensors file: {path}")
-    tensors = load_file(str(path), device=device)
+        raise MissingFileError(f"no such safetensors file: {path}")
+    try:
+        tensors = load_file(str(path), device=device)
+    except (SafetensorError, OSError) as e:  # truncated header or data, or not safetensors at all
+        raise CorruptFileError(
+            f"{path} is not a readable safetensors file ({e}): it may have been cut short; "
+            "remove it and rerun the step that wrote it"
+        ) from e
     if finite:
         check_finite(tensors, path)
     return tensors
@@ -171,7 +214,7 @@ def tensors_metadata(path: str | os.PathLike) -> dict[str, str]:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such safetensors file: {path}")
+        raise MissingFileError(f"no such safetensors file: {path}")
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
 
@@ -180,11 +223,11 @@ def torch_load_safe(path: str | os.PathLike) -> Any:
     """Read a `.pt`/`.ckpt` with `weights_only=True`; a file that needs arbitrary unpickling is refused."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such checkpoint: {path}")
+        raise MissingFileError(f"no such checkpoint: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError (or RuntimeError) for disallowed globals
-        raise ValueError(
+        raise CorruptFileError(
             f"{path} cannot be read with torch.load(weights_only=True): it holds objects other than "
             f"tensors and plain containers, and we never unpickle untrusted files ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''})"

@@ -6,6 +6,8 @@ import difflib
 from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
+from common.cli import UnknownNameError
+
 T = TypeVar("T")
 
 
@@ -21,4 +23,4 @@ def lookup(registry: Mapping[str, T], name: str, kind: str = "entry") -> T:
         return registry[name]
     except KeyError:
         hint = close_matches(name, registry)
-        raise KeyError(f"unknown {kind} {name!r}.{hint} Choices: {sorted(registry)}") from None
+        raise UnknownNameError(f"unknown {kind} {name!r}.{hint} Choices: {sorted(registry)}") from None

@@ -9,7 +9,9 @@ them into RESULTS.md:
 
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
+import numbers
 import os
 import platform
 import random
@@ -24,11 +26,72 @@ import numpy as np
 import torch
 import yaml
 
+from common.cli import UserError
 from common.config import dump_config, read_config_file
-from common.io import write_json, write_text
+from common.io import check_writable, write_json, write_text
 
 SCHEMA = "moerging.results/v1"
 SCALES = ("micro", "tiny", "paper")
+LOCK = ".lock"
+_LOCKS: dict[Path, int] = {}  # run folder -> open file descriptor holding its lock, for this process's life
+_FRESH: list[Path] = []  # run folders this process created; a failed run removes the ones holding only config
+
+
+class RunDirBusyError(UserError):
+    """Another process is writing to the same run folder."""
+
+
+def lock_run_dir(path: str | os.PathLike) -> None:
+    """Take an exclusive `fcntl.flock` on `path/.lock`, held until the run writes its results (or exits).
+
+    A second process writing to the same folder would interleave checkpoints and results; it is refused.
+    Taking the lock again in the same process is a no-op, and the processes of one distributed launch
+    (torchrun/accelerate set RANK) are one run: only rank 0 locks. (flock is advisory and local: on a file
+    system that does not support it the call fails and we go on without a lock.)
+    """
+    path = Path(path).resolve()
+    if path in _LOCKS or os.environ.get("RANK", "0") != "0":
+        return
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirBusyError(
+            f"{path} is in use by another process (pid {holder}); wait for it to finish or choose "
+            "another output folder"
+        ) from None
+    except OSError:  # no flock here (some network file systems): go on unlocked
+        os.close(fd)
+        return
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _LOCKS[path] = fd
+
+
+def release_run_dir(path: str | os.PathLike) -> None:
+    """Let another process write to `path` again (the run's results are written)."""
+    fd = _LOCKS.pop(Path(path).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def discard_unfinished() -> list[Path]:
+    """Remove run folders this process created that hold nothing but their config (a run that failed
+    before writing anything); called by `common.cli.run_main` when a command fails."""
+    removed = []
+    for path in _FRESH:
+        if path.is_dir() and {p.name for p in path.iterdir()} <= {"config.yaml", LOCK}:
+            for name in ("config.yaml", LOCK):
+                (path / name).unlink(missing_ok=True)
+            release_run_dir(path)
+            path.rmdir()
+            removed.append(path)
+    _FRESH.clear()
+    return removed
+
+
 _PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "lm_eval", "numpy", "safetensors")
 
 
@@ -78,7 +141,9 @@ def provenance(seed: int | None, started: float | None = None) -> dict[str, Any]
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
+    """Seed Python, NumPy and torch (all devices); the seed must be an integer in [0, 2**32)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        raise UserError(f"seed {seed!r} must be an integer in [0, 2**32) (NumPy's seed range)")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -135,8 +200,11 @@ class RunDir:
     ) -> None:
         if scale not in SCALES:
             raise ValueError(f"unknown scale {scale!r}; choose one of {SCALES}")
-        self.path = Path(path)
+        self.path = check_writable(path, "run folder")
+        if not self.path.exists() or not any(self.path.iterdir()):
+            _FRESH.append(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
+        lock_run_dir(self.path)
         self.project, self.experiment, self.scale, self.seed = project, experiment, scale, seed
         self.config = dict(config)
         self.started = time.time()
@@ -167,6 +235,7 @@ class RunDir:
             self._pending_config = None
         out = self.path / "results.json"
         write_json(out, record)
+        release_run_dir(self.path)
         return out
 
     def write_table(

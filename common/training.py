@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from transformers import get_scheduler
 
 from common.device import resolve_device
 from common.io import (
+    CorruptFileError,
     atomic_dir,
     load_tensors,
     read_json,
@@ -191,14 +193,13 @@ def train(
     an iterable of batches re-read every epoch. The last two must give the same batches for the same
     epoch for a resumed run to match. Across processes each one takes every `num_processes`-th batch.
     `loss_fn` gets the prepared model (DDP-wrapped under multi-GPU); `eval_fn` the plain model, in eval
-    mode under no_grad. Callbacks run after every step as `cb(step, {"loss", "lr", ["grad_norm"]})`.
-    Training resets the global RNGs (torch, numpy, random) at every step. `device`: None or "auto" lets
-    accelerate choose (the GPU when there is one); "cpu" keeps a run on the CPU on a GPU machine.
-    Training resets the global RNGs (torch, numpy, random) at every step. `label` names the progress bar
-    (the expert or stage being trained).
-    Training resets the global RNGs (torch, numpy, random) at every step. `run_key` is what the weights
-    are trained for beyond `cfg` (the resolved data, task, base model and model settings): it is saved in
-    every checkpoint, and a checkpoint made for another key is never resumed (nor, when finished, reused).
+    mode under no_grad. Callbacks run after every step, before its checkpoint is saved, as
+    `cb(step, {"loss", "lr", ["grad_norm"]})`. Training resets the global RNGs (torch, numpy, random) at every
+    step. `device`: None or "auto" lets accelerate choose (the GPU when there is one); "cpu" keeps a run on
+    the CPU on a GPU machine. `label` names the progress bar (the expert or stage being trained). `run_key`
+    is what the weights are trained for beyond `cfg` (the resolved data, task, base model and model
+    settings): it is saved in every checkpoint, and a checkpoint made for another key is never resumed (nor,
+    when finished, reused). A corrupt newest checkpoint is moved aside and the previous one is resumed.
     """
     run_dir = Path(run_dir)
     trained = _trained_parameters(model, params)
@@ -242,9 +243,11 @@ def train(
         )
         step, epoch, consumed = 0, 0, 0
         if checkpoint is not None:
-            step, epoch, consumed = _restore(
-                checkpoint, model, optimizer, scheduler, accelerator, cfg, run_key
+            checkpoint = _restore_newest_readable(
+                run_dir, model, optimizer, scheduler, accelerator, cfg, run_key
             )
+        if checkpoint is not None:
+            step, epoch, consumed = _position(checkpoint)
         prepared, optimizer = accelerator.prepare(model, optimizer)
 
         log_path = run_dir / "train_log.jsonl"
@@ -297,6 +300,10 @@ def train(
                 if main:
                     _append_log(log_path, {"step": step, "eval": metrics})
                     sink.log(step, {f"eval/{k}": v for k, v in metrics.items()})
+            # Callbacks before the checkpoint: what they write (snapshots) exists whenever the checkpoint
+            # does, so a run killed right after saving step N never resumes past a snapshot it lacks.
+            for callback in callbacks:
+                callback(step, logs)
             if main and (
                 step == cfg.max_steps or (cfg.save_every is not None and step % cfg.save_every == 0)
             ):
@@ -312,8 +319,6 @@ def train(
                     cfg,
                     run_key,
                 )
-            for callback in callbacks:
-                callback(step, logs)
             bar.update(1)
         bar.close()
         return TrainResult(step, losses, evals, run_dir / "checkpoints" / f"step_{step}")
@@ -365,7 +370,12 @@ def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 def load_weights(model: nn.Module, checkpoint: str | os.PathLike) -> None:
     """Copy a checkpoint's weights (the trained ones, or all with `save_full`) into `model`, in place."""
-    tensors = load_tensors(Path(checkpoint) / WEIGHTS)
+    _copy_weights(model, load_tensors(Path(checkpoint) / WEIGHTS), checkpoint)
+
+
+def _copy_weights(
+    model: nn.Module, tensors: Mapping[str, torch.Tensor], checkpoint: str | os.PathLike
+) -> None:
     state = model.state_dict(keep_vars=True)
     unknown = sorted(set(tensors) - set(state))
     if unknown:
@@ -406,8 +416,21 @@ def _micro_batches(
             empty = False
             yield epoch, position, batch
         if empty and consumed == 0:
-            raise ValueError(f"the training data yields no batches for process {rank} in epoch {epoch}")
+            raise ValueError(_no_batches_message(data, cfg, rank, world, epoch))
         epoch, consumed = epoch + 1, 0
+
+
+def _no_batches_message(data: Any, cfg: TrainConfig, rank: int, world: int, epoch: int) -> str:
+    """Why an epoch is empty: with a dataset of examples, usually fewer examples than one batch needs."""
+    if _is_examples(data):
+        n, per_step = len(data), cfg.batch_size * world
+        return (
+            f"the training data yields no batches: {n} examples, fewer than the batch size {cfg.batch_size}"
+            + (f" times {world} processes" if world > 1 else "")
+            + f" ({per_step} examples per micro-batch across processes; only full batches are used); "
+            "add examples or lower the batch size"
+        )
+    return f"the training data yields no batches for process {rank} of {world} in epoch {epoch} (it is empty)"
 
 
 def _epoch_batches(
@@ -543,6 +566,40 @@ def _save_checkpoint(
         shutil.rmtree(path)
 
 
+def _restore_newest_readable(
+    run_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    accelerator: Accelerator,
+    cfg: TrainConfig,
+    run_key: Mapping[str, Any] | None = None,
+) -> Path | None:
+    """Restore the newest checkpoint that reads back; a corrupt one (e.g. a disk filled up after the
+    rename) is moved aside to `.step_<N>.corrupt` with a warning, and the one before it is tried."""
+    for _, checkpoint in reversed(_complete_checkpoints(run_dir / "checkpoints")):
+        try:
+            _restore(checkpoint, model, optimizer, scheduler, accelerator, cfg, run_key)
+            return checkpoint
+        except CorruptFileError as e:
+            aside = checkpoint.with_name(f".{checkpoint.name}.corrupt")
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.replace(checkpoint, aside)
+            warnings.warn(
+                f"checkpoint {checkpoint} is corrupt ({e}); moved it to {aside.name} and resuming from the "
+                "previous complete checkpoint",
+                stacklevel=3,
+            )
+    return None
+
+
+def _position(checkpoint: Path) -> tuple[int, int, int]:
+    """(step, epoch, micro-batches consumed in that epoch) saved in `checkpoint`."""
+    state = read_json(checkpoint / STATE)
+    return state["step"], state["epoch"], state["batches_in_epoch"]
+
+
 def _restore(
     checkpoint: Path,
     model: nn.Module,
@@ -551,8 +608,9 @@ def _restore(
     accelerator: Accelerator,
     cfg: TrainConfig,
     run_key: Mapping[str, Any] | None = None,
-) -> tuple[int, int, int]:
-    """Load a checkpoint into the training state; returns (step, epoch, micro-batches consumed in it)."""
+) -> None:
+    """Load a checkpoint into the training state. Every file is read before anything is changed, so a
+    corrupt file (CorruptFileError) leaves the model and optimizer as they were."""
     state = read_json(checkpoint / STATE)
     check_run_key(checkpoint, run_key)
     now = json.loads(json.dumps(asdict(cfg)))
@@ -568,10 +626,10 @@ def _restore(
             f"cannot resume from {checkpoint}: saved with {state['num_processes']} processes, "
             f"now {accelerator.num_processes} (the data position is per process)"
         )
-    load_weights(model, checkpoint)
+    tensors = load_tensors(checkpoint / WEIGHTS)
     extra = torch_load_safe(checkpoint / OPTIMIZER)
+    _copy_weights(model, tensors, checkpoint)
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     if accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(extra["scaler"])
-    return state["step"], state["epoch"], state["batches_in_epoch"]

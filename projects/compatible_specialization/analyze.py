@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from common.cli import run_main
 from common.io import read_json, write_json, write_text
 from common.rundir import RunDir, markdown_table, seed_everything
 from projects.compatible_specialization import experiments
@@ -274,4 +276,4 @@ def main(argv: list[str] | None = None) -> Any:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from common.config import load_config
+from common.config import check_at_least, load_config
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SCALES = ("micro", "tiny", "paper")
@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
         "snapshot_every": 500,  # CKA over fine-tuning checkpoints
         "mixed_precision": "no",  # common.training's: "no", "bf16", "fp16"
         "log_backend": "jsonl",  # or "tensorboard": also write the logged scalars as TensorBoard events
+        "save_every": 500,  # a resumable checkpoint (weights, optimizer, data position); a killed run resumes
     },
     "routing": {
         "train_tokens": 160000,
@@ -67,9 +68,25 @@ DEFAULTS: dict[str, Any] = {
         "multi_layer": [1, 2, 3, 4],  # the table's L values (k = 2L, all experts)
         "mixed_precision": "bf16",  # the original trains the routed model in bf16
         "log_backend": "jsonl",
+        "save_every": 500,
     },
     "interpolation": {"alphas": [round(0.1 * i, 1) for i in range(11)]},
     "cka": {"layer": 6, "windows": 128},  # the original: hidden_states_list[6], one batch of 128
+}
+
+
+# Integer keys and their least valid value (0 batches or tokens would divide by zero or index nothing).
+POSITIVE = {
+    "seed": 0,
+    "context": 1,
+    "eval_batch_size": 1,
+    **{f"{s}.{k}": 1 for s in ("finetune", "routing") for k in ("train_tokens", "batch_size", "grad_accum")},
+    "finetune.early_step": 0,
+    "finetune.later_step": 0,
+    "finetune.snapshot_every": 0,
+    "finetune.save_every": 1,
+    "routing.save_every": 1,
+    "routing.topk": 1,
 }
 
 
@@ -86,6 +103,8 @@ def resolve(
     """The run's config: `--config` (or the scale's file) < overrides < flags."""
     files = [config] if config else [config_file(scale or "paper")]
     cfg = load_config(DEFAULTS, files, overrides, flags)
+    where = f"{files[0]}, a key=value override or a flag such as --batch_size, --context, --seed"
+    check_at_least(cfg, POSITIVE, where)
     if scale is not None:
         cfg["scale"] = scale
     if cfg["scale"] not in SCALES:

@@ -47,6 +47,7 @@ def train_config(opt: dict[str, Any], seed: int) -> TrainConfig:
         log_every=max(1, steps // 20),
         mixed_precision=opt.get("mixed_precision", "no"),
         log_backend=opt.get("log_backend", "jsonl"),
+        save_every=opt.get("save_every"),
     )
 
 

@@ -12,9 +12,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
+from common.cli import run_main
 from common.distributed import is_main_process, prepare_process
 from common.rundir import RunDir, seed_everything
 from projects.compatible_specialization import experiments
@@ -222,4 +224,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

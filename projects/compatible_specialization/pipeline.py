@@ -10,9 +10,11 @@ multi_layer and cka (the schema of `common.rundir`); `analyze.py --table <out>` 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
+from common.cli import run_main
 from common.rundir import RunDir, seed_everything
 from projects.compatible_specialization import experiments
 from projects.compatible_specialization.checkpoints import load_base, load_specialist
@@ -143,4 +145,4 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

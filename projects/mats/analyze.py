@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from pathlib import Path
 
+from common.cli import run_main
 from common.io import read_json, write_json, write_text
 from common.rundir import markdown_table
 
@@ -155,4 +157,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

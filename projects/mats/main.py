@@ -21,8 +21,10 @@ from typing import Any
 
 import yaml
 
+from common.cli import run_main
+from common.config import ConfigError
 from common.distributed import is_main_process, prepare_process
-from common.io import read_json, save_tensors
+from common.io import MissingFileError, read_json, save_tensors
 from common.rundir import RunDir, seed_everything
 from projects.mats.experiment import (
     GROUP_FLAGS,
@@ -35,6 +37,7 @@ from projects.mats.experiment import (
     resolve,
 )
 from projects.mats.merge_run import fisher_file, gram_file, run_merge
+from projects.mats.merging import MergeError
 from projects.mats.metadata import fisher, gram_matrices
 from projects.mats.model import build, load_state, merged_parameters, read_state
 from projects.mats.tasks import P3_HOLDOUT, P3_TEMPLATES, load_task, tasks_of
@@ -239,13 +242,14 @@ def cg_method_dir(hparams: Mapping[str, Any], args: argparse.Namespace) -> str:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    cfg = _config(args)
     method, default_lambda, hparams = MERGES[args.command]
     hparams = dict(hparams)
     if args.model_lambda is None:
         args.model_lambda = default_lambda
     method_dir = args.command
     if args.command == "ties":
+        if not 0 < args.top_k <= 100:  # checked before any model is loaded
+            raise MergeError(f"--top_k {args.top_k:g}: the percentage of each task vector kept, in (0, 100]")
         hparams.update(top_k=args.top_k, variant=args.ties_variant, merge_func=args.merge_func)
         if args.ties_variant != "mats" or args.merge_func != "mean" or args.top_k != 20.0:
             method_dir = f"ties_{args.ties_variant}_{args.merge_func}_top{args.top_k:g}"
@@ -260,6 +264,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
             )
         hparams.update(num_iterations=args.num_iterations, initialization=args.initialization or "zeros")
         method_dir = cg_method_dir(hparams, args)
+    cfg = _config(args)
     result = run_merge(
         cfg, method, mixture=args.dataset_mixture, descriptor=args.checkpoint_descriptor, method_dir=method_dir,
         model_lambda=args.model_lambda, hparams=hparams, split=args.split, true_fisher=args.use_true_fisher,
@@ -293,8 +298,15 @@ def cmd_inference(args: argparse.Namespace) -> None:
         out = run / f"inference_checkpoint_{idx}"
     else:
         weights = Path(args.merged_model)
+        if not weights.is_file():
+            raise MissingFileError(f"inference --merged_model {weights}: no such file")
         saved = _saved_config(weights)
-        files = args.config_files or ([saved] if saved else [])
+        if not (args.config_files or saved):
+            raise ConfigError(
+                f"inference --merged_model {weights}: no config.yaml beside it (in {weights.parent} or "
+                f"{weights.parent.parent}) says which model it merges; pass the merge's config with -c <file>"
+            )
+        files = args.config_files or [saved]
         out = weights.parent / "inference"
     cfg = _config(args, files)
     model, tokenizer = build(cfg["model"])
@@ -326,4 +338,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -15,12 +15,14 @@ from typing import Any
 import torch
 from peft.utils.merge_utils import ties as peft_ties
 
+from common.cli import UserError
+
 StateDict = Mapping[str, torch.Tensor]
 FISHER_FLOOR = 1e-8  # MaTS clamps every Fisher entry to at least this before the weighted mean
 TIES_VARIANTS = ("mats", "mergekit", "peft")
 
 
-class MergeError(ValueError):
+class MergeError(UserError):
     """Models that cannot be merged: mismatched names or shapes, missing metadata, non-finite weights."""
 
 

@@ -10,10 +10,12 @@ arithmetic model chosen on validation, as the README's commands.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from common.cli import run_main
 from common.io import read_json
 from common.rundir import RunDir
 from projects.mats.main import main
@@ -130,4 +132,4 @@ def cli(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(run_main(cli))

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
+from common.cli import run_main
 from common.io import read_json
 from projects.mats.main import main
 from projects.mats.reproduce import CONFIGS, MIXTURE, SCALE_CONFIGS
@@ -69,4 +71,4 @@ def cli(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(run_main(cli))

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
+from common.cli import run_main
 from common.io import read_json, write_json, write_text
 from common.rundir import RunDir, markdown_table
 from projects.mbc_arrow.notebook import DOWNSTREAM, IN_DISTRIBUTION, plot_bars
@@ -148,4 +150,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -130,7 +130,9 @@ def arrow_transform(
         raise KeyError(f"unknown Arrow config keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     key = data_id(cfg)
     out = {}
-    for name in tqdm(library.keys(), desc="arrow prototypes", disable=len(library) < 4):
+    for name in tqdm(
+        library.require_experts("Arrow prototypes"), desc="arrow prototypes", disable=len(library) < 4
+    ):
         cached = None if recompute else library.get_auxiliary(name, key)
         if cached is not None:
             out[name] = cached[0]

@@ -18,7 +18,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import TruncatedSVD
 from sklearn.metrics.pairwise import cosine_similarity
 
-from projects.mbc_arrow.library import ExpertLibrary
+from projects.mbc_arrow.library import ExpertLibrary, LibraryError
 
 # mttl's driver (mbc_clustering.py) uses s = 0.5; the notebook's config sets 0.2 and k = 2.
 DEFAULTS = {"k": 10, "sparsity_threshold": 0.5, "n_components": 64, "seed": 42}
@@ -76,14 +76,17 @@ def mbc_transform(
     unknown = set(cfg) - set(DEFAULTS)
     if unknown:
         raise KeyError(f"unknown MBC config keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    names = library.keys()
+    names = library.require_experts("MBC clustering")
     data_id = "mbc-k{k}-s{sparsity_threshold}-d{n_components}-seed{seed}".format(**cfg).replace(".", "p")
     cached = None if recompute else library.get_data(data_id)
     if cached is not None and cached.get("experts") == names:
         return cached["clusters"]
     vectors = [expert_vector(library[n].adapter.state) for n in names]
     if len({v.numel() for v in vectors}) > 1:
-        raise ValueError("MBC needs experts with the same modules and rank (their vectors differ in length)")
+        sizes = {n: v.numel() for n, v in zip(names, vectors)}
+        raise LibraryError(
+            f"MBC needs experts with the same modules and rank; their vectors differ in length: {sizes}"
+        )
     by_expert = mbc_cluster(names, torch.stack(vectors), cfg)
     tasks = {n: library.info(n).task_names for n in names}
     clusters = {c: sorted(t for n in members for t in tasks[n]) for c, members in by_expert.items()}

@@ -173,9 +173,7 @@ class MultiExpertModel:
             selector = selector_config
         device = device_map or device
         lib = library if isinstance(library, ExpertLibrary) else get_expert_library(library)
-        names = lib.keys()
-        if not names:
-            raise LibraryError(f"library {lib.root} holds no experts")
+        names = lib.require_experts("a multi-expert model")
         recorded = lib.base_model()
         if base_model and not same_base(base_model, recorded):
             raise LibraryError(f"library experts are for base model {recorded!r}, not {base_model!r}")

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from common.adapters import ADAPTER_CONFIG, LoraFactors, SavedAdapter, load_adapter, lora_factors_from_state
+from common.cli import UserError
 from common.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from common.tiny_world import base_identity
 
@@ -35,7 +36,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")  # no dots (mttl's rule) and no path se
 _PEFT_PREFIX = "base_model.model."
 
 
-class LibraryError(ValueError):
+class LibraryError(UserError):
     """A missing expert, a bad library id, or an expert that does not fit the library."""
 
 
@@ -105,6 +106,16 @@ class ExpertLibrary:
         return get_expert_library(library_id, create=create, destination_id=destination_id)
 
     # -- listing -------------------------------------------------------------------------------
+    def require_experts(self, purpose: str) -> list[str]:
+        """The expert names, or a clear error when the library holds none (nothing to cluster or route)."""
+        names = self.keys()
+        if not names:
+            raise LibraryError(
+                f"library {self.root} holds no experts, so there is nothing for {purpose}; add experts "
+                "first (`main.py train-expert` or `main.py library add`)"
+            )
+        return names
+
     def keys(self) -> list[str]:
         d = self.root / "experts"
         return sorted(p.name for p in d.iterdir() if (p / INFO).is_file()) if d.is_dir() else []
@@ -226,10 +237,24 @@ def parse_library_id(library_id: str) -> tuple[str, str]:
     """'local://path' -> ('local', 'path'); 'hf://user/repo' -> ('hf', 'user/repo'); no prefix means hf (as mttl)."""
     scheme, sep, rest = str(library_id).partition("://")
     if not sep:
+        if _looks_local(str(library_id)):
+            raise LibraryError(
+                f"library id {library_id!r} has no scheme, so it would be read as a hub repo id (as mttl does); "
+                f"for the folder write local://{library_id}"
+            )
         scheme, rest = "hf", str(library_id)
     if scheme not in ("local", "hf") or not rest:
         raise LibraryError(f"library id {library_id!r}: expected local://<path> or hf://<user>/<repo>")
     return scheme, rest
+
+
+def _looks_local(library_id: str) -> bool:
+    """A folder that exists, or a path a hub id can never be (absolute, ./, ~, or more than one '/')."""
+    return (
+        Path(library_id).expanduser().exists()
+        or library_id.startswith(("/", ".", "~"))
+        or library_id.count("/") > 1
+    )
 
 
 def get_expert_library(
@@ -254,7 +279,8 @@ def _from_hub(repo_id: str) -> ExpertLibrary:
     except Exception as e:  # offline, no such repo, no network: one clear message
         why = "this machine is offline (HF_HUB_OFFLINE=1)" if hub_offline() else "it could not be downloaded"
         raise LibraryError(
-            f"hf://{repo_id}: {why} ({type(e).__name__}); clone it to local:// on a machine with a network"
+            f"hf://{repo_id}: {why} ({type(e).__name__}); clone it to local:// on a machine with a network "
+            f"(a library folder is named local://<path>, not {repo_id!r})"
         ) from e
     if (folder / "library.json").is_file():
         return ExpertLibrary(folder, read_only=True)

@@ -21,12 +21,13 @@ import json
 import sys
 from typing import Any
 
+from common.cli import run_main
 from common.config import load_config
 from common.distributed import prepare_process
 from common.io import check_replaceable, write_json
 from common.rundir import RunDir, seed_everything
 from projects.mbc_arrow import arrow, clustering
-from projects.mbc_arrow.library import ExpertInfo, LibraryError, get_expert_library
+from projects.mbc_arrow.library import ExpertInfo, get_expert_library
 
 PROJECT = "mbc_arrow"
 # mttl's flat `-k key=value` namespace (ExpertConfig + selector + transform fields), defaults as the code.
@@ -318,12 +319,9 @@ def parse(argv: list[str] | None = None) -> tuple[str, str | None, dict[str, Any
 def main(argv: list[str] | None = None) -> None:
     prepare_process()  # one report from a multi-process launch; say if the launcher ignored a request
     command, action, cfg = parse(argv)
-    try:
-        out = cmd_library(cfg, action) if command == "library" else COMMANDS[command](cfg)
-    except (LibraryError, KeyError, FileNotFoundError, FileExistsError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from e
+    out = cmd_library(cfg, action) if command == "library" else COMMANDS[command](cfg)
     print(json.dumps(out, indent=2, default=str))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from common.cli import run_main
 from common.io import read_json, write_text
 from common.rundir import markdown_table
 
@@ -160,4 +162,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -12,15 +12,61 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import gin
 
+from common.config import ConfigError, check_type
 from projects.phatgoose.experts import T5_TARGETS, TrainSettings
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
+_SOURCES: list[tuple[str, str]] = []  # (where, text) of the gin files and bindings last parsed, in order
+_STATEMENT = re.compile(r"^\s*(?:[\w./]+\s*=|include\b|import\b)")
+
+
+def binding_source(configurable: str, param: str) -> str:
+    """Where `configurable.param` was last bound: 'file.gin line N' or 'binding ...'."""
+    pattern = re.compile(rf"^\s*(?:[\w/]+/)?{re.escape(configurable)}\.{re.escape(param)}\s*=")
+    found = "the gin files or bindings"
+    for where, text in _SOURCES:
+        for i, line in enumerate(text.splitlines(), start=1):
+            if pattern.match(line):
+                found = f"{where} line {i}" if where != "--gin_bindings" else f"binding {line.strip()!r}"
+    return found
+
+
+def check_settings(settings: Any, configurable: str) -> Any:
+    """Refuse a bound value whose type cannot stand in for the default's (`Trainer.batch_size="two"`)."""
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        try:
+            check_type(f"{configurable}.{f.name}", f.default, value, binding_source(configurable, f.name))
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("config key", "gin binding", 1)) from None
+    return settings
+
+
+def _syntax_error(e: SyntaxError) -> ConfigError:
+    """Gin reports an unclosed bracket or quote where the next statement starts; name the statement it
+    belongs to (the last one that begins before that line) and its line."""
+    line, lineno = e.text or "", e.lineno or 0
+    try:
+        lines = Path(e.filename).read_text(encoding="utf-8").splitlines() if e.filename else []
+    except OSError:
+        lines = []
+    if lines and 1 < lineno <= len(lines) and _STATEMENT.match(lines[lineno - 1]) and (e.offset or 0) <= 1:
+        for i in range(lineno - 2, -1, -1):
+            if _STATEMENT.match(lines[i]):
+                lineno, line = i + 1, lines[i]
+                break
+    return ConfigError(
+        f"gin syntax error in {e.filename or 'a binding'} line {lineno}: {e.msg} in {line.strip()!r}; "
+        "close the bracket or quote there"
+    )
+
+
 # The shapes of values below follow the original's gin files; defaults are the paper's (P3 setting).
 
 
@@ -45,7 +91,7 @@ def main_settings(
 
 @gin.configurable("Trainer", allowlist=[f for f in TrainSettings.__dataclass_fields__])
 def trainer_settings(**kwargs: Any) -> TrainSettings:
-    return TrainSettings(**kwargs)
+    return check_settings(TrainSettings(**kwargs), "Trainer")
 
 
 @gin.configurable("hf_torch_model", allowlist=["model_name_or_path"])
@@ -130,7 +176,7 @@ class EvalSettings:
 
 @gin.configurable("Evaluator", allowlist=list(EvalSettings.__dataclass_fields__))
 def eval_settings(**kwargs: Any) -> EvalSettings:
-    return EvalSettings(**kwargs)
+    return check_settings(EvalSettings(**kwargs), "Evaluator")
 
 
 @gin.configurable("save_weights", allowlist=["should_save_to_gcp", "weight_path"])
@@ -270,13 +316,24 @@ def gin_text(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> str:
 def parse(files: Sequence[str | os.PathLike] = (), bindings: Sequence[str] = ()) -> None:
     """Clear gin, then read files then bindings (later beat earlier); unsupported names fail clearly."""
     gin.clear_config()
-    texts = [gin_text(f) for f in files]
+    _SOURCES.clear()
+    texts = []
+    for f in files:
+        path = Path(f) if Path(f).is_file() else CONFIGS / f
+        try:
+            texts.append(gin_text(path))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"gin file {f} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
+        _SOURCES.append((str(f), texts[-1]))
+    _SOURCES.append(("--gin_bindings", "\n".join(bindings)))
     try:
         for text in texts:  # what gin.parse_config_files_and_bindings does, with includes expanded here
             gin.parse_config(text)
         gin.parse_config(list(bindings))
+    except SyntaxError as e:
+        raise _syntax_error(e) from e
     except ValueError as e:
-        raise ValueError(
+        raise ConfigError(
             f"unsupported gin binding: {str(e).splitlines()[0]} This reproduction supports the "
             f"configurables {', '.join(SUPPORTED)}; see the README's command map."
         ) from e

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftConfig
 
 from common.adapters import (
     ADAPTER_CONFIG,
@@ -105,12 +105,14 @@ def run_concatenate(
     if not paths:
         raise ValueError("run_concatenate: no expert to concatenate")
     names = list(names or [Path(p).name for p in paths])
+    for p, name in zip(paths, names):
+        if not Path(p, ADAPTER_CONFIG).is_file():
+            raise AdapterError(f"missing expert {name!r}: {p} is not an adapter folder (no {ADAPTER_CONFIG})")
+    check_same_base(paths)
     out = Path(out_path)
     with atomic_dir(out) as tmp:
         entries = []
         for i, (p, name) in enumerate(zip(paths, names)):
-            if not Path(p, ADAPTER_CONFIG).is_file():
-                raise AdapterError(f"missing expert {name!r}: {p} is not an adapter folder")
             ex = read_expert(p)
             ex.name, ex.gate = name, {}
             sub = f"experts/{i:03d}_{name}"
@@ -130,7 +132,27 @@ def read_library(path: str | os.PathLike) -> list[Expert]:
             f"{path} is neither an expert (no {ADAPTER_CONFIG}) nor a library (no {LIBRARY_INDEX})"
         )
     entries = read_json(path / LIBRARY_INDEX)["experts"]
+    if not entries:
+        raise AdapterError(
+            f"library {path} holds no experts ({LIBRARY_INDEX} lists none); concatenate some first"
+        )
+    check_same_base([path / e["path"] for e in entries])
     return [read_expert(path / e["path"]) for e in entries]
+
+
+def check_same_base(paths: Sequence[str | os.PathLike]) -> None:
+    """Refuse experts whose adapter configs record different base models (they cannot share one MoE)."""
+    bases = {str(p): adapter_base(p) for p in paths}
+    if len({Path(b).name for b in bases.values() if b}) > 1:
+        raise AdapterError(
+            f"the experts were trained on different base models: {bases}; a library needs one base "
+            "(retrain the odd ones on the same hf_torch_model.model_name_or_path)"
+        )
+
+
+def adapter_base(path: str | os.PathLike) -> str | None:
+    """The base model an adapter folder records (`base_model_name_or_path`), without reading weights."""
+    return getattr(PeftConfig.from_pretrained(str(path)), "base_model_name_or_path", None)
 
 
 def set_library_keys(path: str | os.PathLike, keys: Mapping[str, Mapping[str, torch.Tensor]]) -> None:

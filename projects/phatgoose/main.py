@@ -11,8 +11,10 @@ eval_multitask, retriever, manipulations, concatenate, and `table` (the whole ti
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from common.cli import run_main
 from common.distributed import prepare_process
 from projects.phatgoose import configurables as C
 from projects.phatgoose import procedures as P
@@ -106,4 +108,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.adapters import AdapterError
 from common.routing import experts_b_rows, routed_lowrank, top_k_route
 
 MODES = ("route", "fixed", "gate")
@@ -134,7 +135,7 @@ def attach_experts(
     if differ:  # an expert without a module would need a zero LoRA there and a router key it never had
         first = experts[0]
         lines = [f"{ex.name!r} adapts {_module_summary(ex.A, modules)}" for ex in [first, *differ]]
-        raise ValueError(
+        raise AdapterError(
             "experts adapt different modules; PHATGOOSE routes among experts of the same modules: "
             + "; ".join(lines)
         )
@@ -142,8 +143,11 @@ def attach_experts(
     out = {}
     for m in modules:
         if m not in names or not isinstance(names[m], nn.Linear):
-            raise ValueError(f"expert module {m!r} is not a Linear of this model (another base model?)")
+            raise AdapterError(
+                f"expert module {m!r} is not a Linear of this model: the experts were trained on another base"
+            )
         base = names[m]
+        _check_shapes(m, base, experts)
         ref = base.weight
         # experts of different rank: zero-pad A's rows and B's columns to the largest rank (a zero rank
         # direction adds nothing to B A x), as mbc_arrow's library does
@@ -169,6 +173,18 @@ def _module_summary(adapted: Mapping[str, torch.Tensor], reference: Sequence[str
     extra, missing = sorted(set(adapted) - set(reference))[:3], sorted(set(reference) - set(adapted))[:3]
     diff = (f", not {missing}" if missing else "") + (f", also {extra}" if extra else "")
     return f"{len(adapted)} modules, rank {'/'.join(map(str, ranks))}{diff}"
+
+
+def _check_shapes(module: str, base: nn.Linear, experts: Sequence[Expert]) -> None:
+    """Every expert's A (r, d_in) and B (d_out, r) must fit `base` (ranks may differ: they are zero-padded)."""
+    for ex in experts:
+        (r, d_in), (d_out, r_b) = ex.A[module].shape, ex.B[module].shape
+        if (d_in, d_out) != (base.in_features, base.out_features) or r != r_b:
+            raise AdapterError(
+                f"expert {ex.name!r} adapts {module} as a {d_in}->{d_out} linear map (LoRA A {tuple(ex.A[module].shape)}, "
+                f"B {tuple(ex.B[module].shape)}) but this model's {module} is {base.in_features}->"
+                f"{base.out_features}: the expert was trained on another base model"
+            )
 
 
 def moe_modules(model: nn.Module) -> dict[str, MoELoRALinear]:

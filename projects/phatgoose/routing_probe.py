@@ -19,11 +19,13 @@ dilutes a signal the gates hold; if neither does, the gates do not hold it.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from common.cli import run_main
 from common.evaluation import eval_mode
 from common.io import write_json, write_text
 from common.rundir import markdown_table
@@ -155,4 +157,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
+from common.cli import run_main
 from projects.phatgoose import configurables as C
 from projects.phatgoose import library as L
 from projects.phatgoose.evaluate import evaluate_rows, routing_distribution, start_routing_record
@@ -241,4 +243,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from common.cli import run_main
 from common.config import load_config
 from common.io import atomic_dir
 from common.models import load_model
@@ -164,4 +166,4 @@ def finetune_experts(
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

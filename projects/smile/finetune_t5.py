@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import transformers
 from torch import nn
 
 from common.adapters import add_adapter, lora_config, save_adapter
+from common.cli import run_main
 from common.config import load_config, read_config_file
 from common.io import atomic_dir
 from common.models import load_model
@@ -134,4 +136,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

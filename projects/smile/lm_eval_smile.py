@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import projects.smile.mistral  # noqa: F401  (registers the SMILE classes with the Auto* factories)
+from common.cli import run_main
 
 
 def evaluate(
@@ -48,4 +49,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

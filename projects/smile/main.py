@@ -25,9 +25,10 @@ from typing import Any
 import torch
 import transformers
 
+from common.cli import run_main
 from common.config import ConfigError, expand_sweeps, load_config, merge, read_config_file
 from common.distributed import prepare_process
-from common.io import atomic_dir, check_replaceable, write_json
+from common.io import atomic_dir, check_replaceable, check_writable, write_json
 from common.registry import close_matches, lookup
 from common.rundir import RunDir, seed_everything
 from projects.smile.methods import METHODS, MODEL_KIND, model_info
@@ -228,6 +229,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | list[dict[str, Any]]
     extra = ["dry_run=true"] if ns.dry_run else []
     jobs = expand_sweeps(ns.args, multirun=ns.multirun)
     cfgs = [resolve(job + extra, ns.config) for job in jobs]  # every run's config is checked before any runs
+    for cfg in cfgs:
+        for key in ("report_save_path", "merged_model_save_path", "run_dir"):
+            if cfg[key]:  # before the run, not after it: a run's report is never lost to a read-only folder
+                check_writable(cfg[key], key)
+        if cfg["method"].get("model_path"):
+            check_writable(cfg["method"]["model_path"], "method.model_path")
     if not ns.multirun:
         report = run_and_save(cfgs[0])
         print(json.dumps(report, indent=2, default=str))
@@ -248,4 +255,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | list[dict[str, Any]]
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import transformers
 from tqdm.auto import tqdm
 
+from common.cli import run_main
 from common.config import load_config
 from common.io import write_json
 from common.rundir import RunDir, seed_everything
@@ -189,4 +191,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

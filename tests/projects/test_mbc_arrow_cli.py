@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from common.config import ConfigError
+from projects.mbc_arrow.library import LibraryError
 from tests.cli import run_cli
 
 pytestmark = pytest.mark.smoke
@@ -146,7 +147,7 @@ def test_bad_key_and_missing_expert_fail_clearly(library):
     _, lib = library
     with pytest.raises(ConfigError, match="library_id"):
         main(["mbc", "-k", "libary_id=x"])
-    with pytest.raises(SystemExit, match="no expert 'nope'"):
+    with pytest.raises(LibraryError, match="no expert 'nope'"):  # run_main prints it as one `error:` line
         main(["library", "remove", "-k", f"library_id={lib}", "expert_name=nope"])
     with pytest.raises(SystemExit, match="set output_file"):
         main(["mbc", "-k", f"library_id={lib}"])

@@ -227,7 +227,7 @@ def test_stdlib_code_excludes_tests_and_is_sorted():
 
 def test_hub_loaders_fail_fast_offline(monkeypatch):
     hub_names = [name for name in DATASETS if "/" in name]
-    assert len(hub_names) == 14 and hub_offline()  # conftest sets HF_*_OFFLINE=1
+    assert len(hub_names) == 15 and hub_offline()  # conftest sets HF_*_OFFLINE=1
     args = {
         "bigscience/P3": {"config": "cosmos_qa_context_answer_to_question"},
         "nyu-mll/glue": {"task": "rte"},

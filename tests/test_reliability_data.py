@@ -115,7 +115,7 @@ def test_smile_method_model_path_keeps_a_foreign_folder(clip_experts, tmp_path):
         _smile_main(*args)
     assert (target / "keep.txt").read_text() == "k"
     _smile_main(*args, "overwrite=true")
-    assert (target / "smile.json").is_file()
+    assert (target / "config.json").is_file() and not (target / "keep.txt").exists()
 
 
 # --- 2. RESULTS.md is merged per project, never replaced by empty tables ----------------------------
@@ -198,7 +198,10 @@ def _mats_args(root: Path, *train_run: str) -> list[str]:
 
 def _files(run: Path) -> dict[str, bytes]:
     """The run's outputs that a repeated run must reproduce byte for byte (results.json has wall times)."""
-    names = ["checkpoints.json", *sorted(p.name for p in run.glob("checkpoint_*.safetensors"))]
+    names = [
+        "checkpoints.json",
+        *sorted(str(p.relative_to(run)) for p in run.glob("checkpoint_*/*") if p.is_file()),
+    ]
     return {n: (run / n).read_bytes() for n in names}
 
 
@@ -226,9 +229,7 @@ def test_mats_train_rerun_keeps_the_best_checkpoint(mats_run):
     assert _files(run) == first
     again = json.loads((run / "results.json").read_text())
     assert again["metrics"] == best["metrics"] and again["checkpoint"] == best["checkpoint"]
-    assert (
-        Path(again["checkpoint"]).name == f"checkpoint_{best['metrics']['best_checkpoint_idx']}.safetensors"
-    )
+    assert Path(again["checkpoint"]).name == f"checkpoint_{best['metrics']['best_checkpoint_idx']}"
     assert (Path(args[args.index("--register") + 1])).read_text() == registry
 
 

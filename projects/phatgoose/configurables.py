@@ -48,14 +48,15 @@ def check_settings(settings: Any, configurable: str) -> Any:
     return settings
 
 
-def _syntax_error(e: SyntaxError) -> ConfigError:
+def _syntax_error(e: SyntaxError, lines: list[str] | None = None) -> ConfigError:
     """Gin reports an unclosed bracket or quote where the next statement starts; name the statement it
     belongs to (the last one that begins before that line) and its line."""
     line, lineno = e.text or "", e.lineno or 0
-    try:
-        lines = Path(e.filename).read_text(encoding="utf-8").splitlines() if e.filename else []
-    except OSError:
-        lines = []
+    if lines is None:
+        try:
+            lines = Path(e.filename).read_text(encoding="utf-8").splitlines() if e.filename else []
+        except OSError:
+            lines = []
     if lines and 1 < lineno <= len(lines) and _STATEMENT.match(lines[lineno - 1]) and (e.offset or 0) <= 1:
         for i in range(lineno - 2, -1, -1):
             if _STATEMENT.match(lines[i]):
@@ -326,17 +327,24 @@ def parse(files: Sequence[str | os.PathLike] = (), bindings: Sequence[str] = ())
             raise ConfigError(f"gin file {f} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
         _SOURCES.append((str(f), texts[-1]))
     _SOURCES.append(("--gin_bindings", "\n".join(bindings)))
+    sources = [*((str(f), text) for f, text in zip(files, texts)), (None, list(bindings))]
     try:
-        for text in texts:  # what gin.parse_config_files_and_bindings does, with includes expanded here
-            gin.parse_config(text)
-        gin.parse_config(list(bindings))
-    except SyntaxError as e:
-        raise _syntax_error(e) from e
+        for name, text in sources:  # what gin.parse_config_files_and_bindings does, includes expanded here
+            syntax = None
+            try:
+                gin.parse_config(text)
+            except SyntaxError as e:  # gin parsed a string: name the file (line numbers after expansion)
+                e.filename = e.filename or name
+                syntax = e
+            if syntax is not None:
+                break
     except ValueError as e:
         raise ConfigError(
             f"unsupported gin binding: {str(e).splitlines()[0]} This reproduction supports the "
             f"configurables {', '.join(SUPPORTED)}; see the README's command map."
         ) from e
+    if syntax is not None:
+        raise _syntax_error(syntax, text.splitlines() if name else None) from syntax
 
 
 def split_bindings(text: str) -> list[str]:

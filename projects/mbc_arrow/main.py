@@ -50,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "lora_dropout": 0.05,
     "modify_layers": "q_proj|k_proj|v_proj",
     "tie_params": None,
+    "lora_init": "mttl",  # A ~ U(±1/√(3·d_in)) as mttl's lora.py; "peft": peft's U(±1/√d_in)
     # training
     "learning_rate": 1e-4,
     "weight_decay": 0.0,

@@ -1,6 +1,7 @@
 """Train one LoRA expert (a task or a cluster's union of tasks) and add it to a library (mttl train_experts.py).
 
-The expert is a peft LoRA on the family's attention projections; with `tie_params` (Phi-2 config) the
+The expert is a peft LoRA on the family's attention projections, A drawn as mttl's (`lora_init=mttl`:
+U(±1/√(3·d_in)); `lora_init=peft` keeps peft's U(±1/√d_in)); with `tie_params` (Phi-2 config) the
 q/k/v projections of a layer share one lora_A module. The kept weights are those of the best
 validation loss (mttl pushes the best `val/loss` checkpoint).
 """
@@ -62,6 +63,23 @@ def tie_lora_a(model: nn.Module, tie_params: str | None) -> int:
     return tied
 
 
+LORA_INITS = ("mttl", "peft")
+
+
+def mttl_lora_init(model: nn.Module) -> int:
+    """Draw every lora_A from U(±1/√(3·d_in)) as mttl's LoRA (`lora.py`: kaiming gain √(1/3) for a = √5,
+    over √d_in); peft's default is U(±1/√d_in), √3 wider. B stays zero. Returns #layers initialised."""
+    n = 0
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoraLayer) and "default" in m.lora_A:
+                weight = m.lora_A["default"].weight  # (r, d_in)
+                bound = 1 / math.sqrt(3 * weight.shape[1])
+                weight.uniform_(-bound, bound)
+                n += 1
+    return n
+
+
 def peft_targets(modify_layers: str) -> str | list[str]:
     """mttl's `modify_layers` as peft target_modules: names 'q_proj|k_proj' -> a list, a regex
     ('.*dense|.*q_proj', Phi-2) -> the regex, which peft full-matches against module names."""
@@ -108,6 +126,10 @@ def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -
     lcfg.target_modules = peft_targets(cfg["modify_layers"])
     peft_model = get_peft_model(model, lcfg)
     peft_model.peft_config["default"].base_model_name_or_path = cfg["base_model"]
+    if cfg["lora_init"] not in LORA_INITS:
+        raise ValueError(f"lora_init={cfg['lora_init']!r}: choose one of {LORA_INITS}")
+    if cfg["lora_init"] == "mttl":  # "peft" keeps peft's kaiming-uniform A
+        mttl_lora_init(peft_model)
     tie_lora_a(peft_model, cfg["tie_params"])
     train_set, val_set = (
         [

@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "max_eval_examples": None,
     "max_input_length": 2048,
     "max_output_length": 64,
+    "prompt_format": "mttl",  # mttl's "<source> <target>"+eos; "answer": "<source>\nAnswer: <target>"+eos
     # LoRA (mttl LoRAConfig)
     "lora_rank": 4,
     "lora_alpha": 16.0,
@@ -84,12 +85,15 @@ DEFAULTS: dict[str, Any] = {
     # evaluation
     "split": "test",
     "predict_batch_size": 16,
+    "stop_at_newline": False,  # mttl stops generation at EOS or max_output_length only
     "save_model": None,
     "model_path": None,
     "downstream": False,
     "downstream_task": "tweet_sentiment_other",  # ours offline; "arc_easy" (hub) at paper scale
     "heldout_examples": 300,
 }
+# keys whose value is one of a few names (checked when the config is read)
+CHOICES = {"prompt_format": ("mttl", "answer"), "lora_init": ("mttl", "peft")}
 # eval_library.py's merge_or_route values -> our selector configs
 ROUTES = {
     "oracle": {"name": "task_name"},
@@ -219,7 +223,12 @@ def cmd_evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     tasks = cfg["tasks"] or sorted({t for n in lib.keys() for t in lib.info(n).task_names})
     data = task_data(tasks, dataset=cfg["dataset"], max_eval=cfg["max_eval_examples"])[cfg["split"]]
     out = rouge_evaluate(
-        model, data, max_output_length=cfg["max_output_length"], batch_size=cfg["predict_batch_size"]
+        model,
+        data,
+        max_output_length=cfg["max_output_length"],
+        batch_size=cfg["predict_batch_size"],
+        prompt_format=cfg["prompt_format"],
+        stop_at_newline=cfg["stop_at_newline"],
     )
     if cfg["downstream"]:
         acc = downstream_evaluate(
@@ -279,7 +288,11 @@ def parse(argv: list[str] | None = None) -> tuple[str, str | None, dict[str, Any
     args = p.parse_args(argv)
     if (args.command == "library") != (args.action is not None):
         p.error("`library` takes one action of " + ", ".join(LIBRARY_ACTIONS) + "; other commands take none")
-    return args.command, args.action, load_config(DEFAULTS, args.config, args.keys)
+    cfg = load_config(DEFAULTS, args.config, args.keys)
+    for key, allowed in CHOICES.items():
+        if cfg[key] not in allowed:
+            p.error(f"{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
+    return args.command, args.action, cfg
 
 
 def main(argv: list[str] | None = None) -> None:

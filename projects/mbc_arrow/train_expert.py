@@ -25,15 +25,16 @@ from common.training import TrainConfig, train
 from projects.mbc_arrow.arrow import tie_groups
 from projects.mbc_arrow.expert_model import load_base
 from projects.mbc_arrow.library import ExpertInfo, ExpertLibrary
-from projects.mbc_arrow.tasks import PROMPT, resolve_task_names, task_data
+from projects.mbc_arrow.tasks import prompt_and_answer, resolve_task_names, task_data
 
 
 def encode_example(
-    tokenizer: Any, source: str, target: str, max_input: int, max_output: int
+    tokenizer: Any, source: str, target: str, max_input: int, max_output: int, prompt_format: str = "mttl"
 ) -> dict[str, list[int]]:
     """Prompt ids (left-truncated, as mttl's truncation_side=left) + target ids + EOS; loss on the target."""
-    prompt = tokenizer.encode(PROMPT.format(source=source))[-max_input:]
-    answer = ([*tokenizer.encode(" " + target), tokenizer.eos_token_id])[:max_output]
+    prompt_text, answer_text = prompt_and_answer(source, target, prompt_format)
+    prompt = tokenizer.encode(prompt_text)[-max_input:]
+    answer = ([*tokenizer.encode(answer_text), tokenizer.eos_token_id])[:max_output]
     return {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}
 
 
@@ -133,7 +134,7 @@ def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -
     tie_lora_a(peft_model, cfg["tie_params"])
     train_set, val_set = (
         [
-            encode_example(tok, s, t, cfg["max_input_length"], cfg["max_output_length"])
+            encode_example(tok, s, t, cfg["max_input_length"], cfg["max_output_length"], cfg["prompt_format"])
             for s, t in zip(d["source"], d["target"])
         ]
         for d in (data["train"], data["validation"])

@@ -61,7 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 1.0,
     "total_steps": None,
     "max_grad_norm": 0.1,
-    "eval_every": None,
+    "eval_every": None,  # None / -1: validate every epoch (mttl); N: every N optimizer steps
     "force": False,
     # library
     "library_id": None,

@@ -3,7 +3,8 @@
 The expert is a peft LoRA on the family's attention projections, A drawn as mttl's (`lora_init=mttl`:
 U(±1/√(3·d_in)); `lora_init=peft` keeps peft's U(±1/√d_in)); with `tie_params` (Phi-2 config) the
 q/k/v projections of a layer share one lora_A module. The kept weights are those of the best
-validation loss (mttl pushes the best `val/loss` checkpoint).
+validation loss, validated every epoch unless `eval_every` steps is set (mttl pushes the best `val/loss`
+checkpoint of its per-epoch validations; the weights before training are never a candidate).
 """
 
 from __future__ import annotations
@@ -89,6 +90,16 @@ def peft_targets(modify_layers: str) -> str | list[str]:
     return modify_layers.split("|")
 
 
+def validation_interval(eval_every: int | None, steps_per_epoch: int, total_steps: int) -> int:
+    """Optimizer steps between validations, as mttl's train_experts: every epoch when `eval_every` is unset
+    (None or -1), else every `eval_every` steps, at most an epoch or the whole run."""
+    if eval_every is None or eval_every == -1:
+        return max(1, min(steps_per_epoch, total_steps))
+    if eval_every <= 0:
+        raise ValueError(f"eval_every={eval_every}: give a number of steps, or -1 / unset for every epoch")
+    return max(1, min(eval_every, steps_per_epoch, total_steps))
+
+
 def lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return model(**batch).loss
 
@@ -139,9 +150,11 @@ def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -
         ]
         for d in (data["train"], data["validation"])
     )
+    steps_per_epoch = math.ceil(len(train_set) / cfg["train_batch_size"])
     steps = cfg["total_steps"] or math.ceil(
         cfg["num_train_epochs"] * len(train_set) / cfg["train_batch_size"]
     )
+    eval_every = validation_interval(cfg["eval_every"], steps_per_epoch, steps)
     tcfg = TrainConfig(
         lr=cfg["learning_rate"],
         weight_decay=cfg["weight_decay"],
@@ -152,7 +165,7 @@ def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -
         max_grad_norm=cfg["max_grad_norm"],
         seed=cfg["seed"],
         batch_size=cfg["micro_batch_size"],
-        eval_every=cfg["eval_every"] or steps,
+        eval_every=eval_every,
         log_every=max(1, steps // 10),
     )
     best: dict[str, Any] = {"val_loss": math.inf, "state": None}
@@ -171,6 +184,8 @@ def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -
     result = train(
         peft_model, lm_loss, examples, tcfg, run_dir, collate_fn=collate(pad_id), eval_fn=keep_best
     )
+    if result.step % eval_every:  # a last partial interval: its end is a candidate too
+        keep_best(peft_model)
     params = dict(peft_model.named_parameters())
     with torch.no_grad():
         for k, v in (best["state"] or {}).items():

@@ -2,6 +2,7 @@
 prompt format, generation stopping."""
 
 import contextlib
+import json
 import math
 
 import pytest
@@ -10,12 +11,16 @@ from datasets import Dataset
 from peft import get_peft_model
 
 from common.adapters import lora_config
+from common.config import load_config
 from common.evaluation import IGNORE_INDEX
 from projects.mbc_arrow import evaluators
 from projects.mbc_arrow.expert_model import load_base
-from projects.mbc_arrow.main import parse
+from projects.mbc_arrow.library import get_expert_library
+from projects.mbc_arrow.main import DEFAULTS, parse
 from projects.mbc_arrow.tasks import prompt_and_answer
-from projects.mbc_arrow.train_expert import encode_example, mttl_lora_init
+from projects.mbc_arrow.train_expert import encode_example, mttl_lora_init, train_expert, validation_interval
+
+MICRO = "projects/mbc_arrow/configs/micro_notebook.yaml"
 
 
 def _lora_as(init: str):
@@ -99,3 +104,32 @@ def test_rouge_generation_prompts_are_the_sources_and_stop_at_eos_only(monkeypat
 def test_bad_prompt_format_fails_clearly():
     with pytest.raises(SystemExit):
         parse(["evaluate", "-k", "prompt_format=chat"])
+
+
+@pytest.mark.parametrize(
+    "eval_every, per_epoch, total, expected",
+    [
+        (None, 4, 10, 4),  # unset: every epoch (mttl's Lightning default)
+        (-1, 4, 10, 4),
+        (2, 4, 10, 2),
+        (20, 4, 10, 4),  # at most an epoch, as mttl caps val_check_interval
+        (None, 4, 3, 3),  # total_steps inside the first epoch: validated at its end
+    ],
+)
+def test_validation_interval_as_mttl(eval_every, per_epoch, total, expected):
+    assert validation_interval(eval_every, per_epoch, total) == expected
+
+
+def test_expert_validates_every_epoch_and_keeps_the_best(tmp_path):
+    # 16 examples / batch 4 = 4 steps an epoch; 2.5 epochs = 10 steps: validations at 4, 8 and the end (10).
+    cfg = load_config(
+        DEFAULTS, [MICRO], ["total_steps=null", "num_train_epochs=2.5", "finetune_task_name=champ_category"]
+    )
+    lib = get_expert_library(f"local://{tmp_path / 'lib'}", create=True)
+    out = train_expert(cfg, lib, str(tmp_path / "run"))
+    assert out["steps"] == 10
+    evals = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if "eval" in e]
+    assert [e["step"] for e in evals] == [4, 8]  # the last (10) is validated after `train` returns
+    best = min([e["eval"]["val_loss"] for e in evals] + [out["val_loss_best"]])
+    assert out["val_loss_best"] == pytest.approx(best)

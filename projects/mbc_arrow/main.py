@@ -206,7 +206,8 @@ def cmd_mbc(cfg: dict[str, Any]) -> dict[str, list[str]]:
 def cmd_arrow(cfg: dict[str, Any]) -> dict[str, int]:
     need(cfg, "library_id")
     lib = get_expert_library(cfg["library_id"])
-    protos = arrow.arrow_transform(lib, {"tie_params": cfg["tie_params"]}, recompute=cfg["recompute"])
+    tie = cfg["tie_params"] or arrow.FROM_TRAINING  # unset: each expert's own, as mttl's ArrowTransformConfig
+    protos = arrow.arrow_transform(lib, {"tie_params": tie}, recompute=cfg["recompute"])
     return {n: len(p) for n, p in protos.items()}
 
 

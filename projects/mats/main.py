@@ -103,6 +103,15 @@ def parser() -> argparse.ArgumentParser:
         if name.startswith("conjugateGradient"):
             p.add_argument("--num_iterations", type=int, default=100)
             p.add_argument("--initialization", default=None, help="average | pretrained | merged model path")
+            p.add_argument(
+                "--cg_dtype", choices=("float32", "float64"), default="float32",
+                help="CG precision (the original: scipy's cg in float32)",
+            )  # fmt: skip
+            p.add_argument(
+                "--lm_head", choices=("original", "solve"), default="original",
+                help="RegMean/K-FAC objective: original keeps the pretrained (RegMean) or averaged (K-FAC) "
+                "lm_head; solve solves it with its input Gram",
+            )  # fmt: skip
         if name == "conjugateGradient_fisherMerging":
             p.add_argument("-f", "--fisher_approximation", choices=("diagonal", "blockwise"), default=None)
             p.add_argument(
@@ -238,7 +247,12 @@ def cg_method_dir(hparams: Mapping[str, Any], args: argparse.Namespace) -> str:
         if init in ("average", "pretrained", "zeros")
         else Path(init).parent.parent.name + "_" + Path(init).parent.name
     )
-    return f"conjugate_gradients/{objective}_initialize_{init_name}_model_lambda_{args.model_lambda}_iterations_{hparams['num_iterations']}"
+    # Options away from the original's choices get their own folder, so that no run overwrites another.
+    dtype, lm_head = hparams.get("dtype", "float32"), hparams.get("lm_head", "original")
+    options = ("" if dtype == "float32" else f"_{dtype}") + (
+        "" if lm_head == "original" else f"_lm_head_{lm_head}"
+    )
+    return f"conjugate_gradients/{objective}_initialize_{init_name}_model_lambda_{args.model_lambda}_iterations_{hparams['num_iterations']}{options}"
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -262,7 +276,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
                 if args.fisher_approximation == "blockwise"
                 else "regmean"
             )
-        hparams.update(num_iterations=args.num_iterations, initialization=args.initialization or "zeros")
+        hparams.update(num_iterations=args.num_iterations, initialization=args.initialization or "zeros",
+                       dtype=args.cg_dtype, lm_head=args.lm_head)  # fmt: skip
         method_dir = cg_method_dir(hparams, args)
     cfg = _config(args)
     result = run_merge(

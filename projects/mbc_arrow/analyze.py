@@ -74,7 +74,12 @@ def routing(records: list[dict[str, Any]], rd: RunDir) -> str:
         for lib, folder in (("private", "library"), ("mbc", "mbc_library")):
             if (seed_dir / folder).is_dir():
                 per_seed[lib].append(
-                    arrow_routing(f"local://{seed_dir / folder}", val, cfg["max_input_length"])
+                    arrow_routing(
+                        f"local://{seed_dir / folder}",
+                        val,
+                        cfg["max_input_length"],
+                        cfg.get("prompt_format", "answer"),  # runs before the key had this format
+                    )
                 )
     write_json(rd.path / "routing.json", per_seed)
     rows = []

@@ -6,6 +6,8 @@ It is computed exactly from the factors without forming ΔW, from the r×r Grams
 batched over every layer of an expert that has the same shapes; `top_right_singular_qr` (QR of Aᵀ and B,
 then an r×r SVD) and `top_right_singular_dense` (SVD of ΔW) are the references the tests compare against.
 A group of linears with tied A (q/k/v, tie_params) gets one prototype from A and the B's concatenated.
+`tie_params="default"` (mttl's ArrowTransformConfig default) ties what each expert was trained with (its
+ExpertInfo's training config); a pattern overrides it for every expert; None ties nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from tqdm.auto import tqdm
 from common.adapters import LoraFactors
 from projects.mbc_arrow.library import ExpertLibrary
 
-DEFAULTS = {"name": None, "scale": False, "tie_params": None}
+DEFAULTS = {"name": None, "scale": False, "tie_params": "default"}
+FROM_TRAINING = "default"
+
+
+def expert_tie_params(tie_params: str | None, trained_with: str | None) -> str | None:
+    """The tie pattern Arrow uses for one expert: `trained_with` under "default" (mttl), else `tie_params`."""
+    return trained_with if tie_params == FROM_TRAINING else tie_params
 
 
 def top_right_singular(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,9 +110,8 @@ def arrow_prototypes(
             torch.stack([a for _, a, _ in items]), torch.stack([b for _, _, b in items])
         )
         for (group, _, _), v, s in zip(items, vs, ss):
-            v = v.clone()  # its own storage, not a view of the batch (safetensors refuses shared memory)
-            for m in group:
-                protos[m] = v * s**2 if scale else v
+            for m in group:  # each its own storage, not a view of the batch nor of a tied sibling
+                protos[m] = v * s**2 if scale else v.clone()  # (safetensors refuses shared memory)
     return protos
 
 
@@ -137,7 +144,9 @@ def arrow_transform(
         if cached is not None:
             out[name] = cached[0]
             continue
-        protos = arrow_prototypes(library[name].factors(), scale=cfg["scale"], tie_params=cfg["tie_params"])
+        expert = library[name]
+        tie = expert_tie_params(cfg["tie_params"], expert.info.training_config.get("tie_params"))
+        protos = arrow_prototypes(expert.factors(), scale=cfg["scale"], tie_params=tie)
         if persist:
             library.add_auxiliary(name, key, protos, cfg)
         out[name] = protos

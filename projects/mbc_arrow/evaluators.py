@@ -1,7 +1,8 @@
 """In-distribution Rouge-L on greedy generations; held-out tasks through lm-eval (ours offline, or the
 paper's zero-shot table by lm-eval task name).
 
-Rouge-L (mttl `RougeEvaluator`): greedy decoding up to `max_output_length` tokens, EOS stop, ROUGE-L F
+Rouge-L (mttl `RougeEvaluator`): greedy decoding up to `max_output_length` tokens, stopped at EOS only as
+mttl (`stop_at_newline=True` also stops at a newline, as ours before), ROUGE-L F
 with stemming per example, mean over examples, ×100. Generation runs task by task so the oracle
 (task_name) selector knows each example's task; the score is the mean over all examples.
 """
@@ -20,24 +21,35 @@ from common.lm_eval_bridge import evaluate_in_memory
 from projects.mbc_arrow.expert_model import MultiExpertModel
 from projects.mbc_arrow.tasks import (
     HELDOUT_TASK,
-    PROMPT,
     downstream_task,
     downstream_tasks,
+    prompt_and_answer,
     write_heldout_task,
 )
 
 
 def rouge_evaluate(
-    model: MultiExpertModel, data: Dataset, *, max_output_length: int, batch_size: int = 16
+    model: MultiExpertModel,
+    data: Dataset,
+    *,
+    max_output_length: int,
+    batch_size: int = 16,
+    prompt_format: str = "mttl",
+    stop_at_newline: bool = False,
 ) -> dict[str, Any]:
     """{"rougeL": mean ×100, "per_task": {task: rougeL}} over `data` (task, source, target)."""
     per_task, total, count = {}, 0.0, 0
     for task in sorted(set(data["task"])):
         part = data.filter(lambda t, task=task: t == task, input_columns="task")
-        prompts = [PROMPT.format(source=s) for s in part["source"]]
+        prompts = [prompt_and_answer(s, "", prompt_format)[0] for s in part["source"]]
         with model.routing(task_names=[task]):
             preds = generate(
-                model.model, model.tokenizer, prompts, max_output_length, batch_size=batch_size, stop=["\n"]
+                model.model,
+                model.tokenizer,
+                prompts,
+                max_output_length,
+                batch_size=batch_size,
+                stop=["\n"] if stop_at_newline else [],
             )
         score = 100 * rouge_l(preds, part["target"])
         per_task[task] = score
@@ -46,7 +58,12 @@ def rouge_evaluate(
 
 
 def target_loss(
-    model: MultiExpertModel, data: Dataset, *, max_input_length: int, max_output_length: int
+    model: MultiExpertModel,
+    data: Dataset,
+    *,
+    max_input_length: int,
+    max_output_length: int,
+    prompt_format: str = "mttl",
 ) -> dict[str, Any]:
     """Mean per-token loss of the reference targets (teacher forcing), overall and per task: a graded
     in-distribution measure beside Rouge-L, which gives no credit for a misspelt one-word label."""
@@ -58,7 +75,7 @@ def target_loss(
     for task in sorted(set(data["task"])):
         part = data.filter(lambda t, task=task: t == task, input_columns="task")
         examples = [
-            encode_example(tok, s, t, max_input_length, max_output_length)
+            encode_example(tok, s, t, max_input_length, max_output_length, prompt_format)
             for s, t in zip(part["source"], part["target"])
         ]
         with model.routing(task_names=[task]):

@@ -25,7 +25,7 @@ from common.models import load_model
 from common.registry import lookup
 from common.routing import experts_b_rows, routed_lowrank
 from common.tiny_world import resolve_base
-from projects.mbc_arrow.arrow import arrow_prototypes, arrow_transform
+from projects.mbc_arrow.arrow import FROM_TRAINING, arrow_prototypes, arrow_transform, expert_tie_params
 from projects.mbc_arrow.library import (
     ExpertLibrary,
     LibraryError,
@@ -150,6 +150,7 @@ class MultiExpertModel:
         self.model, self.tokenizer = load_base(base_model, device, dtype)
         self.model.requires_grad_(False)
         self.expert_names: list[str] = []
+        self.expert_tie_params: list[str | None] = []  # each expert's training tie_params (Arrow's default)
         self.task_to_expert: dict[str, int] = {}
         self.selector: dict[str, Any] = selector_config("uniform")
         self.task_ids: torch.Tensor | None = None
@@ -180,6 +181,7 @@ class MultiExpertModel:
         self = cls(base_model or recorded, device, dtype)
         self.library = lib
         experts = [lib[n] for n in names]
+        self.expert_tie_params = [e.info.training_config.get("tie_params") for e in experts]
         self._install(
             names, [e.factors() for e in experts], {n: e.info.task_names for n, e in zip(names, experts)}
         )
@@ -220,7 +222,8 @@ class MultiExpertModel:
             config = selector
         cfg = selector_config(config)
         if cfg["name"] == "arrow":
-            arrow_cfg = {"scale": cfg["scale"], "tie_params": cfg["tie_params"]}
+            # unset: each expert's training tie_params, as mttl's compute_arrow_embeddings (`or "default"`)
+            arrow_cfg = {"scale": cfg["scale"], "tie_params": cfg["tie_params"] or FROM_TRAINING}
             if self.library is not None and not self.library.read_only:
                 per_expert = arrow_transform(self.library, arrow_cfg)  # computed once, stored in the library
                 protos = {m: [per_expert[n].get(m) for n in self.expert_names] for m in self.layers()}
@@ -235,10 +238,12 @@ class MultiExpertModel:
         from common.adapters import LoraFactors
 
         layers = self.layers()
+        trained = self.expert_tie_params or [None] * len(self.expert_names)
         per_expert = [
             arrow_prototypes(
                 {m: LoraFactors(lay.A[e], lay.B[e], float(lay.scaling[e])) for m, lay in layers.items()},
-                **arrow_cfg,
+                scale=arrow_cfg["scale"],
+                tie_params=expert_tie_params(arrow_cfg["tie_params"], trained[e]),
             )
             for e in range(len(self.expert_names))
         ]
@@ -272,6 +277,7 @@ class MultiExpertModel:
         meta = {
             "base_model": self.base_model,
             "experts": self.expert_names,
+            "expert_tie_params": self.expert_tie_params,
             "task_to_expert": self.task_to_expert,
             "selector": self.selector,
         }
@@ -291,6 +297,7 @@ class MultiExpertModel:
         tensors = load_tensors(path / WEIGHTS_FILE)
         self = cls(meta["base_model"], device, dtype)
         self.expert_names, self.task_to_expert = meta["experts"], meta["task_to_expert"]
+        self.expert_tie_params = meta.get("expert_tie_params", [])  # absent in models saved before
         for m in sorted({k.split("::")[0] for k in tensors}):
             layer = self.model.get_submodule(m)
             new = LibraryLinear(layer, tensors[f"{m}::A"], tensors[f"{m}::B"], tensors[f"{m}::scaling"], self)

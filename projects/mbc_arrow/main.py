@@ -49,12 +49,14 @@ DEFAULTS: dict[str, Any] = {
     "max_eval_examples": None,
     "max_input_length": 2048,
     "max_output_length": 64,
+    "prompt_format": "mttl",  # mttl's "<source> <target>"+eos; "answer": "<source>\nAnswer: <target>"+eos
     # LoRA (mttl LoRAConfig)
     "lora_rank": 4,
     "lora_alpha": 16.0,
     "lora_dropout": 0.05,
     "modify_layers": "q_proj|k_proj|v_proj",
     "tie_params": None,
+    "lora_init": "mttl",  # A ~ U(±1/√(3·d_in)) as mttl's lora.py; "peft": peft's U(±1/√d_in)
     # training
     "learning_rate": 1e-4,
     "weight_decay": 0.0,
@@ -65,7 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "total_steps": None,
     "log_backend": "jsonl",  # or "tensorboard": also write the logged scalars as TensorBoard events
     "max_grad_norm": 0.1,
-    "eval_every": None,
+    "eval_every": None,  # None / -1: validate every epoch (mttl); N: every N optimizer steps
     "force": False,
     # library
     "library_id": None,
@@ -89,6 +91,7 @@ DEFAULTS: dict[str, Any] = {
     # evaluation
     "split": "test",
     "predict_batch_size": 16,
+    "stop_at_newline": False,  # mttl stops generation at EOS or max_output_length only
     "save_model": None,
     "overwrite": False,  # let save_model replace a non-empty folder that is not a saved model
     "model_path": None,
@@ -99,6 +102,8 @@ DEFAULTS: dict[str, Any] = {
     "allow_code_execution": False,  # humaneval and mbpp run the generated code: opt in
     "heldout_examples": 300,
 }
+# keys whose value is one of a few names (checked when the config is read)
+CHOICES = {"prompt_format": ("mttl", "answer"), "lora_init": ("mttl", "peft")}
 # eval_library.py's merge_or_route values -> our selector configs
 ROUTES = {
     "oracle": {"name": "task_name"},
@@ -216,7 +221,8 @@ def cmd_mbc(cfg: dict[str, Any]) -> dict[str, list[str]]:
 def cmd_arrow(cfg: dict[str, Any]) -> dict[str, int]:
     need(cfg, "library_id")
     lib = get_expert_library(cfg["library_id"])
-    protos = arrow.arrow_transform(lib, {"tie_params": cfg["tie_params"]}, recompute=cfg["recompute"])
+    tie = cfg["tie_params"] or arrow.FROM_TRAINING  # unset: each expert's own, as mttl's ArrowTransformConfig
+    protos = arrow.arrow_transform(lib, {"tie_params": tie}, recompute=cfg["recompute"])
     return {n: len(p) for n, p in protos.items()}
 
 
@@ -239,7 +245,12 @@ def cmd_evaluate(cfg: dict[str, Any]) -> dict[str, Any]:
     tasks = cfg["tasks"] or sorted({t for n in lib.keys() for t in lib.info(n).task_names})
     data = task_data(tasks, dataset=cfg["dataset"], max_eval=cfg["max_eval_examples"])[cfg["split"]]
     out = rouge_evaluate(
-        model, data, max_output_length=cfg["max_output_length"], batch_size=cfg["predict_batch_size"]
+        model,
+        data,
+        max_output_length=cfg["max_output_length"],
+        batch_size=cfg["predict_batch_size"],
+        prompt_format=cfg["prompt_format"],
+        stop_at_newline=cfg["stop_at_newline"],
     )
     if cfg["downstream"]:
         scores = downstream_scores(model.model, model.tokenizer, cfg)
@@ -313,7 +324,11 @@ def parse(argv: list[str] | None = None) -> tuple[str, str | None, dict[str, Any
     defaults = DEFAULTS
     if args.action == "add":  # an expert's base is a fact about it: never the default, never guessed
         defaults = {**DEFAULTS, "base_model": None}
-    return args.command, args.action, load_config(defaults, args.config, args.keys)
+    cfg = load_config(defaults, args.config, args.keys)
+    for key, allowed in CHOICES.items():
+        if cfg[key] not in allowed:
+            p.error(f"{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
+    return args.command, args.action, cfg
 
 
 def main(argv: list[str] | None = None) -> None:

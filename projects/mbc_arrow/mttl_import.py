@@ -79,8 +79,10 @@ def mttl_expert_to_peft(ckpt: Any, meta: dict[str, Any], out_dir: Path) -> Exper
         expert_name=meta["expert_name"],
         expert_task_name=meta.get("expert_task_name") or meta["expert_name"],
         base_model=base,
+        # the expert_config's tie_params is what the expert was trained with: Arrow's default reads it
         training_config={
-            k: v for k, v in training.items() if isinstance(v, (str, int, float, bool, type(None)))
+            **{k: v for k, v in training.items() if isinstance(v, (str, int, float, bool, type(None)))},
+            "tie_params": cfg.get("tie_params"),
         },
         source="mttl",
     )

@@ -82,6 +82,8 @@ def run_notebook(cfg: dict[str, Any], rd: RunDir) -> dict[str, Any]:
             data[split],
             max_output_length=cfg["max_output_length"],
             batch_size=cfg["predict_batch_size"],
+            prompt_format=cfg["prompt_format"],
+            stop_at_newline=cfg["stop_at_newline"],
         )
 
     def loss(model: MultiExpertModel, name: str) -> None:
@@ -90,6 +92,7 @@ def run_notebook(cfg: dict[str, Any], rd: RunDir) -> dict[str, Any]:
             data["test"],
             max_input_length=cfg["max_input_length"],
             max_output_length=cfg["max_output_length"],
+            prompt_format=cfg["prompt_format"],
         )
         losses[name], per_task[f"loss_{name}"] = r["loss"], r["per_task"]
 

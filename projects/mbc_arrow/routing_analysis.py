@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from projects.mbc_arrow.expert_model import MultiExpertModel
 from projects.mbc_arrow.selectors import route
-from projects.mbc_arrow.tasks import PROMPT
+from projects.mbc_arrow.tasks import prompt_and_answer
 
 
 def routing_matrix(
@@ -44,7 +44,10 @@ def own_expert_rate(matrix: torch.Tensor, order: Sequence[str], task_to_expert: 
 
 @torch.no_grad()
 def arrow_routing(
-    library_id: str, examples: Sequence[Mapping[str, Any]], max_input_length: int
+    library_id: str,
+    examples: Sequence[Mapping[str, Any]],
+    max_input_length: int,
+    prompt_format: str = "mttl",
 ) -> dict[str, Any]:
     """Arrow's routing distribution of a library over `examples` (dicts with task and source), one at a time
     (no padding tokens), with the prototypes Arrow uses (`MultiExpertModel.set_selector('arrow')`)."""
@@ -62,7 +65,7 @@ def arrow_routing(
         for ex in tqdm(examples, desc="arrow routing", leave=False):
             seen.clear()
             enc = model.tokenizer(
-                PROMPT.format(source=ex["source"]),
+                prompt_and_answer(ex["source"], "", prompt_format)[0],
                 return_tensors="pt",
                 truncation=True,
                 max_length=max_input_length,

@@ -3,7 +3,8 @@
 Tiny scale: the offline text tasks of `common.data` (two natural groups: tweet sentiment per topic, and
 classification of other texts). Paper scale: FLAN tasks from `sordonia/flan-10k-flat` (mttl's data; the notebook's
 `sordonia/flan-debug-flat` for GPT-Neo) and lm-eval's tasks for the zero-shot table.
-Prompt format (ours, both scales): "<source>\\nAnswer:" then " <target>" + EOS; the loss is on the target.
+Prompt format (both scales): mttl's "<source> <target>" + EOS (`prompt_format=mttl`), or our earlier
+"<source>\\nAnswer:" then " <target>" + EOS (`prompt_format=answer`); the loss is on the target.
 The held-out task (the notebook's Arc-Easy step): sentiment of tweets on none of the five topics, as
 multiple choice through lm-eval; it shares no text with any expert task (checked with assert_disjoint_text).
 """
@@ -56,6 +57,23 @@ FLAN_IDS = {"flan": "sordonia/flan-10k-flat", "sordonia/flan-10k-flat": "sordoni
 FLAN_IDS["sordonia/flan-debug-flat"] = "sordonia/flan-debug-flat"
 FLAN_ID = FLAN_IDS["flan"]
 PROMPT = "{source}\nAnswer:"
+# How a (source, target) pair becomes a prompt and an answer: mttl's `source + " " + target + eos`
+# (`DefaultCollator.add_space_and_eos`), or ours before, "<source>\nAnswer:" + " <target>" + eos.
+PROMPT_FORMATS = ("mttl", "answer")
+
+
+def prompt_and_answer(source: str, target: str, prompt_format: str = "mttl") -> tuple[str, str]:
+    """(prompt, answer text before EOS). mttl: a trailing space of the source moves to the target (GPT-2-family
+    BPE merges it with the next word), and a space separates them unless one side already has one."""
+    if prompt_format == "answer":
+        return f"{source}\nAnswer:", " " + target
+    if prompt_format != "mttl":
+        raise ValueError(f"prompt_format={prompt_format!r}: choose one of {PROMPT_FORMATS}")
+    if source.endswith(" "):
+        source, target = source[:-1], " " + target
+    if not source.endswith((" ", "\n")) and target and not target.startswith((" ", "\n")):
+        target = " " + target
+    return source, target
 
 
 def resolve_task_names(finetune_task_name: str, finetune_task_path: str | None = None) -> list[str]:

@@ -1,8 +1,10 @@
 """Train one LoRA expert (a task or a cluster's union of tasks) and add it to a library (mttl train_experts.py).
 
-The expert is a peft LoRA on the family's attention projections; with `tie_params` (Phi-2 config) the
+The expert is a peft LoRA on the family's attention projections, A drawn as mttl's (`lora_init=mttl`:
+U(±1/√(3·d_in)); `lora_init=peft` keeps peft's U(±1/√d_in)); with `tie_params` (Phi-2 config) the
 q/k/v projections of a layer share one lora_A module. The kept weights are those of the best
-validation loss (mttl pushes the best `val/loss` checkpoint).
+validation loss, validated every epoch unless `eval_every` steps is set (mttl pushes the best `val/loss`
+checkpoint of its per-epoch validations; the weights before training are never a candidate).
 """
 
 from __future__ import annotations
@@ -27,15 +29,16 @@ from common.training import TrainConfig, check_run_key, latest_checkpoint, train
 from projects.mbc_arrow.arrow import tie_groups
 from projects.mbc_arrow.expert_model import load_base, precision
 from projects.mbc_arrow.library import ExpertInfo, ExpertLibrary
-from projects.mbc_arrow.tasks import PROMPT, resolve_task_names, task_data
+from projects.mbc_arrow.tasks import prompt_and_answer, resolve_task_names, task_data
 
 
 def encode_example(
-    tokenizer: Any, source: str, target: str, max_input: int, max_output: int
+    tokenizer: Any, source: str, target: str, max_input: int, max_output: int, prompt_format: str = "mttl"
 ) -> dict[str, list[int]]:
     """Prompt ids (left-truncated, as mttl's truncation_side=left) + target ids + EOS; loss on the target."""
-    prompt = tokenizer.encode(PROMPT.format(source=source))[-max_input:]
-    answer = ([*tokenizer.encode(" " + target), tokenizer.eos_token_id])[:max_output]
+    prompt_text, answer_text = prompt_and_answer(source, target, prompt_format)
+    prompt = tokenizer.encode(prompt_text)[-max_input:]
+    answer = ([*tokenizer.encode(answer_text), tokenizer.eos_token_id])[:max_output]
     return {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}
 
 
@@ -65,12 +68,39 @@ def tie_lora_a(model: nn.Module, tie_params: str | None) -> int:
     return tied
 
 
+LORA_INITS = ("mttl", "peft")
+
+
+def mttl_lora_init(model: nn.Module) -> int:
+    """Draw every lora_A from U(±1/√(3·d_in)) as mttl's LoRA (`lora.py`: kaiming gain √(1/3) for a = √5,
+    over √d_in); peft's default is U(±1/√d_in), √3 wider. B stays zero. Returns #layers initialised."""
+    n = 0
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoraLayer) and "default" in m.lora_A:
+                weight = m.lora_A["default"].weight  # (r, d_in)
+                bound = 1 / math.sqrt(3 * weight.shape[1])
+                weight.uniform_(-bound, bound)
+                n += 1
+    return n
+
+
 def peft_targets(modify_layers: str) -> str | list[str]:
     """mttl's `modify_layers` as peft target_modules: names 'q_proj|k_proj' -> a list, a regex
     ('.*dense|.*q_proj', Phi-2) -> the regex, which peft full-matches against module names."""
     if any(ch in modify_layers for ch in ".*[]()?+"):
         return modify_layers
     return modify_layers.split("|")
+
+
+def validation_interval(eval_every: int | None, steps_per_epoch: int, total_steps: int) -> int:
+    """Optimizer steps between validations, as mttl's train_experts: every epoch when `eval_every` is unset
+    (None or -1), else every `eval_every` steps, at most an epoch or the whole run."""
+    if eval_every is None or eval_every == -1:
+        return max(1, min(steps_per_epoch, total_steps))
+    if eval_every <= 0:
+        raise ValueError(f"eval_every={eval_every}: give a number of steps, or -1 / unset for every epoch")
+    return max(1, min(eval_every, steps_per_epoch, total_steps))
 
 
 def lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -140,17 +170,23 @@ def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -
     # a path or hub id that loads anywhere (AutoPeftModelForCausalLM): a tiny/micro spec resolved to its
     # folder; the spec itself stays in extras.json and the library's info.json
     peft_model.peft_config["default"].base_model_name_or_path = resolve_base(cfg["base_model"])
+    if cfg["lora_init"] not in LORA_INITS:
+        raise ValueError(f"lora_init={cfg['lora_init']!r}: choose one of {LORA_INITS}")
+    if cfg["lora_init"] == "mttl":  # "peft" keeps peft's kaiming-uniform A
+        mttl_lora_init(peft_model)
     tie_lora_a(peft_model, cfg["tie_params"])
     train_set, val_set = (
         [
-            encode_example(tok, s, t, cfg["max_input_length"], cfg["max_output_length"])
+            encode_example(tok, s, t, cfg["max_input_length"], cfg["max_output_length"], cfg["prompt_format"])
             for s, t in zip(d["source"], d["target"])
         ]
         for d in (data["train"], data["validation"])
     )
+    steps_per_epoch = math.ceil(len(train_set) / cfg["train_batch_size"])
     steps = cfg["total_steps"] or math.ceil(
         cfg["num_train_epochs"] * len(train_set) / cfg["train_batch_size"]
     )
+    eval_every = validation_interval(cfg["eval_every"], steps_per_epoch, steps)
     tcfg = TrainConfig(
         lr=cfg["learning_rate"],
         weight_decay=cfg["weight_decay"],
@@ -161,7 +197,7 @@ def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -
         max_grad_norm=cfg["max_grad_norm"],
         seed=cfg["seed"],
         batch_size=cfg["micro_batch_size"],
-        eval_every=cfg["eval_every"] or steps,
+        eval_every=eval_every,
         log_every=max(1, steps // 10),
         mixed_precision=precision(cfg["precision"])[0],
         log_backend=cfg["log_backend"],
@@ -195,6 +231,8 @@ def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -
         label=f"expert {name}",
         run_key=run_key,
     )
+    if result.step % eval_every:  # a last partial interval: its end is a candidate too
+        keep_best(peft_model)
     params = dict(peft_model.named_parameters())
     with torch.no_grad():
         for k, v in (best["state"] or {}).items():

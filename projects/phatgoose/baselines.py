@@ -1,8 +1,12 @@
 """The post-hoc baselines' routing keys: Average Activation and Retrieval (§4.2).
 
 Average Activation: with expert e alone loaded, each module's key is the mean, over training examples of
-dataset e, of the example's mean module input (encoder: masked mean over real tokens, decoder: mean over
-target positions); routing then is PHATGOOSE's top-2 (`SaveAveragedHiddens`, `insert_averaged_hiddens.py`).
+dataset e, of the example's module input reduced over positions; routing then is PHATGOOSE's top-2
+(`SaveAveragedHiddens`, `insert_averaged_hiddens.py`). Encoder modules and cross-attention k/v: the
+masked mean over real encoder tokens. Decoder modules, as the original (`decoder_keys="last_generation_step"`):
+the keys are computed with greedy generation and each call overwrites the stored input, so the key is the
+module input at the batch's last generation step; `decoder_keys="teacher_forced"` averages the
+teacher-forced target positions instead (the paper's description, our earlier default).
 Retrieval: all-MiniLM-L6-v2 embeddings of training examples "Answer Choices: {choices}, Instance: {input}";
 a query goes, whole, to the expert holding its most cosine-similar example (`retriever.py`).
 """
@@ -28,6 +32,7 @@ from projects.phatgoose.experts import seq2seq_collate
 from projects.phatgoose.moe import captured_inputs, moe_modules, set_mode
 
 REDUCTIONS = ("masked_mean", "mean")
+DECODER_KEYS = ("last_generation_step", "teacher_forced")
 
 
 def average_hiddens(
@@ -40,11 +45,19 @@ def average_hiddens(
     decoder_reduction: str = "mean",
     batch_size: int = 16,
     max_length: int = 512,
+    decoder_keys: str = "last_generation_step",
+    max_new_tokens: int = 8,
 ) -> dict[str, torch.Tensor]:
-    """Module -> mean over `rows` of each example's reduced module input, with only `expert` active."""
+    """Module -> mean over `rows` of each example's reduced module input, with only `expert` active;
+    decoder inputs from the last step of greedy generation of at most `max_new_tokens` (the original)."""
     for r in (encoder_reduction, decoder_reduction):
         if r not in REDUCTIONS:
             raise ValueError(f"unknown ExposeHidden.reduction_method {r!r}; choose one of {REDUCTIONS}")
+    if decoder_keys not in DECODER_KEYS:
+        raise ValueError(
+            f"unknown average_hiddens decoder_keys {decoder_keys!r}; choose one of {DECODER_KEYS}"
+        )
+    generated = decoder_keys == "last_generation_step"
     modules = moe_modules(model)
     set_mode(model, "fixed", expert)
     collate = seq2seq_collate(tokenizer, max_length)
@@ -54,13 +67,27 @@ def average_hiddens(
         for start in range(0, len(rows), batch_size):
             batch = collate(rows[start : start + batch_size])
             with captured_inputs(modules) as inputs:
-                model(**batch)
+                if generated:
+                    model.generate(
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
+                        num_beams=1,
+                    )
+                else:
+                    model(**batch)
             enc_mask = batch["attention_mask"].float()  # (B, T_enc)
             dec_mask = (batch["labels"] != -100).float()  # (B, T_dec)
             for name in modules:
                 # Encoder modules and cross-attention k/v read encoder positions, the rest decoder positions.
-                (u,) = inputs[name]  # (B, T, d)
-                mask = enc_mask if _reads_encoder(name) else dec_mask
+                # Under generation a decoder module is called once per step: the last call stays, (B, 1, d),
+                # as the original's overwritten key (sequences already at EOS see padding there).
+                u = inputs[name][-1]  # (B, T, d)
+                if _reads_encoder(name):
+                    mask = enc_mask
+                else:
+                    mask = torch.ones(u.shape[:2]) if generated else dec_mask
                 reduction = encoder_reduction if name.startswith("encoder.") else decoder_reduction
                 if reduction == "mean":
                     mask = torch.ones_like(mask)

@@ -193,9 +193,12 @@ def retriever_settings(
     return {"num_examples": num_examples, "include_answer_choices": include_answer_choices, "suffix": suffix}
 
 
-@gin.configurable("average_hiddens", allowlist=["num_examples"])
-def average_hiddens_settings(num_examples: int = 1000) -> int:
-    return num_examples
+@gin.configurable("average_hiddens", allowlist=["num_examples", "decoder_keys"])
+def average_hiddens_settings(
+    num_examples: int = 1000, decoder_keys: str = "last_generation_step"
+) -> tuple[int, str]:
+    """Examples per expert, and the decoder keys: "last_generation_step" (the original) or "teacher_forced"."""
+    return num_examples, decoder_keys
 
 
 @gin.configurable("DatasetSetting", allowlist=["experts"])

@@ -5,9 +5,10 @@ the original's `scripts/concatenate.py` dicts, which is expert i's index in a co
 (`r-three/*`) checkpoint: P3 (36), FLAN2021 (36), NIv2 (75), "add1" (19); "Full" is all 166.
 
 Held-out suites (`colm/datasets/p3_t5xl.gin`, `colm/datasets/bigbench.gin`):
-- T0 held-out (11): RTE, HellaSwag, COPA, WiC, WinoGrande, CB, StoryCloze, ANLI R1/R2/R3, WSC, each
-  scored on every prompt template of its `bigscience/P3` configs (the rows of all templates pooled, so the
-  accuracy is the mean over templates, each template holding the same examples);
+- T0 held-out (11): RTE, HellaSwag, COPA, WiC, WinoGrande, CB, StoryCloze, ANLI R1/R2/R3, WSC, scored as
+  the original's eval gin (`include_templates="original"`): only promptsource's original-task templates,
+  round robin (example j with template j mod T, in config-name order). `include_templates="all"` scores
+  every template of its `bigscience/P3` configs, pooled (our earlier default);
 - BIG-bench Hard (22) and BIG-bench Lite (17): `tasksource/bigbench` ("train_validation": train and
   validation together) or, for three BBH tasks, `lukaemon/bbh` (test), as the original's gin.
 Generative BIG-bench tasks have no answer choices and are scored by exact match of greedy generation
@@ -16,6 +17,7 @@ against any reference; multiple-choice ones count any correct choice (`correct`)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -283,6 +285,40 @@ T0_HELDOUT = (
     "P3WSCFIXED",
 )
 
+# The T0 held-out templates that are not original-task ones (promptsource's `original_task: false`, checked
+# against its templates.yaml): the original evaluates with include_templates="original", so these are left out.
+NOT_ORIGINAL_TASK = {
+    "hellaswag": (
+        "Topic without the ending answer",
+        "Open-ended completion",
+        "Topic of the context",
+        "Appropriate continuation - Yes or No",
+        "Open-ended start",
+        "Reversed appropriate continuation - Yes or No",
+        "how_ends",
+    ),
+    "winogrande_winogrande_xl": ("True or False",),
+    "story_cloze_2016": ("Generate Ending",),
+}
+TEMPLATE_CHOICES = ("original", "all")
+
+
+def _norm(name: str) -> str:
+    # P3 config names spell a template with its non-alphanumerics as "_"
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+
+
+def original_task_templates(prefix: str, suffix: str, configs: Sequence[str]) -> list[str]:
+    """`configs` of one T0 held-out dataset without its non-original-task templates."""
+    dropped = {_norm(t) for t in NOT_ORIGINAL_TASK.get(prefix, ())}
+    keep = []
+    for c in configs:
+        template = c[len(prefix) + 1 : len(c) - len(suffix)] if suffix else c[len(prefix) + 1 :]
+        if _norm(template) not in dropped:
+            keep.append(c)
+    return keep
+
+
 # BIG-bench gin name -> (hub id, config); lukaemon/bbh is read on "test", tasksource on train+validation.
 BBH_SOURCES: dict[str, tuple[str, str]] = {
     "BBBOOLEANEXPRESSIONS": ("lukaemon/bbh", "boolean_expressions"),
@@ -371,21 +407,33 @@ def p3_dataset(
     name: str,
     load: Callable[[str], DatasetDict] | None = None,
     config_names: Sequence[str] | None = None,
+    include_templates: str = "original",
 ) -> DatasetDict:
-    """Every template of one P3 dataset, pooled: "train" for training, the gin's eval split as "test" and
-    "validation"; a `template` column names the config. `load` (default `common.data.hub.p3`) reads one
+    """One P3 dataset: "train" pools every template, the gin's eval split is "test" and "validation"; a
+    `template` column names the config. A T0 held-out dataset is evaluated as the original
+    (`include_templates="original"`): its original-task templates, example j from template j mod T;
+    "all" (and every other dataset) pools every template. `load` (default `common.data.hub.p3`) reads one
     config; `config_names` (default: the hub's list) are the configs to choose from."""
     from common.data import hub
 
+    if include_templates not in TEMPLATE_CHOICES:
+        raise ValueError(f"include_templates={include_templates!r}: choose one of {TEMPLATE_CHOICES}")
     prefix, eval_split, suffix = P3_SOURCES[name]
     load = load or (lambda config: hub.p3(config)[0])
+    configs = p3_templates(prefix, suffix, config_names)
+    round_robin = include_templates == "original" and name in T0_HELDOUT
+    evaluated = original_task_templates(prefix, suffix, configs) if round_robin else configs
     parts: dict[str, list[Dataset]] = {}
-    for config in p3_templates(prefix, suffix, config_names):
+    for config in configs:
         splits = load(config)
         for ours, theirs in (("train", "train"), ("test", eval_split), ("validation", eval_split)):
-            if theirs in splits:
-                ds = splits[theirs]
-                parts.setdefault(ours, []).append(ds.add_column("template", [config] * len(ds)))
+            if theirs not in splits or (ours != "train" and config not in evaluated):
+                continue
+            ds = splits[theirs]
+            if ours != "train" and round_robin:  # P3 renders example j as row j of every template's config
+                t = evaluated.index(config)
+                ds = ds.select(range(t, len(ds), len(evaluated)))
+            parts.setdefault(ours, []).append(ds.add_column("template", [config] * len(ds)))
     return DatasetDict({k: concatenate_datasets(v) for k, v in parts.items()})
 
 

@@ -247,8 +247,9 @@ def concatenate(
             gin.parse_config(C.split_bindings(extra_bindings))
         enc = C.scoped("M/MODEL/ENCODER", C.expose_hidden) or "masked_mean"
         dec = C.scoped("M/MODEL/DECODER", C.expose_hidden) or "mean"
-        n_ex = C.average_hiddens_settings()
+        n_ex, decoder_keys = C.average_hiddens_settings()
         settings = C.scoped("P/TRAIN", C.trainer_settings)
+        max_new_tokens = C.scoped("P/EVALUATE", C.eval_settings).max_new_tokens
         model, tok = _load_for_eval()
         attach_experts(model, L.read_library(out))
         keys = {}
@@ -262,6 +263,8 @@ def concatenate(
                 encoder_reduction=enc,
                 decoder_reduction=dec,
                 max_length=settings.max_length,
+                decoder_keys=decoder_keys,
+                max_new_tokens=max_new_tokens,
             )
         L.set_library_keys(out, keys)
     return out

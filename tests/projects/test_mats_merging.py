@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,7 +126,7 @@ def test_regmean_equals_closed_form_and_cg_converges_to_it(problem):
     torch.testing.assert_close(merged["lin.bias"], average(base, models)["lin.bias"])  # no Gram: averaged
     log = []
     cg = conjugate_gradient(
-        base, models, stats=stats, objective="regmean", model_lambda=lam, rtol=1e-12, log=log
+        base, models, stats=stats, objective="regmean", model_lambda=lam, rtol=1e-12, dtype="float64", log=log
     )
     torch.testing.assert_close(cg["lin.weight"], expected, atol=1e-6, rtol=1e-5)
     assert [r["block"] for r in log] == ["lin.weight"] and log[0]["converged"]
@@ -143,7 +144,9 @@ def test_cg_average_and_diagonal_fisher_match_closed_forms(problem):
     for k, v in average(base, models).items():
         torch.testing.assert_close(avg[k], v)
     # 20 unknowns per block and 100 iterations: CG is exact on the diagonal system.
-    fisher_cg = conjugate_gradient(base, models, stats=stats, objective="diagonal_fisher", rtol=1e-12)
+    fisher_cg = conjugate_gradient(
+        base, models, stats=stats, objective="diagonal_fisher", rtol=1e-12, dtype="float64"
+    )
     for k, v in diagonal_fisher(base, models, stats=stats).items():
         torch.testing.assert_close(fisher_cg[k], v, atol=1e-6, rtol=1e-5)
 
@@ -151,7 +154,7 @@ def test_cg_average_and_diagonal_fisher_match_closed_forms(problem):
 def test_cg_blockwise_fisher_solves_the_block_system(problem):
     base, models, stats = problem
     merged = conjugate_gradient(
-        base, models, stats=stats, objective="blockwise_fisher", model_lambda=0.5, rtol=1e-12
+        base, models, stats=stats, objective="blockwise_fisher", model_lambda=0.5, rtol=1e-12, dtype="float64"
     )
     f = [shrink_off_diagonal(s["blockwise_fisher"]["lin.weight"], 0.5) for s in stats]
     rhs = sum(fi @ m["lin.weight"].reshape(-1) for fi, m in zip(f, models))
@@ -164,7 +167,7 @@ def test_kfac_cg_solves_the_kronecker_system(problem):
     base, models, stats = problem
     log = []
     merged = conjugate_gradient(
-        base, models, stats=stats, objective="kfac", num_iterations=200, rtol=1e-10, log=log
+        base, models, stats=stats, objective="kfac", num_iterations=200, rtol=1e-10, dtype="float64", log=log
     )
     x = merged["lin.weight"].T  # (in, out)
     g = [s["input_gram"]["lin"] for s in stats]
@@ -203,6 +206,82 @@ def test_cg_solve_stops_at_scipy_tolerance():
     x, rec = cg_solve(lambda v: a @ v, b, torch.zeros(3, dtype=torch.float64), num_iterations=10)
     torch.testing.assert_close(x, torch.tensor([1.0, 0.5, 1 / 3], dtype=torch.float64))
     assert rec["converged"] and rec["iterations"] == 3
+
+
+def _lm_head_problem():
+    # One-output head on 2 inputs; G1 = I, G2 = diag(3, 1): RegMean gives Wᵀ = diag(4, 2)⁻¹ (W1ᵀ + G2 W2ᵀ)
+    # = diag(4, 2)⁻¹ [1 + 15, 2 + 6] = [4, 4]; the average is [3, 4]; the pretrained head is [9, 9].
+    base = {"lm_head.weight": torch.tensor([[9.0, 9.0]]), "lin.weight": torch.zeros(1, 2)}
+    models = [
+        {"lm_head.weight": torch.tensor([[1.0, 2.0]]), "lin.weight": torch.tensor([[1.0, 2.0]])},
+        {"lm_head.weight": torch.tensor([[5.0, 6.0]]), "lin.weight": torch.tensor([[5.0, 6.0]])},
+    ]
+    grams = [torch.eye(2), torch.diag(torch.tensor([3.0, 1.0]))]
+    stats = [  # lm_head has an input Gram but no output Gram, as in the original's metadata
+        {"input_gram": {"lm_head": g, "lin": g}, "output_gram": {"lin": torch.eye(1)}} for g in grams
+    ]
+    return base, models, stats
+
+
+@pytest.mark.parametrize(
+    "objective, lm_head, expected",
+    [
+        ("regmean", "original", [[9.0, 9.0]]),  # left out of the solve: the pretrained head is kept
+        ("kfac", "original", [[3.0, 4.0]]),  # skipped by the K-FAC solve: averaged
+        ("regmean", "solve", [[4.0, 4.0]]),
+        ("kfac", "solve", [[4.0, 4.0]]),  # no output Gram: RegMean's system
+    ],
+)
+def test_cg_lm_head_follows_the_original(objective, lm_head, expected):
+    base, models, stats = _lm_head_problem()
+    merged = conjugate_gradient(base, models, stats=stats, objective=objective, lm_head=lm_head)
+    torch.testing.assert_close(merged["lm_head.weight"], torch.tensor(expected))
+    torch.testing.assert_close(merged["lin.weight"], torch.tensor([[4.0, 4.0]]))  # solved either way
+
+
+def _scipy_cg_regmean(grams, weights, num_iterations, dtype):
+    """The original's call: scipy's cg on the flattened system Σ G X = Σ G Wᵀ, in `dtype`, x0 = 0."""
+    from scipy.sparse.linalg import LinearOperator, cg
+
+    total = sum(grams).to(dtype)
+    b = sum(g.to(dtype) @ w.to(dtype).T for g, w in zip(grams, weights))  # (in, out)
+    as_np = {torch.float32: np.float32, torch.float64: np.float64}[dtype]
+
+    def matvec(v):
+        return (total @ torch.from_numpy(np.asarray(v, dtype=as_np)).reshape(b.shape)).reshape(-1).numpy()
+
+    op = LinearOperator((b.numel(), b.numel()), matvec=matvec, dtype=as_np)
+    x, _ = cg(op, b.reshape(-1).numpy(), x0=np.zeros(b.numel(), dtype=as_np), maxiter=num_iterations)
+    return torch.from_numpy(np.asarray(x)).double().reshape(b.shape).T
+
+
+def test_cg_runs_in_float32_as_the_original_with_float64_an_option():
+    # Grams with condition number 1e6, stopped after 10 iterations: scipy's float32 and float64 solutions
+    # differ by ~10% (the original's float32 is the default); ours follows each precision.
+    gen = torch.Generator().manual_seed(0)
+
+    def gram():
+        q, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=torch.float64))
+        return (q * torch.logspace(0, 6, 16, dtype=torch.float64)) @ q.T / 1e6
+
+    grams = [gram(), gram()]
+    base = {"l.weight": torch.zeros(3, 16, dtype=torch.float64)}
+    models = [{"l.weight": torch.randn(3, 16, generator=gen, dtype=torch.float64)} for _ in range(2)]
+    stats = [{"input_gram": {"l": g}} for g in grams]
+    weights = [m["l.weight"] for m in models]
+    ref32 = _scipy_cg_regmean(grams, weights, 10, torch.float32)
+    ref64 = _scipy_cg_regmean(grams, weights, 10, torch.float64)
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    assert rel(ref32, ref64) > 0.05  # the precisions give visibly different merges
+    ours32 = conjugate_gradient(base, models, stats=stats, objective="regmean", num_iterations=10)
+    ours64 = conjugate_gradient(
+        base, models, stats=stats, objective="regmean", num_iterations=10, dtype="float64"
+    )
+    assert rel(ours32["l.weight"], ref32) < 0.02
+    assert rel(ours64["l.weight"], ref64) < 1e-6
 
 
 # TIES by hand (see the derivations in each test): base 0, one tensor of 6 entries.

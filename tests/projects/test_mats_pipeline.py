@@ -10,7 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from common.config import ConfigError
-from common.io import save_tensors
+from common.io import load_tensors, save_tensors
 from projects.mats.main import main
 from projects.mats.merging import MergeError
 from projects.mats.model import build, load_state, read_state
@@ -56,13 +56,22 @@ def test_pipeline_full_model(world, capsys):
     main(["conjugateGradient_diagonalFisher", *FULL, *args])
     main(["conjugateGradient_fisherMerging", *FULL, *args, "--initialization", str(ta)])
     main(["conjugateGradient_fisherMerging", *FULL, *args, "--use_backward", "--initialization", str(ta)])
+    main(["conjugateGradient_fisherMerging", *FULL, *args, "--use_backward", "--initialization", str(ta),
+          "--lm_head", "solve", "--cg_dtype", "float64"])  # fmt: skip
     cg = root / "merging/offline/micro_two/micro-t5/full_model/conjugate_gradients"
-    kfac = next(cg.glob("fisher_merging_kfac_*"))
-    blocks = json.loads((kfac / "log.json").read_text())[0]["blocks"]
-    assert {b["block"] for b in blocks} >= {
-        "lm_head.weight",
-        "encoder.block.0.layer.0.SelfAttention.q.weight",
-    }
+    kfac, solved = sorted(cg.glob("fisher_merging_kfac_*"), key=lambda p: len(p.name))
+    assert solved.name == kfac.name + "_float64_lm_head_solve"
+    blocks = {b["block"] for b in json.loads((kfac / "log.json").read_text())[0]["blocks"]}
+    assert "encoder.block.0.layer.0.SelfAttention.q.weight" in blocks and "lm_head.weight" not in blocks
+    blocks = {b["block"] for b in json.loads((solved / "log.json").read_text())[0]["blocks"]}
+    assert "lm_head.weight" in blocks
+    # The original's K-FAC leaves lm_head out of the solve and averages it over the experts.
+    merged = load_tensors(Path(json.loads((kfac / "results.json").read_text())["merged_model"]))
+    registry = yaml.safe_load((root / "checkpoints.yaml").read_text())
+    paths = [p for fmts in registry.values() for d in fmts.values() for p in d["full_model"].values()]
+    heads = [load_tensors(Path(p))["lm_head.weight"] for p in paths]
+    assert len(heads) == 2
+    torch.testing.assert_close(merged["lm_head.weight"], torch.stack(heads).mean(0))
     results = json.loads(
         (root / "merging/offline/micro_two/micro-t5/full_model/ties/results.json").read_text()
     )

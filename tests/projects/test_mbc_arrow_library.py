@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from common.adapters import lora_config
+from projects.mbc_arrow.arrow import arrow_transform
 from projects.mbc_arrow.clustering import mbc_cluster, mbc_transform, sparsify
 from projects.mbc_arrow.expert_model import MultiExpertModel, load_base
 from projects.mbc_arrow.library import ExpertInfo, ExpertLibrary, LibraryError, get_expert_library
@@ -159,15 +160,15 @@ def test_saved_model_reloads_with_its_selector(tmp_path):
             pass
 
 
-def _mttl_files(folder, name, *, tie=False, extra=None):
+def _mttl_files(folder, name, *, tie=False, extra=None, dim=32):
     g = torch.Generator().manual_seed(len(name))
     weights = {}
     for layer in range(2):
         for proj in ("q_proj", "k_proj", "v_proj"):
             prefix = f"transformer.h.{layer}.attn.attention.{proj}"
             if not tie or proj == "q_proj":
-                weights[f"{prefix}.lora_a"] = torch.randn(32, 2, generator=g)
-            weights[f"{prefix}.lora_b"] = torch.randn(2, 32, generator=g)
+                weights[f"{prefix}.lora_a"] = torch.randn(dim, 2, generator=g)
+            weights[f"{prefix}.lora_b"] = torch.randn(2, dim, generator=g)
     meta = {
         "expert_name": name,
         "expert_task_name": name,
@@ -202,6 +203,40 @@ def test_mttl_import_reads_ckpt_and_meta(tmp_path):
     q, v = ft["transformer.h.0.attn.attention.q_proj"], ft["transformer.h.0.attn.attention.v_proj"]
     assert torch.equal(q.A, v.A) and torch.equal(q.A, tied["transformer.h.0.attn.attention.q_proj.lora_a"].T)
     assert lib.info("sciq_Multiple_Choice").base_model == "EleutherAI/gpt-neo-125m"
+
+
+def test_arrow_ties_what_each_expert_was_trained_with_by_default(tmp_path):
+    # mttl's ArrowTransformConfig(tie_params="default"): the tied expert's q/k/v get one prototype, from A
+    # and [B_q; B_k; B_v]; the untied expert's are per projection. A pattern or None overrides every expert.
+    src = tmp_path / "mttl"
+    src.mkdir()
+    tied = _mttl_files(src, "sciq_Multiple_Choice", tie=True, extra={"expert_model": BASE}, dim=16)
+    untied = _mttl_files(src, "wiki_qa_Is_This_True_", extra={"expert_model": BASE}, dim=16)
+    lib = import_mttl_library(src, f"local://{tmp_path / 'lib'}")
+    assert lib.info("sciq_Multiple_Choice").training_config["tie_params"].startswith("q_proj.lora_a")
+    attn = "transformer.h.0.attn.attention"
+    protos = arrow_transform(lib, persist=False)  # the default
+    a = tied[f"{attn}.q_proj.lora_a"].T  # (r, d_in)
+    b = torch.cat([tied[f"{attn}.{p}.lora_b"].T for p in ("q_proj", "k_proj", "v_proj")])  # (3·d_out, r)
+    v = torch.linalg.svd(b @ a)[2][0]
+    t = protos["sciq_Multiple_Choice"]
+    assert torch.equal(t[f"{attn}.q_proj"], t[f"{attn}.v_proj"])
+    assert abs(torch.dot(t[f"{attn}.q_proj"], v)) == pytest.approx(1.0, abs=1e-5)
+    u = protos["wiki_qa_Is_This_True_"]
+    vq = torch.linalg.svd(untied[f"{attn}.q_proj.lora_b"].T @ untied[f"{attn}.q_proj.lora_a"].T)[2][0]
+    assert abs(torch.dot(u[f"{attn}.q_proj"], vq)) == pytest.approx(1.0, abs=1e-5)
+    assert not torch.equal(u[f"{attn}.q_proj"], u[f"{attn}.v_proj"])
+    untied_all = arrow_transform(lib, {"tie_params": None}, persist=False)["sciq_Multiple_Choice"]
+    assert not torch.equal(untied_all[f"{attn}.q_proj"], untied_all[f"{attn}.v_proj"])
+    # the model's selector: unset tie_params means the experts' own, also when reloaded from a saved model
+    model = MultiExpertModel.from_pretrained_library(lib, {"name": "arrow"})
+    layer = model.layers()[f"{attn}.q_proj"]
+    i = model.expert_names.index("sciq_Multiple_Choice")
+    assert abs(torch.dot(layer.protos[i], v)) == pytest.approx(1.0, abs=1e-5)
+    model.save_pretrained(tmp_path / "saved")
+    again = MultiExpertModel.from_pretrained(tmp_path / "saved")
+    again.set_selector({"name": "arrow"})
+    torch.testing.assert_close(again.layers()[f"{attn}.q_proj"].protos.abs(), layer.protos.abs())
 
 
 def test_mttl_import_refuses_pickled_objects(tmp_path):

@@ -43,7 +43,7 @@ def test_average_hiddens_is_the_mean_of_per_example_masked_means():
     ref = copy.deepcopy(model)
     attach_experts(model, [_zero_expert(model)])
     rows = [{"source": "ab", "target": "x"}, {"source": "abcdef", "target": "yz"}]
-    keys = average_hiddens(model, _Tok(), rows, 0, batch_size=2)
+    keys = average_hiddens(model, _Tok(), rows, 0, batch_size=2, decoder_keys="teacher_forced")
     # reference: the encoder's first q input is the layer-normed embeddings of real tokens
     q = "encoder.block.0.layer.0.SelfAttention.q"
     seen = []
@@ -57,6 +57,36 @@ def test_average_hiddens_is_the_mean_of_per_example_masked_means():
             ref(input_ids=ids, labels=labels)
         per_example.append(seen[0][0].mean(0))
     torch.testing.assert_close(keys[q], torch.stack(per_example).mean(0), atol=1e-5, rtol=1e-4)
+
+
+def test_average_hiddens_decoder_keys_are_the_last_generation_step_inputs():
+    # The original computes the keys with greedy generation and overwrites a module's stored input on
+    # every call: a decoder module's key is its input at the batch's last step, averaged over examples.
+    model = micro_model("t5")
+    ref = copy.deepcopy(model)
+    attach_experts(model, [_zero_expert(model)])  # zero LoRA: the reference is the plain model
+    rows = [{"source": "ab", "target": "x"}, {"source": "abcdef", "target": "yz"}]
+    keys = average_hiddens(model, _Tok(), rows, 0, batch_size=2, max_new_tokens=3)
+    seen = {}
+    for name in ("decoder.block.0.layer.0.SelfAttention.q", "encoder.block.0.layer.0.SelfAttention.q"):
+        seen[name] = []
+        ref.get_submodule(name).register_forward_hook(lambda m, i, o, n=name: seen[n].append(i[0]))
+    enc = _Tok()([r["source"] for r in rows], 512, True, True, "pt")
+    with torch.no_grad():
+        ref.generate(**enc, max_new_tokens=3, do_sample=False, num_beams=1)
+    dec = "decoder.block.0.layer.0.SelfAttention.q"
+    assert len(seen[dec]) > 1 and seen[dec][-1].shape[:2] == (2, 1)  # one call per generation step
+    torch.testing.assert_close(keys[dec], seen[dec][-1][:, 0].mean(0), atol=1e-5, rtol=1e-4)
+    # encoder keys are unchanged: the masked mean over each example's real tokens
+    u, mask = seen["encoder.block.0.layer.0.SelfAttention.q"][0], enc["attention_mask"].float()
+    per_example = (u * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    torch.testing.assert_close(
+        keys["encoder.block.0.layer.0.SelfAttention.q"], per_example.mean(0), atol=1e-5, rtol=1e-4
+    )
+    forced = average_hiddens(model, _Tok(), rows, 0, batch_size=2, decoder_keys="teacher_forced")
+    assert not torch.allclose(forced[dec], keys[dec], atol=1e-4)
+    with pytest.raises(ValueError, match="decoder_keys"):
+        average_hiddens(model, _Tok(), rows, 0, decoder_keys="mean")
 
 
 def test_average_hiddens_rejects_unknown_reduction():

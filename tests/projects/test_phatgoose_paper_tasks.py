@@ -108,11 +108,39 @@ def test_p3_dataset_pools_every_template_and_maps_the_eval_split():
         return DatasetDict({"train": rows(config, "train", 3), "dev_r1": rows(config, "dev", 2)})
 
     configs = ["anli_a_r1", "anli_b_r1", "anli_a_r2", "super_glue_rte_a"]
-    out = PT.p3_dataset("P3ANLI/R1", load=load, config_names=configs)
+    out = PT.p3_dataset("P3ANLI/R1", load=load, config_names=configs, include_templates="all")
     assert sorted(out) == ["test", "train", "validation"]
     assert len(out["train"]) == 6 and len(out["test"]) == 4
     assert out["test"]["template"] == ["anli_a_r1"] * 2 + ["anli_b_r1"] * 2
     assert out["test"]["source"][2] == "anli_b_r1 dev 0"
+
+
+def test_t0_heldout_evaluates_original_task_templates_round_robin():
+    # HellaSwag: 2 original-task templates kept, 2 others (promptsource original_task: false) dropped from
+    # evaluation; example j is scored with template j mod 2 (as the original's include_templates="original").
+    def load(config):
+        rows = {"source": [f"{config} {i}" for i in range(5)], "label": list(range(5))}
+        return DatasetDict({"train": Dataset.from_dict(rows), "validation": Dataset.from_dict(rows)})
+
+    configs = [
+        "hellaswag_Appropriate_continuation_Yes_or_No",
+        "hellaswag_Predict_ending_with_hint",
+        "hellaswag_complete_first_then",
+        "hellaswag_how_ends",
+    ]
+    out = PT.p3_dataset("P3HSWAG", load=load, config_names=configs)
+    assert len(out["train"]) == 20  # training keeps every template
+    assert out["test"]["source"] == [
+        "hellaswag_Predict_ending_with_hint 0",
+        "hellaswag_Predict_ending_with_hint 2",
+        "hellaswag_Predict_ending_with_hint 4",
+        "hellaswag_complete_first_then 1",
+        "hellaswag_complete_first_then 3",
+    ]
+    pooled = PT.p3_dataset("P3HSWAG", load=load, config_names=configs, include_templates="all")
+    assert len(pooled["test"]) == 20
+    with pytest.raises(ValueError, match="include_templates"):
+        PT.p3_dataset("P3HSWAG", load=load, config_names=configs, include_templates="some")
 
 
 def test_bigbench_records_multiple_choice_and_generative():

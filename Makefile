@@ -29,7 +29,7 @@ else
 RUN_ENV := $(OFFLINE_ENV) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 endif
 
-.PHONY: setup test test-all smoke lint gpu-check tables tiny-bases benchmarks bench bench-peers clean $(addprefix table-,$(PROJECTS))
+.PHONY: setup test test-all smoke lint gpu-check tables tiny-bases zoo benchmarks bench bench-peers clean $(addprefix table-,$(PROJECTS))
 
 STAMP := $(VENV)/.installed
 setup: $(STAMP)
@@ -55,6 +55,12 @@ smoke: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The real arm's expert zoo (SmolLM2-135M LoRA experts, common/zoo.py): hours on one core, cached and
+# resumable; a second run trains nothing. ZOO_SEEDS=0 for one seed.
+ZOO_SEEDS ?= 0 1
+zoo: setup
+	$(OFFLINE_ENV) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m common.zoo --seeds $(ZOO_SEEDS)
 
 tiny-bases: setup
 	$(RUN_ENV) $(PY) -m common.tiny_world --scale tiny

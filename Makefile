@@ -29,7 +29,7 @@ else
 RUN_ENV := $(OFFLINE_ENV) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 endif
 
-.PHONY: setup test test-all smoke lint gpu-check tables tiny-bases zoo benchmarks bench bench-peers clean $(addprefix table-,$(PROJECTS))
+.PHONY: setup test test-all smoke lint gpu-check tables tiny-bases zoo leaderboard benchmarks bench bench-peers clean $(addprefix table-,$(PROJECTS))
 
 STAMP := $(VENV)/.installed
 setup: $(STAMP)
@@ -61,6 +61,10 @@ lint: setup
 ZOO_SEEDS ?= 0 1
 zoo: setup
 	$(OFFLINE_ENV) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m common.zoo --seeds $(ZOO_SEEDS)
+
+# Every routing and merging method on the zoo (leaderboard/): needs `make zoo`; runs/leaderboard/table.md.
+leaderboard: setup
+	$(OFFLINE_ENV) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m leaderboard.run --seeds $(ZOO_SEEDS)
 
 tiny-bases: setup
 	$(RUN_ENV) $(PY) -m common.tiny_world --scale tiny

@@ -1,0 +1,166 @@
+"""One leaderboard of every routing and merging method on the expert zoo (`make leaderboard`).
+
+For each zoo seed and entry: hyperparameters chosen by the mean score over the library tasks'
+validation splits, then one read of every task's test split (library tasks: in-distribution; held-out
+tasks: zero-shot), the parameters stored to serve all tasks relative to the base, and tokens per second
+of a forward pass over a fixed batch, measured in the same run. Each (seed, entry) is written to
+`<out>/seed_<s>/<entry>.json` with its provenance and reused by a later run with the same zoo settings;
+`table(...)` gives mean ± std over seeds.
+
+    python -m leaderboard.run --seeds 0 1 [--entries base oracle ...] [--out runs/leaderboard]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common import zoo
+from common.io import read_json, write_json
+from common.rundir import markdown_table, provenance
+from common.zoo_tasks import HELD_OUT, LIBRARY
+from leaderboard.entries import ENTRIES, Candidate, Context, count
+
+THROUGHPUT_BATCH = 16  # validation prompts of the first library task, one forward pass
+
+
+def context(seed: int, settings: zoo.ZooSettings = zoo.DEFAULT, library: Sequence[str] = LIBRARY) -> Context:
+    """The zoo's base (eval, the settings' dtype) and the cached experts of `seed`; nothing is trained here."""
+    missing = [t for t in library if not zoo.is_cached(t, seed, settings)]
+    if missing:
+        raise SystemExit(f"the zoo lacks seed {seed}'s experts for {missing}: run `make zoo` first")
+    base, tok = zoo.load_base(settings)
+    experts = {t: zoo.expert(t, seed, settings) for t in library}
+    multitask = zoo.multitask(seed, settings) if zoo.is_cached(zoo.MULTITASK, seed, settings) else None
+    return Context(settings, seed, base, tok, experts, multitask)
+
+
+def mean_score(ctx: Context, candidate: Candidate, tasks: Sequence[str], split: str) -> dict[str, float]:
+    """Per-task score on `split` (tasks the candidate has no model for are left out)."""
+    out = {}
+    for task in tasks:
+        model = candidate.model_for(task)
+        if model is not None:
+            records = zoo.splits(task, ctx.settings)[split]
+            out[task] = zoo.score(model, ctx.tokenizer, records, ctx.settings.max_new_tokens)
+    return out
+
+
+def tokens_per_second(ctx: Context, model: torch.nn.Module) -> float:
+    records = zoo.splits(next(iter(ctx.experts)), ctx.settings)["validation"][:THROUGHPUT_BATCH]
+    batch = ctx.tokenizer([r["source"] for r in records], return_tensors="pt", padding=True)
+    n = int(batch["attention_mask"].sum())
+    with torch.no_grad():
+        model(**batch)  # warm-up
+        start = time.perf_counter()
+        model(**batch)
+    return n / (time.perf_counter() - start)
+
+
+def run_entry(ctx: Context, name: str, held_out: Sequence[str] = HELD_OUT) -> dict[str, Any]:
+    """Choose the entry's hyperparameters on validation, then score every task's test split once."""
+    started = time.time()
+    fn, grid = ENTRIES[name]
+    library = list(ctx.experts)
+    search = []
+    for combo in itertools.product(*grid.values()):
+        hparams = dict(zip(grid, combo))
+        scores = mean_score(ctx, fn(ctx, **hparams), library, "validation")
+        search.append(
+            {"hparams": hparams, "validation": statistics.fmean(scores.values()), "per_task": scores}
+        )
+    chosen = max(search, key=lambda s: s["validation"])["hparams"] if search else {}
+    candidate = fn(ctx, **chosen)
+    test = mean_score(ctx, candidate, [*library, *held_out], "test")
+    in_dist = [test[t] for t in library if t in test]
+    held = [test[t] for t in held_out if t in test]
+    model = candidate.model_for(library[0])
+    return {
+        "entry": name,
+        "seed": ctx.seed,
+        "hparams": chosen,
+        "search": search,
+        "test": test,
+        "in_distribution": statistics.fmean(in_dist) if in_dist else None,
+        "held_out": statistics.fmean(held) if held else None,
+        "params_vs_base": candidate.params / count(ctx.base),
+        "tokens_per_s": tokens_per_second(ctx, model) if model is not None else None,
+        "note": candidate.note,
+        "zoo_settings": ctx.settings.key(),
+        "provenance": provenance(ctx.seed, started),
+    }
+
+
+def run(
+    seeds: Sequence[int],
+    entries: Sequence[str],
+    out: Path,
+    settings: zoo.ZooSettings = zoo.DEFAULT,
+    library: Sequence[str] = LIBRARY,
+    held_out: Sequence[str] = HELD_OUT,
+) -> list[dict[str, Any]]:
+    """Every (seed, entry) result, computed where missing or made with other zoo settings."""
+    results = []
+    for seed in seeds:
+        ctx = None
+        for name in entries:
+            path = out / f"seed_{seed}" / f"{name}.json"
+            if path.is_file() and read_json(path).get("zoo_settings") == settings.key():
+                results.append(read_json(path))
+                continue
+            ctx = ctx or context(seed, settings, library)
+            print(f"leaderboard: seed {seed} {name}", flush=True)
+            results.append(run_entry(ctx, name, held_out))
+            write_json(path, results[-1])
+    return results
+
+
+def _mean_std(values: Sequence[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    mean = 100 * statistics.fmean(values)
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def table(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per entry: in-distribution and held-out test scores (x100, mean ± std over seeds)."""
+    rows = []
+    for name in dict.fromkeys(r["entry"] for r in results):
+        rs = [r for r in results if r["entry"] == name]
+        tps = [r["tokens_per_s"] for r in rs if r["tokens_per_s"]]
+        rows.append(
+            {
+                "method": name,
+                "seeds": len(rs),
+                "in-distribution": _mean_std([r["in_distribution"] for r in rs]),
+                "held-out": _mean_std([r["held_out"] for r in rs]),
+                "params / base": f"{statistics.fmean(r['params_vs_base'] for r in rs):.3f}",
+                "tokens/s": f"{statistics.fmean(tps):.0f}" if tps else "—",
+                "chosen": "; ".join(str(r["hparams"]) for r in rs if r["hparams"]) or "—",
+            }
+        )
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m leaderboard.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--entries", nargs="+", default=list(ENTRIES), choices=list(ENTRIES))
+    parser.add_argument("--out", type=Path, default=Path("runs/leaderboard"))
+    args = parser.parse_args(argv)
+    results = run(args.seeds, args.entries, args.out)
+    text = markdown_table(table(results))
+    (args.out / "table.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The leaderboard harness on a micro zoo: entries from the projects' code, hyperparameters chosen on
+validation, the test split read once, mean ± std over seeds."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from common import zoo
+from leaderboard import entries, run
+from tests.test_zoo import MICRO
+
+LIBRARY = ("breast_cancer", "champ_category")
+HELD_OUT = ("language_id_union",)
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    for task in LIBRARY:
+        zoo.expert(task, 0, MICRO)
+    return run.context(0, MICRO, LIBRARY)
+
+
+def _merged_expert(ctx, task):
+    return dict(entries.with_adapter(ctx, ctx.experts[task]).named_parameters())
+
+
+def test_uniform_merge_is_the_mean_of_the_experts_weights(ctx):
+    uniform = dict(entries.ENTRIES["uniform"][0](ctx).model_for("breast_cancer").named_parameters())
+    a, b = (_merged_expert(ctx, t) for t in LIBRARY)
+    base = dict(ctx.base.named_parameters())
+    name = next(n for n in base if "q_proj" in n)
+    assert not torch.equal(a[name], base[name])  # the expert changed it
+    assert torch.allclose(uniform[name].float(), (a[name].float() + b[name].float()) / 2, atol=1e-6)
+    untouched = next(n for n in base if "embed" in n)
+    assert torch.equal(uniform[untouched], base[untouched])
+
+
+def test_task_arithmetic_is_base_plus_lambda_times_the_summed_deltas(ctx):
+    model = entries.ENTRIES["task_arithmetic"][0](ctx, model_lambda=0.3).model_for("champ_category")
+    merged = dict(model.named_parameters())
+    a, b = (_merged_expert(ctx, t) for t in LIBRARY)
+    base = dict(ctx.base.named_parameters())
+    name = next(n for n in base if "down_proj" in n)
+    want = base[name].float() + 0.3 * (
+        a[name].float() - base[name].float() + b[name].float() - base[name].float()
+    )
+    assert torch.allclose(merged[name].float(), want, atol=1e-6)
+
+
+def test_entry_chooses_on_validation_and_reads_test_once(ctx, monkeypatch):
+    reads = []
+    score = zoo.score
+
+    def counting(model, tok, records, max_new_tokens=48):
+        reads.append((records[0]["task"], id(records)))
+        return score(model, tok, records, max_new_tokens)
+
+    monkeypatch.setattr(zoo, "score", counting)
+    result = run.run_entry(ctx, "task_arithmetic", HELD_OUT)
+    best = max(result["search"], key=lambda s: s["validation"])
+    assert result["hparams"] == best["hparams"]
+    assert [s["hparams"]["model_lambda"] for s in result["search"]] == list(
+        entries.ENTRIES["task_arithmetic"][1]["model_lambda"]
+    )
+    test_ids = {id(zoo.splits(t, MICRO)["test"]) for t in (*LIBRARY, *HELD_OUT)}
+    assert sum(i in test_ids for _, i in reads) == len(LIBRARY) + len(HELD_OUT)  # each test split once
+    assert set(result["test"]) == {*LIBRARY, *HELD_OUT}
+    assert result["params_vs_base"] == 1.0 and result["tokens_per_s"] > 0
+
+
+def test_oracle_answers_library_tasks_only_with_each_expert(ctx):
+    result = run.run_entry(ctx, "oracle", HELD_OUT)
+    assert set(result["test"]) == set(LIBRARY) and result["held_out"] is None
+    expert = entries.with_adapter(ctx, ctx.experts["champ_category"])
+    records = zoo.splits("champ_category", MICRO)["test"]
+    assert result["test"]["champ_category"] == zoo.score(expert, ctx.tokenizer, records, MICRO.max_new_tokens)
+    assert result["params_vs_base"] > 1.0
+
+
+def test_results_are_cached_per_seed_and_tabled_as_mean_and_std(ctx, tmp_path, monkeypatch):
+    first = run.run([0], ["base"], tmp_path, MICRO, LIBRARY, HELD_OUT)
+    monkeypatch.setattr(run, "run_entry", lambda *a, **k: pytest.fail("recomputed"))
+    assert run.run([0], ["base"], tmp_path, MICRO, LIBRARY, HELD_OUT) == first
+    other = dataclasses.replace(MICRO, max_new_tokens=5)  # another zoo: not reused, and never trained here
+    with pytest.raises(SystemExit, match="lacks seed 0's experts.*make zoo"):
+        run.run([0], ["base"], tmp_path, other, LIBRARY, HELD_OUT)
+    rows = run.table(
+        [
+            {
+                "entry": "x",
+                "in_distribution": 0.5,
+                "held_out": None,
+                "params_vs_base": 1.0,
+                "tokens_per_s": 10.0,
+                "hparams": {},
+            },
+            {
+                "entry": "x",
+                "in_distribution": 0.7,
+                "held_out": None,
+                "params_vs_base": 1.0,
+                "tokens_per_s": 30.0,
+                "hparams": {},
+            },
+        ]
+    )
+    assert rows == [
+        {
+            "method": "x",
+            "seeds": 2,
+            "in-distribution": "60.0 ± 14.1",
+            "held-out": "—",
+            "params / base": "1.000",
+            "tokens/s": "20",
+            "chosen": "—",
+        }
+    ]

@@ -194,7 +194,8 @@ def load_routed(
             mlps = [_mlp_with(dense.transformer.h[i].mlp, experts[i][e]) for e in sorted(experts[i])]
             block.mlp = RoutedMLP(mlps, model.config.n_embd, top_k, renormalize)
             block.mlp.router.weight.data.copy_(routers[i])
-        return model.requires_grad_(False).to(next(base.parameters()).device).eval()
+        device = next(base.parameters()).device if base is not None else "cpu"
+        return model.requires_grad_(False).to(device).eval()
     meta = _metadata(path)
     if meta.get("kind") != "routed":
         raise ValueError(f"{path} is not a routed checkpoint (kind={meta.get('kind')!r})")

@@ -10,7 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from common.config import ConfigError
-from common.io import load_tensors, save_tensors
+from common.io import save_tensors
 from projects.mats.main import main
 from projects.mats.merging import MergeError
 from projects.mats.model import build, load_state, read_state
@@ -66,10 +66,10 @@ def test_pipeline_full_model(world, capsys):
     blocks = {b["block"] for b in json.loads((solved / "log.json").read_text())[0]["blocks"]}
     assert "lm_head.weight" in blocks
     # The original's K-FAC leaves lm_head out of the solve and averages it over the experts.
-    merged = load_tensors(Path(json.loads((kfac / "results.json").read_text())["merged_model"]))
+    merged = read_state(Path(json.loads((kfac / "results.json").read_text())["merged_model"]))
     registry = yaml.safe_load((root / "checkpoints.yaml").read_text())
     paths = [p for fmts in registry.values() for d in fmts.values() for p in d["full_model"].values()]
-    heads = [load_tensors(Path(p))["lm_head.weight"] for p in paths]
+    heads = [read_state(Path(p))["lm_head.weight"] for p in paths]
     assert len(heads) == 2
     torch.testing.assert_close(merged["lm_head.weight"], torch.stack(heads).mean(0))
     results = json.loads(

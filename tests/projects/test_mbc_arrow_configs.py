@@ -82,7 +82,7 @@ def test_paper_scale_no_longer_falls_back_to_the_tiny_task():
 
     assert DEFAULTS["downstream_task"] == "tweet_sentiment_other"  # the tiny default
     with pytest.raises(ValueError, match=r"offline tiny task .* at paper\s+scale name lm-eval tasks"):
-        downstream_tasks(_paper_phi2("downstream_task=tweet_sentiment_other"))
+        downstream_tasks(_paper_phi2("downstream_task=[tweet_sentiment_other]"))
     micro = load_config(DEFAULTS, ["projects/mbc_arrow/configs/micro_notebook.yaml"])
     assert downstream_tasks(micro) == ["tweet_sentiment_other"]
 

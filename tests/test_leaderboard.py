@@ -85,7 +85,7 @@ def test_results_are_cached_per_seed_and_tabled_as_mean_and_std(ctx, tmp_path, m
     monkeypatch.setattr(run, "run_entry", lambda *a, **k: pytest.fail("recomputed"))
     assert run.run([0], ["base"], tmp_path, MICRO, LIBRARY, HELD_OUT) == first
     other = dataclasses.replace(MICRO, max_new_tokens=5)  # another zoo: not reused, and never trained here
-    with pytest.raises(SystemExit, match="lacks seed 0's experts.*make zoo"):
+    with pytest.raises(SystemExit, match=r"lacks seed 0's experts.*make zoo"):
         run.run([0], ["base"], tmp_path, other, LIBRARY, HELD_OUT)
     rows = run.table(
         [

@@ -61,7 +61,11 @@ def test_leak_report_finds_a_planted_leak():
     row = {"task": "a", "input": "Same  text", "group": "g1"}
     splits = {
         "sentiment_airline": {"train": [row], "validation": [], "test": []},
-        "tweet_topic": {"train": [], "validation": [], "test": [{**row, "input": "same text", "group": "g2"}]},
+        "tweet_topic": {
+            "train": [],
+            "validation": [],
+            "test": [{**row, "input": "same text", "group": "g2"}],
+        },
     }
     report = zoo_tasks.leak_report(splits)
     assert [(x["task"], x["split"], x["train_task"]) for x in report["text_leaks"]] == [

@@ -313,7 +313,9 @@ def cmd_inference(args: argparse.Namespace) -> None:
         out = run / f"inference_checkpoint_{idx}"
     else:
         weights = Path(args.merged_model)
-        if not weights.exists():  # a save_pretrained / PEFT folder, or a bare state file of the earlier layout
+        if (
+            not weights.exists()
+        ):  # a save_pretrained / PEFT folder, or a bare state file of the earlier layout
             raise MissingFileError(f"inference --merged_model {weights}: no such file or folder")
         saved = _saved_config(weights)
         if not (args.config_files or saved):

@@ -1,156 +1,20 @@
-"""Leaderboard entries: every routing and merging method, run by its own project's code on the zoo.
+"""Every leaderboard entry: importing this module registers each project's entries in `ENTRIES`.
 
-An entry is `fn(ctx, **hparams) -> Candidate`; `ENTRIES` lists them by name with the hyperparameter
-grid that the leaderboard searches on the library tasks' validation split (the test split is read
-once, with the chosen values). Entries call `projects.<name>`; nothing is reimplemented here. This
-file holds the baselines of the zoo issue (base, oracle, multitask, uniform merge, task arithmetic);
-the papers' methods join it the same way.
+A project adds its methods in `leaderboard/<project>.py` (entries calling `projects.<name>`, registered
+with `leaderboard.registry.register`) and one import line here.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
-
-from common import zoo
-
-
-@dataclass
-class Context:
-    """What every entry may use: the zoo's settings, seed, base model and expert adapter folders."""
-
-    settings: zoo.ZooSettings
-    seed: int
-    base: nn.Module  # eval mode, the settings' dtype; never modified by an entry
-    tokenizer: Any
-    experts: dict[str, Path]  # library task -> adapter folder
-    multitask: Path | None = None
-    cache: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Candidate:
-    """A method's model(s): `model_for(task)` gives the model that answers `task` (one shared model for a
-    merge, the task's own expert for the oracle, None where the method has no answer)."""
-
-    model_for: Callable[[str], nn.Module | None]
-    params: int  # parameters stored to serve every task (the base counted once)
-    note: str = ""
-
-
-def count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def adapter_params(path: Path) -> int:
-    from common.adapters import load_adapter
-
-    return sum(t.numel() for t in load_adapter(path).state.values())
-
-
-def with_adapter(ctx: Context, path: Path) -> nn.Module:
-    """A copy of the base with the adapter merged into its weights (same cost as the base at inference)."""
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(copy.deepcopy(ctx.base), str(path))
-    return model.merge_and_unload().eval()
-
-
-def lora_deltas(ctx: Context) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """(θ0, [θ0 + ΔW_i]) over the adapted weights, fp32, in the library's task order: the inputs of the
-    MaTS-style merges (`fn(base, models)`), which see each LoRA expert as the full weights it stands for."""
-    if "deltas" not in ctx.cache:
-        from common.adapters import load_adapter, lora_factors_from_state
-
-        state = dict(ctx.base.named_parameters())
-        base: dict[str, torch.Tensor] = {}
-        models = []
-        for task in ctx.experts:
-            saved = load_adapter(ctx.experts[task])
-            factors = lora_factors_from_state(saved.state, saved.config)
-            model = {}
-            for module, f in factors.items():
-                name = _weight_name(module, state)
-                base.setdefault(name, state[name].detach().float())
-                model[name] = base[name] + f.delta().float()
-            models.append(model)
-        ctx.cache["deltas"] = (base, models)
-    return ctx.cache["deltas"]
-
-
-def _weight_name(module: str, state: Mapping[str, Any]) -> str:
-    """The base model's weight name of a peft module path ('base_model.model.model.layers.0...q_proj')."""
-    for prefix in ("base_model.model.", ""):
-        name = module.removeprefix(prefix) + ".weight"
-        if name in state:
-            return name
-    raise KeyError(f"no base weight for adapted module {module}")
-
-
-def with_weights(ctx: Context, weights: Mapping[str, torch.Tensor]) -> nn.Module:
-    """A copy of the base whose named weights are replaced (cast to the base's dtype)."""
-    model = copy.deepcopy(ctx.base)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, w in weights.items():
-            params[name].copy_(w.to(params[name].dtype))
-    return model.eval()
-
-
-# --- the baselines ---------------------------------------------------------------------------------
-
-
-def base_entry(ctx: Context) -> Candidate:
-    return Candidate(lambda task: ctx.base, count(ctx.base))
-
-
-def oracle_entry(ctx: Context) -> Candidate:
-    """Each library task answered by its own expert (task-name routing); held-out tasks have none."""
-
-    @lru_cache(maxsize=1)
-    def model_for(task: str) -> nn.Module | None:
-        return with_adapter(ctx, ctx.experts[task]) if task in ctx.experts else None
-
-    return Candidate(
-        model_for,
-        count(ctx.base) + sum(adapter_params(p) for p in ctx.experts.values()),
-        "own expert per task",
-    )
-
-
-def multitask_entry(ctx: Context) -> Candidate:
-    if ctx.multitask is None:
-        raise ValueError("the multitask model is not in the zoo (run `make zoo`)")
-    model = with_adapter(ctx, ctx.multitask)
-    return Candidate(lambda task: model, count(ctx.base) + adapter_params(ctx.multitask))
-
-
-def _merge_entry(method: str) -> Callable[..., Candidate]:
-    def entry(ctx: Context, **hparams: Any) -> Candidate:
-        from projects.mats.methods import METHODS
-
-        base, models = lora_deltas(ctx)
-        if method == "average" and len(models) == 2 and not hparams:
-            hparams = {"model_lambda": 0.5}  # MaTS's average of two is λθ1 + (1-λ)θ2: the plain mean at 0.5
-        model = with_weights(ctx, METHODS[method](base, models, **hparams))
-        return Candidate(lambda task: model, count(ctx.base))
-
-    entry.__doc__ = f"The experts merged by projects.mats.methods.METHODS[{method!r}]."
-    return entry
-
-
-# name -> (entry, hyperparameter grid searched on validation)
-ENTRIES: dict[str, tuple[Callable[..., Candidate], Mapping[str, Sequence[Any]]]] = {
-    "base": (base_entry, {}),
-    "oracle": (oracle_entry, {}),
-    "multitask": (multitask_entry, {}),
-    "uniform": (_merge_entry("average"), {}),
-    "task_arithmetic": (_merge_entry("task_arithmetic"), {"model_lambda": (0.1, 0.2, 0.3, 0.5)}),
-}
+from leaderboard import baselines  # noqa: F401  (registers base, oracle, multitask, uniform, task_arithmetic)
+from leaderboard.registry import (  # noqa: F401  (the names entries and tests use)
+    ENTRIES,
+    Candidate,
+    Context,
+    adapter_params,
+    count,
+    lora_deltas,
+    register,
+    with_adapter,
+    with_weights,
+)

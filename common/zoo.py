@@ -11,9 +11,16 @@ killed run resumes where it stopped.
 
 `multitask(seed)` is the same for one adapter trained on the union of the library's training sets
 (tasks drawn uniformly per example): the upper-bound baseline of PHATGOOSE and MaTS.
+`group_expert(tasks, seed)` trains one expert on a subset of the library (tasks drawn uniformly, the
+private experts' steps per task): MBC's cluster experts.
+
+`ZooSettings.adapter` picks the parameterisation: "lora" (the zoo), "ia3" ((IA)^3 vectors, T-Few's
+targets) or "full" (every weight fine-tuned; the folder is a `save_pretrained` model, loadable with
+`AutoModelForCausalLM.from_pretrained`). `IA3` and `FULL` are the settings MaTS merges.
 
     python -m common.zoo --seeds 0 1            # every library expert and the multitask model
     python -m common.zoo --sweep                # the short learning-rate sweep on validation
+    python -m common.zoo --seeds 0 1 --adapter ia3   # the (IA)^3 zoo (MaTS); --adapter full: FULL_TASKS
 """
 
 from __future__ import annotations
@@ -61,12 +68,37 @@ class ZooSettings:
     # evaluation sizes (validation picks hyperparameters; test is read once, by the leaderboard)
     sizes: dict[str, int] = field(default_factory=lambda: {"validation": 60, "test": 100})
     max_new_tokens: int = 48
+    adapter: str = "lora"  # a key of ADAPTERS
+
+    def __post_init__(self) -> None:
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"ZooSettings.adapter must be one of {list(ADAPTERS)}, got {self.adapter!r}")
 
     def key(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
+        key = json.loads(json.dumps(asdict(self)))
+        if key["adapter"] == "lora":  # the zoo's experts were keyed before adapter kinds existed
+            del key["adapter"]
+        return key
 
+
+# adapter kind -> how its trained parameters are kept during training: "bf16" casts the whole model
+# (LoRA: the fastest step, benchmarks/lora_step.py); "master-fp32" keeps fp32 weights under bf16 autocast,
+# because (IA)^3 vectors near 1.0 and full-model updates of ~1e-5 are below bf16's resolution there.
+ADAPTERS = {"lora": "bf16", "ia3": "master-fp32", "full": "master-fp32"}
 
 DEFAULT = ZooSettings()
+# The parameterisations MaTS merges. Learning rates: (IA)^3 T-Few's 3e-3; full fine-tuning 5e-5, the
+# common choice for a model of this size (neither swept: README "The expert zoo" says so).
+IA3 = ZooSettings(adapter="ia3", lr=3e-3)
+FULL = ZooSettings(adapter="full", lr=5e-5)
+FULL_TASKS = (
+    "sentiment_airline",
+    "tweet_topic",
+    "language_id_a",
+    "champ_category",
+    "breast_cancer",
+    "translate_to_english",
+)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -97,14 +129,49 @@ class Examples(torch.utils.data.Dataset):
 
 def training_records(task: str, seed: int, settings: ZooSettings = DEFAULT) -> list[dict[str, Any]]:
     """A task's training records; for `multitask`, steps x batch records with the task drawn uniformly."""
-    if task != MULTITASK:
+    if task in LIBRARY:
         return splits(task, settings)["train"]
-    pools = {t: splits(t, settings)["train"] for t in LIBRARY}
-    rng = random.Random(f"multitask:{seed}")
+    members = group_members(task)
+    pools = {t: splits(t, settings)["train"] for t in members}
+    rng = random.Random(f"{'multitask' if task == MULTITASK else task}:{seed}")
     names = sorted(pools)
     return [
-        rng.choice(pools[rng.choice(names)]) for _ in range(settings.multitask_steps * settings.batch_size)
+        rng.choice(pools[rng.choice(names)]) for _ in range(steps_of(task, settings) * settings.batch_size)
     ]
+
+
+GROUP_PREFIX = "group:"
+
+
+def group_name(tasks: Sequence[str]) -> str:
+    """The zoo name of one expert trained on `tasks` together ("group:a+b", sorted)."""
+    unknown = [t for t in tasks if t not in LIBRARY]
+    if unknown or not tasks:
+        raise ValueError(f"a group holds library tasks only; got {list(tasks)} (library: {list(LIBRARY)})")
+    return GROUP_PREFIX + "+".join(sorted(set(tasks)))
+
+
+def group_members(task: str) -> tuple[str, ...]:
+    """The library tasks behind a zoo name: itself, every task (multitask), or a group's members."""
+    if task in LIBRARY:
+        return (task,)
+    if task == MULTITASK:
+        return tuple(LIBRARY)
+    if task.startswith(GROUP_PREFIX):
+        members = tuple(task.removeprefix(GROUP_PREFIX).split("+"))
+        if group_name(members) == task:
+            return members
+    raise ValueError(
+        f"{task!r} is not a library task, {MULTITASK!r} or a group name (group_name(tasks)); "
+        f"library: {list(LIBRARY)}"
+    )
+
+
+def steps_of(task: str, settings: ZooSettings = DEFAULT) -> int:
+    """Training steps: the private experts' `steps`, `multitask_steps`, or `steps` per member of a group."""
+    if task == MULTITASK:
+        return settings.multitask_steps
+    return settings.steps * len(group_members(task))
 
 
 def data_digest(records: Sequence[Mapping[str, Any]]) -> str:
@@ -132,9 +199,27 @@ def load_base(settings: ZooSettings = DEFAULT, *, dtype: str | None = None) -> t
 
 
 def lora_for(settings: ZooSettings) -> Any:
-    from common.adapters import lora_config
+    """The peft config of the settings' adapter (LoRA on `modules`, or (IA)^3 on T-Few's targets)."""
+    from common.adapters import ia3_config, lora_config
 
+    if settings.adapter == "ia3":
+        return ia3_config("llama")
     return lora_config("llama", settings.rank, settings.alpha, target_modules=list(settings.modules))
+
+
+def load_expert(path: str | Path, settings: ZooSettings = DEFAULT) -> torch.nn.Module:
+    """A zoo expert as one plain model in the settings' dtype (adapters merged into the base weights)."""
+    from transformers import AutoModelForCausalLM
+
+    if settings.adapter == "full":
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=getattr(torch, settings.dtype), attn_implementation="eager"
+        )
+        return model.eval()
+    from peft import PeftModel
+
+    base, _ = load_base(settings)
+    return PeftModel.from_pretrained(base, str(path)).merge_and_unload().eval()
 
 
 # --- evaluation ------------------------------------------------------------------------------------
@@ -171,6 +256,7 @@ def score(
 
 def base_score(task: str, settings: ZooSettings = DEFAULT, split: str = "validation") -> float:
     """The base model's score on a zoo task's `split` (cached per task)."""
+    settings = replace(settings, adapter="lora", lr=DEFAULT.lr)  # the base's score depends on neither
     key = {"what": "base_score", "task": task, "split": split, "settings": settings.key(), "version": VERSION}
 
     def build(out: Path) -> None:
@@ -187,8 +273,7 @@ def base_score(task: str, settings: ZooSettings = DEFAULT, split: str = "validat
 
 
 def expert_key(task: str, seed: int, settings: ZooSettings = DEFAULT) -> dict[str, Any]:
-    if task != MULTITASK and task not in LIBRARY:
-        raise ValueError(f"{task!r} is not a library task of the zoo; library: {list(LIBRARY)}")
+    group_members(task)  # a clear error for an unknown name
     return {
         "task": task,
         "seed": seed,
@@ -212,23 +297,31 @@ def multitask(seed: int, settings: ZooSettings = DEFAULT) -> Path:
     return expert(MULTITASK, seed, settings)
 
 
+def group_expert(tasks: Sequence[str], seed: int, settings: ZooSettings = DEFAULT) -> Path:
+    """One expert trained on `tasks` together (an MBC cluster), cached like the private experts."""
+    return expert(group_name(tasks), seed, settings)
+
+
 def _train(task: str, seed: int, settings: ZooSettings, key: Mapping[str, Any], out: Path) -> None:
     from common.adapters import add_adapter, save_adapter
     from common.rundir import provenance
     from common.training import TrainConfig, train
 
     started = time.time()
-    print(
-        f"zoo: training the {task} expert (seed {seed}, {settings.steps if task != MULTITASK else settings.multitask_steps} steps)",
-        flush=True,
-    )
+    steps = steps_of(task, settings)
+    print(f"zoo: training the {task} {settings.adapter} expert (seed {seed}, {steps} steps)", flush=True)
     model, tok = load_base(settings, dtype="float32")
-    model = add_adapter(model, lora_for(settings))
-    model.peft_config["default"].base_model_name_or_path = HUB_IDS.get(settings.base, base_path(settings))
-    prepare_for_training(model, getattr(torch, settings.dtype))
+    full = settings.adapter == "full"
+    if not full:
+        model = add_adapter(model, lora_for(settings))
+        model.peft_config["default"].base_model_name_or_path = HUB_IDS.get(settings.base, base_path(settings))
+    bf16 = ADAPTERS[settings.adapter] == "bf16"
+    if bf16:
+        prepare_for_training(model, getattr(torch, settings.dtype))
+    else:  # fp32 master weights, bf16 compute through accelerate's autocast
+        prepare_for_training(model, torch.float32)
     records = training_records(task, seed, settings)
     examples = Examples([encode_example(tok, r["source"], r["target"], settings.max_length) for r in records])
-    steps = settings.multitask_steps if task == MULTITASK else settings.steps
     cfg = TrainConfig(
         lr=settings.lr,
         max_steps=steps,
@@ -236,10 +329,11 @@ def _train(task: str, seed: int, settings: ZooSettings, key: Mapping[str, Any], 
         schedule="linear",
         batch_size=settings.batch_size,
         seed=seed,
-        shuffle=task != MULTITASK,  # the multitask stream is already drawn from the seed
+        shuffle=task in LIBRARY,  # a mixture's stream is already drawn from the seed
         log_every=5,
         save_every=25,
         keep_last=1,
+        mixed_precision="no" if bf16 or settings.dtype == "float32" else "bf16",
     )
     run_dir = cache_root() / "zoo_runs" / content_hash(key)
     result = train(
@@ -254,22 +348,20 @@ def _train(task: str, seed: int, settings: ZooSettings, key: Mapping[str, Any], 
         label=f"zoo expert {task}",
     )
     model.eval()
+    meta = {"base_spec": settings.base, "base_path": base_path(settings), "task": task, "seed": seed}
+    if full:
+        model.to(getattr(torch, settings.dtype))
+        _save_full(model, tok, out, meta)
+    else:
+        save_adapter(model, out / "adapter", extras_meta=meta)
+        for f in (out / "adapter").iterdir():  # one flat folder: the adapter files beside expert.json
+            f.rename(out / f.name)
+        (out / "adapter").rmdir()
+        if not bf16:
+            model.to(getattr(torch, settings.dtype))  # score as the leaderboard will run it
     validation = {}
-    for t in LIBRARY if task == MULTITASK else (task,):
+    for t in group_members(task):
         validation[t] = score(model, tok, splits(t, settings)["validation"], settings.max_new_tokens)
-    save_adapter(
-        model,
-        out / "adapter",
-        extras_meta={
-            "base_spec": settings.base,
-            "base_path": base_path(settings),
-            "task": task,
-            "seed": seed,
-        },
-    )
-    for f in (out / "adapter").iterdir():  # one flat folder: the adapter files beside expert.json
-        f.rename(out / f.name)
-    (out / "adapter").rmdir()
     (out / "train_log.jsonl").write_text((run_dir / "train_log.jsonl").read_text())
     _plot_curve(result.losses, out, f"{task} (seed {seed})")
     write_json(
@@ -289,6 +381,13 @@ def _train(task: str, seed: int, settings: ZooSettings, key: Mapping[str, Any], 
         },
     )
     print(f"zoo: {task} seed {seed}: validation {validation}", flush=True)
+
+
+def _save_full(model: torch.nn.Module, tokenizer: Any, out: Path, meta: Mapping[str, Any]) -> None:
+    """A fully fine-tuned expert as a `save_pretrained` folder (safetensors) with its tokenizer."""
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    write_json(out / "zoo_meta.json", dict(meta))
 
 
 def _plot_curve(losses: Sequence[tuple[int, float]], out: Path, title: str) -> None:
@@ -342,9 +441,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--tasks", nargs="+", default=list(LIBRARY), help=f"library tasks (default all {len(LIBRARY)})"
     )
     parser.add_argument("--no-multitask", action="store_true", help="skip the multitask model")
+    parser.add_argument(
+        "--adapter",
+        choices=list(ADAPTERS),
+        default="lora",
+        help="lora: the zoo; ia3 / full: the settings IA3 / FULL that MaTS merges (full: FULL_TASKS by default)",
+    )
     parser.add_argument("--sweep", action="store_true", help="run the learning-rate sweep and stop")
     parser.add_argument("--list", action="store_true", help="print the tasks and which experts are cached")
     args = parser.parse_args(argv)
+    settings = {"lora": DEFAULT, "ia3": IA3, "full": FULL}[args.adapter]
+    if args.adapter == "full" and args.tasks == list(LIBRARY):
+        args.tasks = list(FULL_TASKS)
     unknown = [t for t in args.tasks if t not in LIBRARY]
     if unknown:
         parser.error(
@@ -353,16 +461,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.list:
         for seed in args.seeds:
             for t in [*args.tasks, MULTITASK]:
-                print(f"seed {seed} {t:24s} {'cached' if is_cached(t, seed) else 'missing'}")
+                print(f"seed {seed} {t:24s} {'cached' if is_cached(t, seed, settings) else 'missing'}")
         return
     if args.sweep:
         sweep()
         return
     for seed in args.seeds:
         for t in args.tasks:
-            expert(t, seed)
+            expert(t, seed, settings)
         if not args.no_multitask:
-            multitask(seed)
+            multitask(seed, settings)
 
 
 if __name__ == "__main__":

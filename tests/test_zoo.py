@@ -154,12 +154,23 @@ def test_expert_key_changes_with_every_setting():
         "multitask_steps": 5,
         "sizes": {"validation": 4, "test": 3},
         "max_new_tokens": 5,
+        "adapter": "ia3",
     }
     assert set(changed) == {f.name for f in dataclasses.fields(zoo.ZooSettings)}
     for name, value in changed.items():
         assert zoo.expert_key("breast_cancer", 0, dataclasses.replace(MICRO, **{name: value})) != base, name
     with pytest.raises(ValueError, match="not a library task"):
         zoo.expert_key("language_id_union", 0, MICRO)  # held out: never trained
+    with pytest.raises(ValueError, match="library tasks only"):
+        zoo.group_name(["breast_cancer", "language_id_union"])
+    with pytest.raises(ValueError, match="adapter must be one of"):
+        dataclasses.replace(MICRO, adapter="prefix")
+
+
+def test_lora_settings_key_as_before_adapter_kinds_existed():
+    # The zoo's cached LoRA experts were keyed without an `adapter` field: their keys must not move.
+    assert "adapter" not in zoo.DEFAULT.key() and "adapter" not in MICRO.key()
+    assert zoo.IA3.key()["adapter"] == "ia3" and zoo.FULL.key()["adapter"] == "full"
 
 
 def test_expert_is_a_peft_folder_trained_once(monkeypatch):
@@ -191,6 +202,53 @@ def test_multitask_draws_every_library_task():
     assert len(records) == 200 * MICRO.batch_size
     assert {r["task"] for r in records} == set(zoo_tasks.LIBRARY)
     assert records == zoo.training_records(zoo.MULTITASK, 0, dataclasses.replace(MICRO, multitask_steps=200))
+
+
+def test_group_expert_trains_on_its_members_only_with_steps_per_member():
+    tasks = ("champ_category", "breast_cancer")
+    name = zoo.group_name(tasks)
+    assert name == zoo.group_name(tasks[::-1]) and zoo.group_members(name) == tuple(sorted(tasks))
+    records = zoo.training_records(name, 0, MICRO)
+    assert len(records) == zoo.steps_of(name, MICRO) * MICRO.batch_size == 2 * MICRO.steps * MICRO.batch_size
+    assert {r["task"] for r in records} == set(tasks)
+    path = zoo.group_expert(tasks, 0, MICRO)
+    info = json.loads((path / "expert.json").read_text())
+    assert info["steps"] == 2 * MICRO.steps and set(info["validation"]) == set(tasks)
+
+
+def _logits(model, tok):
+    ids = torch.tensor([tok.encode("Tumour measurements: mean radius 12.")])
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def test_ia3_expert_keeps_fp32_master_vectors_under_bf16_and_loads_merged():
+    from common.adapters import load_adapter
+
+    settings = dataclasses.replace(MICRO, adapter="ia3", lr=0.05, dtype="bfloat16")
+    path = zoo.expert("breast_cancer", 0, settings)
+    saved = load_adapter(path)
+    assert saved.config.peft_type.value == "IA3"
+    vectors = torch.cat([t.flatten().float() for t in saved.state.values()])
+    # trained (moved from 1.0) with steps finer than bf16's spacing near 1.0 (2**-7): fp32 master weights
+    assert (vectors - 1).abs().max() > 0
+    assert ((vectors * 128) - (vectors * 128).round()).abs().max() > 1e-3
+    base, tok = zoo.load_base(settings)
+    merged = zoo.load_expert(path, settings)
+    assert merged.dtype == torch.bfloat16 and not torch.allclose(_logits(merged, tok), _logits(base, tok))
+
+
+def test_full_expert_is_a_from_pretrained_folder():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    settings = dataclasses.replace(MICRO, adapter="full", lr=0.01)
+    path = zoo.expert("breast_cancer", 0, settings)
+    model = AutoModelForCausalLM.from_pretrained(str(path))  # the ecosystem's loader, no zoo code
+    tok = AutoTokenizer.from_pretrained(str(path))
+    base, _ = zoo.load_base(settings)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert any("embed" in n for n in changed) and any("mlp" in n for n in changed)  # every weight trains
+    assert torch.allclose(_logits(zoo.load_expert(path, settings), tok), _logits(model, tok), atol=1e-4)
 
 
 def test_every_zoo_task_has_a_data_card():

@@ -62,7 +62,7 @@ ZOO_SEEDS ?= 0 1
 zoo: setup
 	$(OFFLINE_ENV) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m common.zoo --seeds $(ZOO_SEEDS)
 
-# Every routing and merging method on the zoo (leaderboard/): needs `make zoo`; runs/leaderboard/table.md.
+# Every routing and merging method on the zoo (leaderboard/): needs `make zoo`; results/leaderboard/ (table, plot) and the leaderboard section of RESULTS.md.
 leaderboard: setup
 	$(OFFLINE_ENV) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m leaderboard.run --seeds $(ZOO_SEEDS)
 

@@ -5,9 +5,9 @@ validation splits, then one read of every task's test split (library tasks: in-d
 tasks: zero-shot), the parameters stored to serve all tasks relative to the base, and tokens per second
 of a forward pass over a fixed batch, measured in the same run. Each (seed, entry) is written to
 `<out>/seed_<s>/<entry>.json` with its provenance and reused by a later run with the same zoo settings;
-`table(...)` gives mean ± std over seeds.
+`leaderboard.report` then writes the table (mean ± std over seeds), the plot and RESULTS.md's section.
 
-    python -m leaderboard.run --seeds 0 1 [--entries base oracle ...] [--out runs/leaderboard]
+    python -m leaderboard.run --seeds 0 1 [--entries base oracle ...] [--out results/leaderboard]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import argparse
 import itertools
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,10 @@ import torch
 
 from common import zoo
 from common.io import read_json, write_json
-from common.rundir import markdown_table, provenance
+from common.rundir import provenance
 from common.zoo_tasks import HELD_OUT, LIBRARY
 from leaderboard.entries import ENTRIES, Candidate, Context, count
+from leaderboard.report import publish
 
 THROUGHPUT_BATCH = 16  # validation prompts of the first library task, one forward pass
 
@@ -122,44 +123,15 @@ def run(
     return results
 
 
-def _mean_std(values: Sequence[float | None]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "—"
-    mean = 100 * statistics.fmean(values)
-    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
-
-
-def table(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per entry: in-distribution and held-out test scores (x100, mean ± std over seeds)."""
-    rows = []
-    for name in dict.fromkeys(r["entry"] for r in results):
-        rs = [r for r in results if r["entry"] == name]
-        tps = [r["tokens_per_s"] for r in rs if r["tokens_per_s"]]
-        rows.append(
-            {
-                "method": name,
-                "seeds": len(rs),
-                "in-distribution": _mean_std([r["in_distribution"] for r in rs]),
-                "held-out": _mean_std([r["held_out"] for r in rs]),
-                "params / base": f"{statistics.fmean(r['params_vs_base'] for r in rs):.3f}",
-                "tokens/s": f"{statistics.fmean(tps):.0f}" if tps else "—",
-                "chosen": "; ".join(str(r["hparams"]) for r in rs if r["hparams"]) or "—",
-            }
-        )
-    return rows
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m leaderboard.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--entries", nargs="+", default=list(ENTRIES), choices=list(ENTRIES))
-    parser.add_argument("--out", type=Path, default=Path("runs/leaderboard"))
+    parser.add_argument("--out", type=Path, default=Path("results/leaderboard"))
+    parser.add_argument("--results-md", type=Path, default=Path("RESULTS.md"), help="'' to leave it alone")
     args = parser.parse_args(argv)
-    results = run(args.seeds, args.entries, args.out)
-    text = markdown_table(table(results))
-    (args.out / "table.md").write_text(text + "\n")
-    print(text)
+    run(args.seeds, args.entries, args.out)
+    print(publish(args.out, args.results_md if str(args.results_md) else None))
 
 
 if __name__ == "__main__":

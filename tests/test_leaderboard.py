@@ -4,12 +4,13 @@ validation, the test split read once, mean ± std over seeds."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
 
 from common import zoo
-from leaderboard import entries, run
+from leaderboard import entries, report, run
 from tests.test_zoo import MICRO
 
 LIBRARY = ("breast_cancer", "champ_category")
@@ -87,7 +88,7 @@ def test_results_are_cached_per_seed_and_tabled_as_mean_and_std(ctx, tmp_path, m
     other = dataclasses.replace(MICRO, max_new_tokens=5)  # another zoo: not reused, and never trained here
     with pytest.raises(SystemExit, match=r"lacks seed 0's experts.*make zoo"):
         run.run([0], ["base"], tmp_path, other, LIBRARY, HELD_OUT)
-    rows = run.table(
+    rows = report.rows(
         [
             {
                 "entry": "x",
@@ -115,6 +116,41 @@ def test_results_are_cached_per_seed_and_tabled_as_mean_and_std(ctx, tmp_path, m
             "held-out": "—",
             "params / base": "1.000",
             "tokens/s": "20",
-            "chosen": "—",
+            "chosen on validation": "—",
         }
     ]
+
+
+def test_publish_writes_table_plot_and_only_the_leaderboard_section(tmp_path):
+    out = tmp_path / "lb"
+    for seed, score in ((0, 0.5), (1, 0.7)):
+        write = {
+            "entry": "uniform",
+            "seed": seed,
+            "in_distribution": score,
+            "held_out": 0.25,
+            "params_vs_base": 1.0,
+            "tokens_per_s": 5.0,
+            "hparams": {"model_lambda": 0.3},
+        }
+        (out / f"seed_{seed}").mkdir(parents=True)
+        (out / f"seed_{seed}" / "uniform.json").write_text(json.dumps(write))
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\nintro\n\n## mats: a paper\n\nmats table\n")
+    report.publish(out, md)
+    text = md.read_text()
+    assert text.index("## leaderboard") < text.index("## mats: a paper") and "mats table" in text
+    assert "60.0 ± 14.1" in text and "25.0 ± 0.0" in text
+    data = json.loads((out / "leaderboard_plot.json").read_text())
+    assert data["uniform"]["in_distribution"][:2] == pytest.approx([0.6, 0.1414213], rel=1e-5)
+    assert (out / "leaderboard.png").stat().st_size > 0 and (out / "table.md").is_file()
+    report.publish(out, md)  # again: the section is replaced, not repeated
+    assert md.read_text().count("## leaderboard") == 1
+
+
+def test_results_md_keeps_the_leaderboard_section(tmp_path):
+    from common import results_md
+
+    previous = "# Results\n\n## leaderboard: zoo\n\nboard\n\n## mats: p\n\nold mats\n"
+    text = results_md.render([], previous=previous)
+    assert "## leaderboard: zoo\n\nboard" in text and "old mats" in text

@@ -1,0 +1,163 @@
+"""The leaderboard's published form: table, plot and RESULTS.md section from the per-seed result JSONs.
+
+Reads `<out>/seed_<s>/<entry>.json` (written by `leaderboard.run`), and writes `<out>/table.md`,
+`<out>/leaderboard.png` with its data `<out>/leaderboard_plot.json` (test score against parameters
+stored relative to the base, mean ± std over seeds, in-distribution and held-out panels), and the
+`## leaderboard` section of RESULTS.md (the other sections are left as they are).
+
+    python -m leaderboard.report [--out results/leaderboard] [--results-md RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from common.io import read_json, write_json, write_text
+from common.rundir import markdown_table
+
+SECTION = "leaderboard"
+TITLE = "leaderboard: every routing and merging method on the SmolLM2-135M expert zoo"
+
+
+def load(out: Path) -> list[dict[str, Any]]:
+    """Every (seed, entry) result under `out`, by seed then entry name."""
+    return [read_json(p) for p in sorted(out.glob("seed_*/*.json"))]
+
+
+def _stats(values: Sequence[float | None]) -> tuple[float, float, int] | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def _pm(stat: tuple[float, float, int] | None) -> str:
+    if stat is None:
+        return "—"
+    mean, std, n = stat
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
+
+
+def rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per entry: test scores x100 (mean ± std over seeds), parameters / base, tokens/s, choices."""
+    out = []
+    for name in dict.fromkeys(r["entry"] for r in results):
+        rs = [r for r in results if r["entry"] == name]
+        tps = [r["tokens_per_s"] for r in rs if r.get("tokens_per_s")]
+        out.append(
+            {
+                "method": name,
+                "seeds": len(rs),
+                "in-distribution": _pm(_stats([r["in_distribution"] for r in rs])),
+                "held-out": _pm(_stats([r["held_out"] for r in rs])),
+                "params / base": f"{statistics.fmean(r['params_vs_base'] for r in rs):.3f}",
+                "tokens/s": f"{statistics.fmean(tps):.0f}" if tps else "—",
+                "chosen on validation": "; ".join(str(r["hparams"]) for r in rs if r["hparams"]) or "—",
+            }
+        )
+    return out
+
+
+def plot_data(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per entry: parameters / base and the (mean, std, n) of each test score: the plot's data."""
+    data = {}
+    for name in dict.fromkeys(r["entry"] for r in results):
+        rs = [r for r in results if r["entry"] == name]
+        data[name] = {
+            "params_vs_base": statistics.fmean(r["params_vs_base"] for r in rs),
+            "in_distribution": _stats([r["in_distribution"] for r in rs]),
+            "held_out": _stats([r["held_out"] for r in rs]),
+        }
+    return data
+
+
+def plot(data: Mapping[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    for ax, key, title in zip(axes, ("in_distribution", "held_out"), ("library tasks", "held-out tasks")):
+        for name, d in data.items():
+            if d[key] is None:
+                continue
+            mean, std, _ = d[key]
+            ax.errorbar(d["params_vs_base"], 100 * mean, yerr=100 * std, fmt="o", capsize=3)
+            ax.annotate(
+                name, (d["params_vs_base"], 100 * mean), fontsize=7, xytext=(4, 2), textcoords="offset points"
+            )
+        ax.set(
+            xlabel="parameters stored / base", ylabel="test score x100 (mean ± std over seeds)", title=title
+        )
+        ax.set_xscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """`text` (a RESULTS.md) with its `## <name>...` section replaced by `body`, or `body` inserted
+    before the first `## ` section when there is none."""
+    lines = text.splitlines()
+    heads = [i for i, line in enumerate(lines) if line.startswith("## ")]
+    mine = [i for i in heads if lines[i][3:].partition(":")[0].strip() == name]
+    block = [*body.rstrip("\n").splitlines(), ""]
+    if mine:
+        start = mine[0]
+        end = next((i for i in heads if i > start), len(lines))
+        lines[start:end] = block
+    else:
+        at = heads[0] if heads else len(lines)
+        lines[at:at] = block
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def section(results: Sequence[Mapping[str, Any]], out: Path) -> str:
+    seeds = sorted({r["seed"] for r in results})
+    return "\n".join(
+        [
+            f"## {TITLE}",
+            "",
+            f'`make leaderboard` (README "The real scale"); seeds {seeds}; test scores x100: accuracy for '
+            "classification, Rouge-L for generation, averaged over the 13 library tasks (in-distribution) "
+            "and the 4 held-out tasks; hyperparameters chosen on validation, test read once. Data: "
+            f"`{out}/`, plot `{out}/leaderboard.png`.",
+            "",
+            markdown_table(rows(results)),
+            "",
+        ]
+    )
+
+
+def publish(out: Path, results_md: Path | None) -> str:
+    results = load(out)
+    if not results:
+        raise SystemExit(f"no leaderboard results under {out}/seed_*/: run `make leaderboard` first")
+    table = markdown_table(rows(results))
+    write_text(out / "table.md", table + "\n")
+    data = plot_data(results)
+    write_json(out / "leaderboard_plot.json", data)
+    plot(data, out / "leaderboard.png")
+    if results_md is not None:
+        previous = results_md.read_text() if results_md.is_file() else "# Results\n"
+        write_text(results_md, replace_section(previous, SECTION, section(results, out)))
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m leaderboard.report", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--out", type=Path, default=Path("results/leaderboard"))
+    parser.add_argument("--results-md", type=Path, default=Path("RESULTS.md"), help="'' to leave it alone")
+    args = parser.parse_args(argv)
+    print(publish(args.out, args.results_md if str(args.results_md) else None))
+
+
+if __name__ == "__main__":
+    main()

@@ -128,10 +128,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--entries", nargs="+", default=list(ENTRIES), choices=list(ENTRIES))
     parser.add_argument("--out", type=Path, default=Path("results/leaderboard"))
-    parser.add_argument("--results-md", type=Path, default=Path("RESULTS.md"), help="'' to leave it alone")
+    parser.add_argument("--results-md", default="RESULTS.md", help="'' to leave it alone")
     args = parser.parse_args(argv)
     run(args.seeds, args.entries, args.out)
-    print(publish(args.out, args.results_md if str(args.results_md) else None))
+    print(publish(args.out, Path(args.results_md) if args.results_md else None))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ with `leaderboard.registry.register`) and one import line here.
 
 from __future__ import annotations
 
-from leaderboard import baselines  # noqa: F401  (registers base, oracle, multitask, uniform, task_arithmetic)
+from leaderboard import (
+    baselines,  # noqa: F401  (registers base, oracle, multitask, uniform, task_arithmetic)
+    phatgoose,  # noqa: F401  (phatgoose, retrieval, average_activation, merged_experts)
+)
 from leaderboard.registry import (  # noqa: F401  (the names entries and tests use)
     ENTRIES,
     Candidate,

@@ -2,6 +2,8 @@
 analysis (which experts PHATGOOSE and Average Activation pick on each held-out task, §5.2 / Fig. 3).
 
     python -m projects.phatgoose.analyze runs/phatgoose/tiny   -> <dir>/table.md, <dir>/routing.png
+    python -m projects.phatgoose.analyze --real runs/phatgoose/real [--leaderboard runs/leaderboard]
+        -> <dir>/seed_<s>/results.json, <dir>/table.md, <dir>/routing_real.png + .json (the zoo)
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from common.cli import run_main
-from common.io import read_json, write_text
-from common.rundir import markdown_table
+from common.io import read_json, write_json, write_text
+from common.rundir import SCHEMA, markdown_table
 
 ROW_NAMES = {
     "base": "Base model (no expert)",
@@ -139,11 +141,157 @@ def plot_routing(root: Path, summaries: dict[str, dict[str, dict[str, float]]]) 
     return out
 
 
+# --- the real arm (the zoo): the leaderboard's results of the paper's comparison ------------------------
+
+REAL_METHODS = (
+    "base",
+    "multitask",
+    "oracle",
+    "merged_experts",
+    "average_activation",
+    "retrieval",
+    "phatgoose",
+)
+
+
+def real_results(leaderboard: Path, out: Path) -> str:
+    """Per seed, `out/seed_<s>/results.json` (experiment `zoo_heldout`, scale real) from the leaderboard's
+    `seed_<s>/<entry>.json`; returns the table: held-out test score per task (accuracy, Rouge-L for
+    translation) and means, x100, mean ± std over seeds."""
+    by_seed: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for method in REAL_METHODS:
+        for f in sorted(leaderboard.glob(f"seed_*/{method}.json")):
+            r = read_json(f)
+            by_seed[r["seed"]][method] = r
+    if not by_seed:
+        raise FileNotFoundError(
+            f"no leaderboard results under {leaderboard}: run `python -m leaderboard.run --entries "
+            f"{' '.join(REAL_METHODS[1:])} --seeds 0 1` first"
+        )
+    held_out = sorted(
+        {t for rs in by_seed.values() for r in rs.values() for t in r["test"] if _is_held_out(t)}
+    )
+    for seed, rs in sorted(by_seed.items()):
+        metrics = {
+            m: {"held_out": r["held_out"], "in_distribution": r["in_distribution"]}
+            | {t: r["test"][t] for t in held_out if t in r["test"]}
+            for m, r in rs.items()
+        }
+        write_json(
+            out / f"seed_{seed}" / "results.json",
+            {
+                "schema": SCHEMA,
+                "project": "phatgoose",
+                "experiment": "zoo_heldout",
+                "scale": "real",
+                "seed": seed,
+                "metrics": {m: {k: v for k, v in ms.items() if v is not None} for m, ms in metrics.items()},
+                "config": {
+                    m: {"hparams": r["hparams"], "zoo_settings": r["zoo_settings"]} for m, r in rs.items()
+                },
+                "provenance": {m: r["provenance"] for m, r in rs.items()},
+            },
+        )
+    rows = []
+    for method in REAL_METHODS:
+        rs = [by_seed[s][method] for s in sorted(by_seed) if method in by_seed[s]]
+        if not rs:
+            continue
+        row = {"method": ROW_NAMES.get(method, method) if method != "oracle" else "Oracle (own expert)"}
+        for t in held_out:
+            row[t] = _pm([r["test"][t] for r in rs if t in r["test"]])
+        row["held-out mean"] = _pm([r["held_out"] for r in rs if r["held_out"] is not None])
+        row["in-distribution mean"] = _pm(
+            [r["in_distribution"] for r in rs if r["in_distribution"] is not None]
+        )
+        row["chosen"] = "; ".join(str(r["hparams"]) for r in rs if r["hparams"]) or "—"
+        rows.append(row)
+    return markdown_table(rows)
+
+
+def _is_held_out(task: str) -> bool:
+    from common.zoo_tasks import HELD_OUT
+
+    return task in HELD_OUT
+
+
+def plot_real_routing(root: Path) -> Path | None:
+    """Heat map per held-out task: share of its tokens' top-k picks per expert (columns) and layer (rows),
+    mean over seeds' `routing_probe.json`; the data beside it in routing_real.json."""
+    probes = [read_json(f) for f in sorted(root.glob("seed_*/routing_probe.json"))]
+    if not probes:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(probes[0]["tasks"])
+    data = {}
+    for t in tasks:
+        runs = [p["tasks"][t] for p in probes if t in p["tasks"]]
+        first = runs[0]
+        share = [
+            [statistics.fmean(r["share"][i][j] for r in runs) for j in range(len(first["experts"]))]
+            for i in range(len(first["layers"]))
+        ]
+        data[t] = {
+            "experts": first["experts"],
+            "layers": first["layers"],
+            "share": share,
+            "skills": first["skills"],
+            "skill_share": [statistics.fmean(r["skill_share"][i] for r in runs) for i in range(len(share))],
+            "skill_share_uniform": first["skill_share_uniform"],
+            "seeds": [p["seed"] for p in probes if t in p["tasks"]],
+        }
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4.8), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        d = data[t]
+        im = ax.imshow(d["share"], aspect="auto", cmap="viridis", vmin=0.0)
+        ax.set_xticks(range(len(d["experts"])), d["experts"], rotation=90, fontsize=6)
+        ax.set_yticks(range(len(d["layers"])), d["layers"], fontsize=6)
+        ax.set_xlabel("expert (skill experts in red)", fontsize=7)
+        ax.set_ylabel("layer", fontsize=7)
+        for label in ax.get_xticklabels():
+            if label.get_text() in d["skills"]:
+                label.set_color("red")
+        ax.set_title(f"{t}: share of token picks", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(
+        f"PHATGOOSE routing on the zoo's held-out tasks (top-{probes[0]['top_k']}, {probes[0]['split']} split, "
+        f"mean over {len(probes)} seeds)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    out = root / "routing_real.png"
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    write_json(root / "routing_real.json", data)
+    return out
+
+
+def main_real(root: Path, leaderboard: Path) -> str:
+    text = (
+        "Held-out zoo tasks, test split (accuracy; Rouge-L F for translate_unseen), x100, mean ± std over "
+        "seeds; oracle: library tasks only.\n\n" + real_results(leaderboard, root) + "\n"
+    )
+    write_text(root / "table.md", text)
+    plot_real_routing(root)
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("root", nargs="?", default="runs/phatgoose/tiny")
+    p.add_argument(
+        "root", nargs="?", default=None, help="runs folder (default runs/phatgoose/tiny, or /real)"
+    )
+    p.add_argument("--real", action="store_true", help="the zoo's table, results.json and routing heat map")
+    p.add_argument("--leaderboard", default="runs/leaderboard", help="with --real: the leaderboard's results")
     args = p.parse_args(argv)
-    root = Path(args.root)
+    if args.real:
+        print(main_real(Path(args.root or "runs/phatgoose/real"), Path(args.leaderboard)))
+        return
+    root = Path(args.root or "runs/phatgoose/tiny")
     records = seed_results(root)
     seeds = f"mean ± std over {len(records)} seeds (seeds {[r['seed'] for r in records]})"
     text = (

@@ -9,6 +9,7 @@ Each adapted linear W keeps its base output and adds routed low-rank experts (§
 Modes of one `MoELoRALinear`:
     "route"  the token-level routing above (PHATGOOSE, Average Activation: only the keys v_e differ)
     "fixed"  every token to one expert (single-expert evaluation, Retrieval's one-hot example routing)
+    "example" every token of batch row b to expert `example_expert[b]` (Retrieval on a mixed batch)
     "gate"   gate training (§3, eq. 1): one expert, y = W u + σ(gᵀu) · s' B A u with a trainable g
 """
 
@@ -26,7 +27,7 @@ from torch import nn
 from common.adapters import AdapterError
 from common.routing import experts_b_rows, routed_lowrank, top_k_route
 
-MODES = ("route", "fixed", "gate")
+MODES = ("route", "fixed", "gate", "example")
 LN_EPS = 1e-5  # torch.nn.LayerNorm's default, as the original's non-affine LayerNorm
 
 
@@ -79,6 +80,7 @@ class MoELoRALinear(nn.Module):
         self.gate: nn.Parameter | None = None
         self.topk_value, self.normalize_topk = topk_value, normalize_topk
         self.mode, self.fixed_expert = "route", 0
+        self.example_expert: torch.Tensor | None = None  # (B,) expert per batch row, mode "example"
         self.record = False
         self.register_buffer(
             "counts", torch.zeros(n_experts, device=A.device), persistent=False
@@ -115,6 +117,16 @@ class MoELoRALinear(nn.Module):
             return y + torch.sigmoid(u @ self.gate)[..., None] * lora
         if self.mode == "fixed":
             indices = torch.full((*u.shape[:-1], 1), self.fixed_expert, dtype=torch.long, device=u.device)
+            weights = torch.ones(indices.shape, dtype=u.dtype, device=u.device)
+        elif self.mode == "example":
+            rows = self.example_expert
+            if rows is None or rows.shape[0] != u.shape[0]:
+                raise ValueError(
+                    f"mode 'example' needs one expert per batch row: {u.shape[0]} rows, "
+                    f"{None if rows is None else rows.shape[0]} experts set (set_example_experts)"
+                )
+            view = (u.shape[0],) + (1,) * (u.dim() - 1)  # (B, 1, ..., 1)
+            indices = rows.to(u.device).view(view).expand(*u.shape[:-1], 1)
             weights = torch.ones(indices.shape, dtype=u.dtype, device=u.device)
         else:
             k = min(self.topk_value, self.n_experts)
@@ -212,6 +224,14 @@ def set_mode(model: nn.Module, mode: str, expert: int = 0) -> None:
         if not 0 <= expert < m.n_experts:
             raise ValueError(f"expert {expert} out of range for {m.n_experts} experts")
         m.mode, m.fixed_expert = mode, expert
+
+
+def set_example_experts(model: nn.Module, experts: torch.Tensor) -> None:
+    """Mode "example" with batch row b sent, whole, to expert `experts[b]` in every MoE module."""
+    for m in moe_modules(model).values():
+        if experts.numel() and not 0 <= int(experts.min()) <= int(experts.max()) < m.n_experts:
+            raise ValueError(f"experts {experts.tolist()} out of range for {m.n_experts} experts")
+        m.mode, m.example_expert = "example", experts.long()
 
 
 def set_keys(model: nn.Module, keys: Mapping[str, torch.Tensor]) -> None:

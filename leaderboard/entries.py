@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from leaderboard import (
     baselines,  # noqa: F401  (registers base, oracle, multitask, uniform, task_arithmetic)
-    phatgoose,  # noqa: F401  (phatgoose, retrieval, average_activation, merged_experts)
+    phatgoose,  # noqa: F401  (phatgoose, retrieval, average_activation, merged_experts, best_single_expert)
 )
 from leaderboard.registry import (  # noqa: F401  (the names entries and tests use)
     ENTRIES,

@@ -9,7 +9,15 @@ from functools import lru_cache
 from torch import nn
 
 from common import zoo
-from leaderboard.registry import Candidate, Context, adapter_params, count, register, with_weights
+from leaderboard.registry import (
+    Candidate,
+    Context,
+    adapter_params,
+    count,
+    register,
+    with_adapter,
+    with_weights,
+)
 from projects.phatgoose import zoo_gates, zoo_routing
 from projects.phatgoose.baselines import Retriever, retrieval_text
 
@@ -86,3 +94,28 @@ def merged_experts_entry(ctx: Context) -> Candidate:
     state = dict(ctx.base.named_parameters())
     model = with_weights(ctx, {f"{m}.weight": state[f"{m}.weight"].float() + d for m, d in delta.items()})
     return Candidate(lambda task: model, count(ctx.base), "mean of the experts' ΔW")
+
+
+def best_expert_for(ctx: Context, task: str) -> str:
+    """The library expert scoring best on `task`'s validation split (ties: the first in library order)."""
+    picks = ctx.cache.setdefault("phatgoose_best_expert", {})
+    if task not in picks:
+        records = zoo.splits(task, ctx.settings)["validation"]
+        scores = {
+            e: zoo.score(with_adapter(ctx, path), ctx.tokenizer, records, ctx.settings.max_new_tokens)
+            for e, path in ctx.experts.items()
+        }
+        picks[task] = max(scores, key=scores.__getitem__)
+    return picks[task]
+
+
+@register("best_single_expert")
+def best_single_expert_entry(ctx: Context) -> Candidate:
+    """The paper's "best individual" row: a library task gets its own expert; a held-out task the expert that
+    does best on its validation split (an oracle-like pick: it reads the held-out task's labels)."""
+
+    @lru_cache(maxsize=1)
+    def model_for(task: str) -> nn.Module:
+        return with_adapter(ctx, ctx.experts[task if task in ctx.experts else best_expert_for(ctx, task)])
+
+    return Candidate(model_for, _experts_params(ctx), "own expert; held out: best on its validation split")

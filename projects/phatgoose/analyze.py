@@ -147,6 +147,7 @@ REAL_METHODS = (
     "base",
     "multitask",
     "oracle",
+    "best_single_expert",
     "merged_experts",
     "average_activation",
     "retrieval",

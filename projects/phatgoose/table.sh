@@ -1,9 +1,22 @@
 #!/usr/bin/env bash
 # make table-phatgoose: the tiny reproduction (3 seeds, every method on the held-out tasks), then the table.
-# Env: SCALE=tiny|paper, PY=<python>. Each seed is one run of `main.py table` (the README steps in process).
+# Env: SCALE=tiny|real|paper, PY=<python>. Each seed is one run of `main.py table` (the README steps in process).
+# SCALE=real: the expert zoo (SmolLM2-135M, `make zoo` first), zoo seeds 0 1 (README "The real arm").
 set -euo pipefail
 SCALE="${SCALE:-tiny}"
 PY="${PY:-.venv/bin/python}"
+if [ "$SCALE" = "real" ]; then
+  SEEDS="${SEEDS:-0 1}"
+  # 1. the gates of every zoo expert (cached per expert, seed and settings; a killed run resumes)
+  "$PY" -m projects.phatgoose.real gates --seeds $SEEDS
+  # 2. every method on every zoo task (k chosen on the library tasks' validation; test read once)
+  "$PY" -m leaderboard.run --seeds $SEEDS --entries phatgoose retrieval average_activation merged_experts \
+    best_single_expert multitask oracle base
+  # 3. the routing probe (held-out validation splits), 4. the table, results.json and the heat map
+  "$PY" -m projects.phatgoose.real probe --seeds $SEEDS --out runs/phatgoose/real
+  "$PY" -m projects.phatgoose.analyze --real runs/phatgoose/real --leaderboard runs/leaderboard
+  exit 0
+fi
 if [ "$SCALE" = "paper" ]; then
   echo "phatgoose at paper scale: run the README's per-step commands with --gin_files" \
        "projects/phatgoose/configs/paper_p3.gin (or paper_flan.gin); it needs GPUs and the hub." >&2

@@ -313,3 +313,19 @@ def test_probe_and_real_analysis_write_the_heat_map_table_and_results(ctx, gates
 def test_cli_rejects_a_task_outside_the_library():
     with pytest.raises(UserError, match=r"--tasks \['language_id_union'\] are not library tasks"):
         real.main(["gates", "--tasks", "language_id_union"])
+
+
+def test_best_single_expert_picks_the_best_on_the_held_out_validation_split(ctx, monkeypatch):
+    candidate = entries.ENTRIES["best_single_expert"][0](ctx)
+    records = zoo.splits("language_id_union", MICRO)["validation"]
+    scores = [
+        zoo.score(entries.with_adapter(ctx, ctx.experts[t]), ctx.tokenizer, records, MICRO.max_new_tokens)
+        for t in LIBRARY
+    ]
+    best = LIBRARY[scores.index(max(scores))]
+    model = candidate.model_for("language_id_union")
+    want = dict(entries.with_adapter(ctx, ctx.experts[best]).named_parameters())
+    assert all(torch.equal(p, want[n]) for n, p in model.named_parameters())
+    own = dict(candidate.model_for("champ_category").named_parameters())  # a library task: its own expert
+    want = dict(entries.with_adapter(ctx, ctx.experts["champ_category"]).named_parameters())
+    assert all(torch.equal(p, want[n]) for n, p in own.items())

@@ -4,8 +4,10 @@ beforehand by `python -m projects.phatgoose.real gates --seeds ...` (cached); an
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 
+import torch
 from torch import nn
 
 from common import zoo
@@ -26,6 +28,15 @@ AVERAGE_ACTIVATION_EXAMPLES = 100  # training examples per expert averaged into 
 RETRIEVAL_EXAMPLES = 1000  # stored examples per expert (the original's retriever.num_examples)
 
 
+def _lora_experts(ctx: Context, keys: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> list:
+    """The zoo's experts as PHATGOOSE's LoRA experts (with router `keys`): the methods mix low-rank updates."""
+    if ctx.settings.adapter != "lora":
+        raise ValueError(
+            f"PHATGOOSE's entries route among LoRA experts; this zoo's adapter is {ctx.settings.adapter!r}"
+        )
+    return zoo_routing.zoo_experts(ctx.experts, keys)
+
+
 def _experts_params(ctx: Context) -> int:
     return count(ctx.base) + sum(adapter_params(p) for p in ctx.experts.values())
 
@@ -33,8 +44,10 @@ def _experts_params(ctx: Context) -> int:
 @register("phatgoose", {"top_k": TOP_K})
 def phatgoose_entry(ctx: Context, top_k: int = 2) -> Candidate:
     """Each token, in each adapted module, to its top-k experts by LN(u)·LN(g_e)/√d over the trained gates."""
+    if ctx.settings.adapter != "lora":
+        _lora_experts(ctx)  # the clear error, before asking for gates
     gates = zoo_gates.zoo_gates(list(ctx.experts), ctx.seed, ctx.settings, zoo_gates.DEFAULT)
-    model = zoo_routing.routed_model(ctx.base, zoo_routing.zoo_experts(ctx.experts, gates), top_k)
+    model = zoo_routing.routed_model(ctx.base, _lora_experts(ctx, gates), top_k)
     keys = sum(g.numel() for ms in gates.values() for g in ms.values())
     return Candidate(lambda task: model, _experts_params(ctx) + keys, f"top-{top_k} of the gates")
 
@@ -42,7 +55,7 @@ def phatgoose_entry(ctx: Context, top_k: int = 2) -> Candidate:
 @register("average_activation", {"top_k": TOP_K})
 def average_activation_entry(ctx: Context, top_k: int = 2, pool: str = "mean") -> Candidate:
     """PHATGOOSE's routing with keys = each expert's mean module input on its own training examples."""
-    experts = zoo_routing.zoo_experts(ctx.experts)
+    experts = _lora_experts(ctx)
     key = {
         "experts": {t: p.name for t, p in ctx.experts.items()},  # the zoo folders' hashes
         "seed": ctx.seed,
@@ -57,7 +70,7 @@ def average_activation_entry(ctx: Context, top_k: int = 2, pool: str = "mean") -
     keys = zoo_routing.cached_average_activation_keys(
         key, ctx.base, ctx.tokenizer, experts, records, pool=pool, max_length=ctx.settings.max_length
     )
-    model = zoo_routing.routed_model(ctx.base, zoo_routing.zoo_experts(ctx.experts, keys), top_k)
+    model = zoo_routing.routed_model(ctx.base, _lora_experts(ctx, keys), top_k)
     n_keys = sum(v.numel() for ms in keys.values() for v in ms.values())
     return Candidate(lambda task: model, _experts_params(ctx) + n_keys, f"top-{top_k}, {pool} keys")
 
@@ -75,8 +88,8 @@ def _retriever(ctx: Context) -> Retriever:
 @register("retrieval")
 def retrieval_entry(ctx: Context) -> Candidate:
     """Each example, whole, to the expert holding its most similar training example (MiniLM cosine)."""
+    experts = _lora_experts(ctx)
     retriever = _retriever(ctx)
-    experts = zoo_routing.zoo_experts(ctx.experts)
 
     @lru_cache(maxsize=1)
     def model_for(task: str) -> nn.Module:
@@ -90,7 +103,7 @@ def retrieval_entry(ctx: Context) -> Candidate:
 @register("merged_experts")
 def merged_experts_entry(ctx: Context) -> Candidate:
     """One model: the base plus the mean of the experts' LoRA updates (equal to `uniform` on LoRA experts)."""
-    delta = zoo_routing.merged_experts_delta(zoo_routing.zoo_experts(ctx.experts))
+    delta = zoo_routing.merged_experts_delta(_lora_experts(ctx))
     state = dict(ctx.base.named_parameters())
     model = with_weights(ctx, {f"{m}.weight": state[f"{m}.weight"].float() + d for m, d in delta.items()})
     return Candidate(lambda task: model, count(ctx.base), "mean of the experts' ΔW")

@@ -2,7 +2,7 @@
 analysis (which experts PHATGOOSE and Average Activation pick on each held-out task, §5.2 / Fig. 3).
 
     python -m projects.phatgoose.analyze runs/phatgoose/tiny   -> <dir>/table.md, <dir>/routing.png
-    python -m projects.phatgoose.analyze --real runs/phatgoose/real [--leaderboard runs/leaderboard]
+    python -m projects.phatgoose.analyze --real runs/phatgoose/real [--leaderboard results/leaderboard]
         -> <dir>/seed_<s>/results.json, <dir>/table.md, <dir>/routing_real.png + .json (the zoo)
 """
 
@@ -287,7 +287,9 @@ def main(argv: list[str] | None = None) -> None:
         "root", nargs="?", default=None, help="runs folder (default runs/phatgoose/tiny, or /real)"
     )
     p.add_argument("--real", action="store_true", help="the zoo's table, results.json and routing heat map")
-    p.add_argument("--leaderboard", default="runs/leaderboard", help="with --real: the leaderboard's results")
+    p.add_argument(
+        "--leaderboard", default="results/leaderboard", help="with --real: the leaderboard's results"
+    )
     args = p.parse_args(argv)
     if args.real:
         print(main_real(Path(args.root or "runs/phatgoose/real"), Path(args.leaderboard)))

@@ -14,7 +14,7 @@ if [ "$SCALE" = "real" ]; then
     best_single_expert multitask oracle base
   # 3. the routing probe (held-out validation splits), 4. the table, results.json and the heat map
   "$PY" -m projects.phatgoose.real probe --seeds $SEEDS --out runs/phatgoose/real
-  "$PY" -m projects.phatgoose.analyze --real runs/phatgoose/real --leaderboard runs/leaderboard
+  "$PY" -m projects.phatgoose.analyze --real runs/phatgoose/real --leaderboard results/leaderboard
   exit 0
 fi
 if [ "$SCALE" = "paper" ]; then

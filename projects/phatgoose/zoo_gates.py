@@ -23,6 +23,7 @@ import torch
 
 from common import zoo
 from common.cache import cache_root, cached_dir, content_hash
+from common.cli import UserError
 from common.io import load_tensors, read_json, save_tensors, write_json
 from common.lm_finetune import collate, encode_example, target_only_loss
 from projects.phatgoose.library import read_expert
@@ -75,6 +76,10 @@ def gates(
     task: str, seed: int, settings: zoo.ZooSettings = zoo.DEFAULT, gate: GateSettings = DEFAULT
 ) -> Path:
     """The cached gate folder of `task`'s zoo expert (trained now if absent; the expert must be in the zoo)."""
+    if settings.adapter != "lora":
+        raise UserError(
+            f"PHATGOOSE gates sit in front of LoRA experts; this zoo's adapter is {settings.adapter!r}"
+        )
     if not zoo.is_cached(task, seed, settings):
         raise SystemExit(
             f"the zoo lacks seed {seed}'s {task} expert: run `python -m common.zoo --seeds {seed}` first"

@@ -220,6 +220,15 @@ def test_entries_run_end_to_end_on_a_micro_zoo(ctx, gates, small, name):
         assert result["params_vs_base"] > 1.0
 
 
+def test_entries_and_gates_refuse_a_zoo_of_non_lora_experts(ctx):
+    ia3 = dataclasses.replace(ctx, settings=dataclasses.replace(MICRO, adapter="ia3"))
+    for name in ("phatgoose", "average_activation", "retrieval", "merged_experts"):
+        with pytest.raises(ValueError, match="route among LoRA experts; this zoo's adapter is 'ia3'"):
+            entries.ENTRIES[name][0](ia3)
+    with pytest.raises(UserError, match="adapter is 'ia3'"):
+        zoo_gates.gates("breast_cancer", 0, ia3.settings, GATES)
+
+
 def test_merged_experts_is_the_uniform_merge_of_the_lora_updates(ctx):
     merged = dict(entries.ENTRIES["merged_experts"][0](ctx).model_for("breast_cancer").named_parameters())
     uniform = dict(entries.ENTRIES["uniform"][0](ctx).model_for("breast_cancer").named_parameters())

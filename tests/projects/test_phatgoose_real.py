@@ -338,3 +338,19 @@ def test_best_single_expert_picks_the_best_on_the_held_out_validation_split(ctx,
     own = dict(candidate.model_for("champ_category").named_parameters())  # a library task: its own expert
     want = dict(entries.with_adapter(ctx, ctx.experts["champ_category"]).named_parameters())
     assert all(torch.equal(p, want[n]) for n, p in own.items())
+
+
+def test_cli_trains_the_gates_that_the_leaderboard_entry_reads(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(
+        zoo_gates, "train_missing", lambda seeds, tasks, gate: calls.append((seeds, tasks, gate))
+    )
+    real.main(["gates", "--seeds", "0", "1"])
+    assert calls == [([0, 1], list(zoo.LIBRARY), zoo_gates.DEFAULT)]  # the defaults are the entry's gates
+    real.main(["gates", "--seeds", "1", "--tasks", "breast_cancer", "--steps", "4", "--lr", "0.01"])
+    assert calls[-1] == ([1], ["breast_cancer"], zoo_gates.GateSettings(steps=4, lr=0.01, warmup_steps=3))
+
+    monkeypatch.setattr(real, "probe", lambda seed, **kw: {"seed": seed, "tasks": {}, **kw})
+    real.main(["probe", "--seeds", "0", "--top_k", "1", "--out", str(tmp_path)])
+    written = read_json(tmp_path / "seed_0" / "routing_probe.json")
+    assert written["seed"] == 0 and written["top_k"] == 1 and written["split"] == "validation"

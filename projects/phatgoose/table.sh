@@ -15,6 +15,8 @@ if [ "$SCALE" = "real" ]; then
   # 3. the routing probe (held-out validation splits), 4. the table, results.json and the heat map
   "$PY" -m projects.phatgoose.real probe --seeds $SEEDS --out runs/phatgoose/real
   "$PY" -m projects.phatgoose.analyze --real runs/phatgoose/real --leaderboard results/leaderboard
+  # 5. RESULTS.md's phatgoose section from every phatgoose run (tiny and real; other sections kept)
+  "$PY" -m common.results_md --runs runs/phatgoose --scale '' --out RESULTS.md
   exit 0
 fi
 if [ "$SCALE" = "paper" ]; then

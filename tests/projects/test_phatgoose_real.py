@@ -295,7 +295,7 @@ def test_average_activation_keys_are_the_mean_module_input_with_the_expert_alone
 
 def test_probe_and_real_analysis_write_the_heat_map_table_and_results(ctx, gates, monkeypatch, tmp_path):
     from common.io import write_json
-    from common.results_md import load_results
+    from common.results_md import load_results, render
 
     monkeypatch.setattr(zoo_routing, "SKILLS", {"language_id_union": ("champ_category",)})
     result = real.probe(0, MICRO, GATES, library=LIBRARY, tasks=HELD_OUT)
@@ -317,6 +317,9 @@ def test_probe_and_real_analysis_write_the_heat_map_table_and_results(ctx, gates
     merged = next(r for r in board if r["entry"] == "merged_experts")
     assert record["metrics"]["merged_experts"]["held_out"] == merged["held_out"]
     assert record["metrics"]["merged_experts"]["language_id_union"] == merged["test"]["language_id_union"]
+    section = render([record])  # RESULTS.md: the zoo experiment and its claims from paper.yaml
+    assert f"merged_experts.held_out | {merged['held_out']:.4g} ± 0 (n=1)" in section
+    assert "| PHATGOOSE outperforms Merged Experts (the zoo) | not run |" in section  # no phatgoose row here
 
 
 def test_cli_rejects_a_task_outside_the_library():

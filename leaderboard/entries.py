@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from leaderboard import (
     baselines,  # noqa: F401  (registers base, oracle, multitask, uniform, task_arithmetic)
+    mbc_arrow,  # noqa: F401  (arrow, arrow_gks, mbc_oracle, mbc_uniform, mbc_arrow)
     phatgoose,  # noqa: F401  (phatgoose, retrieval, average_activation, merged_experts, best_single_expert)
 )
 from leaderboard.registry import (  # noqa: F401  (the names entries and tests use)

@@ -144,10 +144,16 @@ class MultiExpertModel:
     """`model` (the transformers model, with LibraryLinear layers), `tokenizer`, `selector`, expert names."""
 
     def __init__(
-        self, base_model: str, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32
+        self,
+        base_model: str,
+        device: str | torch.device = "auto",
+        dtype: torch.dtype = torch.float32,
+        *,
+        loaded: tuple[nn.Module, Any] | None = None,
     ) -> None:
+        """`loaded`: an already loaded (model, tokenizer) of `base_model`, taken as it is (and modified)."""
         self.base_model = base_model
-        self.model, self.tokenizer = load_base(base_model, device, dtype)
+        self.model, self.tokenizer = loaded if loaded is not None else load_base(base_model, device, dtype)
         self.model.requires_grad_(False)
         self.expert_names: list[str] = []
         self.expert_tie_params: list[str | None] = []  # each expert's training tie_params (Arrow's default)
@@ -185,6 +191,25 @@ class MultiExpertModel:
         self._install(
             names, [e.factors() for e in experts], {n: e.info.task_names for n, e in zip(names, experts)}
         )
+        self.set_selector(selector)
+        return self
+
+    @classmethod
+    def from_factors(
+        cls,
+        loaded: tuple[nn.Module, Any],
+        factors: Mapping[str, Mapping[str, Any]],
+        tasks: Mapping[str, Sequence[str]],
+        selector: Mapping[str, Any] | str = "uniform",
+        *,
+        base_model: str,
+    ) -> MultiExpertModel:
+        """The experts {name: {module: LoraFactors}} (module names of `loaded`'s model, no PEFT prefix) in an
+        already loaded (model, tokenizer), which is modified in place; `tasks` maps each expert to its tasks."""
+        self = cls(base_model, loaded=loaded)
+        names = list(factors)
+        self.expert_tie_params = [None] * len(names)  # untied experts (peft's LoRA)
+        self._install(names, [factors[n] for n in names], {n: list(tasks[n]) for n in names})
         self.set_selector(selector)
         return self
 

@@ -10,6 +10,7 @@ whatever its top_k.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from projects.mbc_arrow.expert_model import MultiExpertModel
-from projects.mbc_arrow.selectors import route
+from projects.mbc_arrow.selectors import route, selector_config
 from projects.mbc_arrow.tasks import prompt_and_answer
 
 
@@ -86,3 +87,61 @@ def arrow_routing(
         "own_expert_rate": own,
         "chance": 1.0 / n_exp,
     }
+
+
+# --- per layer depth (the zoo) ---------------------------------------------------------------------
+
+_DEPTH = re.compile(r"\.(?:layers|h|block)\.(\d+)\.")
+
+
+def depth_of(module: str) -> int:
+    """The transformer block index of an adapted module ('model.layers.3.self_attn.q_proj' -> 3)."""
+    found = _DEPTH.search(f".{module}.")
+    if found is None:
+        raise ValueError(f"no block index in module name {module!r}")
+    return int(found.group(1))
+
+
+@torch.no_grad()
+def layer_routing(
+    model: MultiExpertModel, examples: Sequence[Mapping[str, Any]], max_length: int
+) -> dict[str, torch.Tensor]:
+    """Task -> counts (depth, E) of Arrow's top-1 picks, over every adapted linear of each block and every
+    source token; examples (dicts with task and source) run one at a time (no padding)."""
+    layers = model.layers()
+    depths = {name: depth_of(name) for name in layers}
+    n_depth, n_exp = max(depths.values()) + 1, len(model.expert_names)
+    top1 = selector_config({**model.selector, "top_k": 1})
+    seen: list[tuple[int, torch.Tensor]] = []
+
+    def hook(name: str):
+        def record(layer: torch.nn.Module, args: tuple, _out: Any) -> None:
+            _, idx = route(top1, args[0], n_exp, protos=layer.protos)
+            seen.append((depths[name], idx[..., 0].reshape(-1)))
+
+        return record
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    counts: dict[str, torch.Tensor] = {}
+    try:
+        for ex in tqdm(examples, desc="arrow routing per layer", leave=False):
+            seen.clear()
+            enc = model.tokenizer(ex["source"], return_tensors="pt", truncation=True, max_length=max_length)
+            model.model(**enc)
+            c = counts.setdefault(ex["task"], torch.zeros(n_depth, n_exp, dtype=torch.float64))
+            for d, idx in seen:
+                c[d] += torch.bincount(idx.cpu(), minlength=n_exp).double()
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def layer_shares(counts: torch.Tensor) -> torch.Tensor:
+    """Counts (depth, E) -> shares: each depth's row divided by its sum (rows sum to 1)."""
+    return counts / counts.sum(-1, keepdim=True).clamp(min=1)
+
+
+def own_share(shares: torch.Tensor, own: Sequence[int]) -> list[float]:
+    """Per depth, the share of picks that land on the experts in `own` (the task's expert or cluster)."""
+    return shares[:, list(own)].sum(-1).tolist()

@@ -5,6 +5,12 @@ python -m projects.mbc_arrow.analyze --runs runs/mbc_arrow/tiny --out runs/mbc_a
 `--routing` adds Arrow's routing distribution on the validation split, recomputed from each seed's saved
 libraries (`routing_analysis`): the fraction of tokens sent to their own expert (task, or MBC cluster)
 against chance, and a task × expert heatmap.
+
+python -m projects.mbc_arrow.analyze --real [--leaderboard runs/leaderboard] [--out runs/mbc_arrow/real] [--routing]
+
+The real arm (the zoo): `seed_<s>/results.json` and `table.md` from the leaderboard's entries; `--routing`
+adds each seed's Arrow routing per layer depth (`real.routing_report`) and the heat maps
+`routing_real_{own_expert,own_cluster,mbc_own_cluster}.png` (+ JSON).
 """
 
 from __future__ import annotations
@@ -12,12 +18,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.cli import run_main
+from common.cli import UserError, run_main
 from common.io import read_json, write_json, write_text
-from common.rundir import RunDir, markdown_table
+from common.rundir import SCHEMA, RunDir, markdown_table
 from projects.mbc_arrow.notebook import DOWNSTREAM, IN_DISTRIBUTION, plot_bars
 
 
@@ -122,14 +129,225 @@ def _heatmap(rd: RunDir, name: str, found: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
+# --- the real arm (the zoo): the leaderboard's results and Arrow's routing per layer depth -------------
+
+REAL_ENTRIES = ("base", "oracle", "uniform", "arrow", "arrow_gks", "mbc_oracle", "mbc_uniform", "mbc_arrow")
+ROUTING_MAPS = {  # heat map name -> (library, share)
+    "routing_real_own_expert": ("private", "own_expert"),
+    "routing_real_own_cluster": ("private", "own_cluster"),
+    "routing_real_mbc_own_cluster": ("mbc", "own_cluster"),
+}
+
+
+def gap_closed(arrow: float, uniform: float, oracle: float) -> float | None:
+    """(arrow - uniform) / (oracle - uniform): the share of the uniform-to-oracle gap Arrow closes."""
+    return (arrow - uniform) / (oracle - uniform) if oracle != uniform else None
+
+
+def routing_summary(report: Mapping[str, Any]) -> dict[str, float]:
+    """Mean over tasks and layer depths of each own share in a `real.routing_report`, with its chance."""
+    out = {}
+    for lib, share in ROUTING_MAPS.values():
+        tasks = report["libraries"][lib]["tasks"].values()
+        out[f"{lib}_{share}"] = statistics.fmean(statistics.fmean(t[share]) for t in tasks)
+        out[f"{lib}_{share}_chance"] = statistics.fmean(t[f"chance_{share}"] for t in tasks)
+    return out
+
+
+def seed_routing(
+    out: Path, seed: int, settings: Any, tasks: Sequence[str], gks: str = "none"
+) -> dict[str, Any]:
+    """`out/seed_<s>/routing.json`: `real.routing_report` of the seed, reused while the experts are the same."""
+    from projects.mbc_arrow import real
+
+    key = {
+        "experts": {t: p.name for t, p in real.library_experts(seed, settings, tasks).items()},
+        "zoo_settings": settings.key(),
+        "gks": gks,
+    }
+    path = out / f"seed_{seed}" / "routing.json"
+    if path.is_file() and read_json(path).get("key") == key:
+        return read_json(path)
+    report = {"key": key, **real.routing_report(seed, settings, tasks, gks=gks)}
+    write_json(path, report)
+    return report
+
+
+def real_results(leaderboard: Path, out: Path, routing: Mapping[int, Mapping[str, Any]] | None = None) -> str:
+    """Per seed, `out/seed_<s>/results.json` (experiment `zoo`, scale real) from the leaderboard's
+    `seed_<s>/<entry>.json` (and the routing reports); returns the table, x100, mean ± std over seeds."""
+    by_seed: dict[int, dict[str, dict[str, Any]]] = {}
+    for entry in REAL_ENTRIES:
+        for f in sorted(leaderboard.glob(f"seed_*/{entry}.json")):
+            r = read_json(f)
+            by_seed.setdefault(r["seed"], {})[entry] = r
+    if not by_seed:
+        raise UserError(
+            f"no leaderboard results under {leaderboard}: run `python -m leaderboard.run --entries "
+            f"{' '.join(REAL_ENTRIES)} --seeds 0 1` first"
+        )
+    metrics_by_seed = {}
+    for seed, rs in sorted(by_seed.items()):
+        metrics: dict[str, Any] = {
+            e: {k: r[k] for k in ("in_distribution", "held_out") if r[k] is not None} for e, r in rs.items()
+        }
+        if {"arrow", "uniform", "oracle"} <= set(rs):
+            closed = gap_closed(*(rs[e]["in_distribution"] for e in ("arrow", "uniform", "oracle")))
+            if closed is not None:
+                metrics["arrow"]["gap_closed"] = closed
+        if routing and seed in routing:
+            metrics["routing"] = routing_summary(routing[seed])
+        metrics_by_seed[seed] = metrics
+        write_json(
+            out / f"seed_{seed}" / "results.json",
+            {
+                "schema": SCHEMA,
+                "project": "mbc_arrow",
+                "experiment": "zoo",
+                "scale": "real",
+                "seed": seed,
+                "metrics": metrics,
+                "config": {
+                    e: {"hparams": r["hparams"], "zoo_settings": r["zoo_settings"]} for e, r in rs.items()
+                },
+                "provenance": {e: r["provenance"] for e, r in rs.items()},
+            },
+        )
+    rows = []
+    for entry in REAL_ENTRIES:
+        rs = [by_seed[s][entry] for s in sorted(by_seed) if entry in by_seed[s]]
+        if rs:
+            rows.append(
+                {
+                    "method": entry,
+                    "seeds": len(rs),
+                    "in-distribution": _pm([r["in_distribution"] for r in rs], 100),
+                    "held-out": _pm([r["held_out"] for r in rs], 100),
+                    "params / base": f"{statistics.fmean(r['params_vs_base'] for r in rs):.3f}",
+                    "chosen": "; ".join(str(r["hparams"]) for r in rs if r["hparams"]) or "—",
+                }
+            )
+    text = (
+        "In-distribution (13 library tasks) and held-out (4 tasks) test scores (accuracy or Rouge-L F), x100, "
+        f"mean ± std over seeds {sorted(by_seed)}:\n\n" + markdown_table(rows) + "\n"
+    )
+    closed = [m["arrow"].get("gap_closed") for m in metrics_by_seed.values() if "arrow" in m]
+    text += f"\nShare of the uniform-to-oracle gap Arrow closes (in distribution): {_pm(closed, 100)} %\n"
+    summaries = [m["routing"] for m in metrics_by_seed.values() if "routing" in m]
+    if summaries:
+        rows = [
+            {
+                "library": lib,
+                "tokens routed to their own": share.replace("own_", ""),
+                "share (%)": _pm([s[f"{lib}_{share}"] for s in summaries], 100),
+                "chance (%)": f"{100 * summaries[0][f'{lib}_{share}_chance']:.1f}",
+            }
+            for lib, share in ROUTING_MAPS.values()
+        ]
+        text += (
+            "\nArrow top-1 routing of the library tasks' validation tokens (all adapted linears), mean over "
+            "tasks and layers, mean ± std over seeds:\n\n" + markdown_table(rows) + "\n"
+        )
+    return text
+
+
+def _pm(values: Sequence[float | None], scale: float = 1.0) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    mean, std = mean_std([scale * v for v in values])
+    return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def plot_real_routing(out: Path, reports: Sequence[Mapping[str, Any]]) -> list[Path]:
+    """One heat map per own share (`ROUTING_MAPS`): tasks x layer depth, mean over seeds; data beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    written = []
+    for name, (lib, share) in ROUTING_MAPS.items():
+        tasks = list(reports[0]["libraries"][lib]["tasks"])
+        grid = np.mean([[r["libraries"][lib]["tasks"][t][share] for t in tasks] for r in reports], axis=0)
+        chance = [reports[0]["libraries"][lib]["tasks"][t][f"chance_{share}"] for t in tasks]
+        fig, ax = plt.subplots(figsize=(1.5 + 0.25 * grid.shape[1], 1.0 + 0.35 * len(tasks)))
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_yticks(
+            range(len(tasks)), [f"{t} (chance {100 * c:.0f}%)" for t, c in zip(tasks, chance)], fontsize=7
+        )
+        ax.set_xticks(range(grid.shape[1]), [str(d) for d in range(grid.shape[1])], fontsize=6)
+        ax.set_xlabel("layer depth")
+        label = {"own_expert": "own expert", "own_cluster": "own cluster"}[share]
+        ax.set_title(
+            f"Arrow top-1: share of tokens to the {label} ({lib} library, {len(reports)} seeds)", fontsize=8
+        )
+        fig.colorbar(im, ax=ax, label="share of tokens")
+        path = out / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        write_json(
+            out / f"{name}.json",
+            {
+                "tasks": tasks,
+                "layers": list(range(grid.shape[1])),
+                "share": grid.tolist(),
+                "chance": chance,
+                "seeds": [r["seed"] for r in reports],
+            },
+        )
+        written.append(path)
+    return written
+
+
+def main_real(
+    out: Path,
+    leaderboard: Path,
+    *,
+    routing: bool = False,
+    seeds: Sequence[int] = (0, 1),
+    gks: str = "none",
+    settings: Any = None,
+    tasks: Sequence[str] | None = None,
+) -> str:
+    """The real arm's table (and with `routing`, each seed's routing report and the heat maps)."""
+    from common import zoo
+    from common.zoo_tasks import LIBRARY
+
+    settings = settings or zoo.DEFAULT
+    reports = {s: seed_routing(out, s, settings, tasks or LIBRARY, gks) for s in seeds} if routing else {}
+    text = real_results(leaderboard, out, reports)
+    if reports:
+        plot_real_routing(out, list(reports.values()))
+    write_text(out / "table.md", text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", required=True, help="folder whose sub-folders hold notebook results.json")
-    p.add_argument("--out", required=True)
+    p.add_argument("--runs", help="folder whose sub-folders hold notebook results.json")
+    p.add_argument("--out", help="output folder (with --real: default runs/mbc_arrow/real)")
     p.add_argument(
         "--routing", action="store_true", help="add Arrow's routing distribution (validation split)"
     )
+    p.add_argument("--real", action="store_true", help="the zoo's table from the leaderboard's results")
+    p.add_argument("--leaderboard", default="runs/leaderboard", help="with --real: the leaderboard's folder")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="with --real --routing: zoo seeds")
+    p.add_argument(
+        "--gks",
+        default="none",
+        choices=["none", "mean", "multitask"],
+        help="with --real --routing: GenKnowSub's general expert",
+    )
     args = p.parse_args(argv)
+    if args.real:
+        out = Path(args.out or "runs/mbc_arrow/real")
+        print(main_real(out, Path(args.leaderboard), routing=args.routing, seeds=args.seeds, gks=args.gks))
+        return
+    if not args.runs or not args.out:
+        p.error("--runs and --out are required (or --real)")
     records = notebook_results(Path(args.runs))
     if not records:
         raise SystemExit(f"error: no mbc_arrow notebook results under {args.runs}")

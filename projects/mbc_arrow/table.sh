@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# The tiny (or paper) notebook table: 3 seeds of the whole notebook, then mean ± std (make table-mbc_arrow).
+# make table-mbc_arrow. SCALE=tiny (default) or paper: 3 seeds of the whole notebook, then mean ± std.
+# SCALE=real: the notebook on the expert zoo (needs `make zoo`): MBC clusters and their experts, the
+# leaderboard's entries for seeds 0 1, then the table and Arrow's routing per layer (README "The real arm").
 set -euo pipefail
 SCALE=${SCALE:-tiny}
 PY=${PY:-.venv/bin/python}
+if [ "$SCALE" = real ]; then
+  "$PY" -m projects.mbc_arrow.real clusters --seeds 0 1
+  "$PY" -m leaderboard.run --entries oracle uniform arrow mbc_oracle mbc_uniform mbc_arrow base --seeds 0 1
+  "$PY" -m projects.mbc_arrow.analyze --real --leaderboard runs/leaderboard --out runs/mbc_arrow/real --routing --seeds 0 1
+  exit 0
+fi
 OUT=runs/mbc_arrow/${SCALE}
 CONFIG=projects/mbc_arrow/configs/${SCALE}_notebook.yaml
 [ "$SCALE" = paper ] && CONFIG=projects/mbc_arrow/configs/paper_gptneo_125m.yaml

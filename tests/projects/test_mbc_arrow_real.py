@@ -1,0 +1,253 @@
+"""The mbc_arrow real arm on a micro zoo: Arrow over adapter folders (hand-computed routing), MBC clusters of
+zoo experts, the leaderboard entries end to end, the routing report per layer depth and analyze --real."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from common import zoo
+from common.adapters import LoraFactors
+from common.cache import cache_root
+from leaderboard import entries, run
+from leaderboard import mbc_arrow as lb_mbc_arrow
+from projects.mbc_arrow import analyze, real
+from projects.mbc_arrow.expert_model import MultiExpertModel
+from projects.mbc_arrow.routing_analysis import depth_of, layer_shares, own_share
+from tests.test_zoo import MICRO
+
+LIBRARY = ("breast_cancer", "champ_category", "sentiment_airline", "language_id_a")
+HELD_OUT = ("language_id_union",)
+
+
+# --- Arrow with hand-made experts ------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 2, bias=False)
+
+
+class _Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_Block()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[0].proj(x)
+
+
+def _toy_arrow(top_k: int) -> MultiExpertModel:
+    # Both experts have A = [e1; e2]; B decides ΔW's top right singular vector: diag(3, 1) -> e1, diag(1, 3) -> e2.
+    A = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    experts = {
+        "first": {"layers.0.proj": LoraFactors(A, torch.diag(torch.tensor([3.0, 1.0])), 0.5)},
+        "second": {"layers.0.proj": LoraFactors(A, torch.diag(torch.tensor([1.0, 3.0])), 0.5)},
+    }
+    toy = _Toy()
+    with torch.no_grad():
+        toy.layers[0].proj.weight.copy_(torch.arange(6.0).reshape(2, 3))
+    return MultiExpertModel.from_factors(
+        (toy, None),
+        experts,
+        {"first": ["a"], "second": ["b"]},
+        {"name": "arrow", "top_k": top_k},
+        base_model="toy",
+    )
+
+
+def test_arrow_sends_a_token_to_the_expert_with_the_largest_abs_projection_on_its_prototype():
+    model = _toy_arrow(top_k=1)
+    W = torch.arange(6.0).reshape(2, 3)
+    dW = {
+        0: 0.5 * torch.tensor([[3.0, 0, 0], [0, 1.0, 0]]),
+        1: 0.5 * torch.tensor([[1.0, 0, 0], [0, 3.0, 0]]),
+    }
+    # prototypes ±e1 (first) and ±e2 (second): |x·p| = (|x1|, |x2|)
+    protos = model.layers()["layers.0.proj"].protos
+    assert torch.allclose(protos.abs(), torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]), atol=1e-6)
+    for x, chosen in (([1.0, 2.0, 0.0], 1), ([-3.0, 1.0, 5.0], 0), ([0.5, -0.75, 9.0], 1)):
+        x = torch.tensor(x)
+        assert torch.allclose(model.model(x[None]), (W @ x + dW[chosen] @ x)[None], atol=1e-5)
+
+
+def test_arrow_top_2_weights_the_experts_by_the_softmax_of_their_abs_projections():
+    model = _toy_arrow(top_k=2)
+    x = torch.tensor([1.0, 2.0, 0.0])
+    w = torch.softmax(torch.tensor([1.0, 2.0]), 0)  # logits |x·p| = 1, 2
+    A = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    # mttl's parameter mixing: (Σ w s B)(Σ w A) x
+    B = w[0] * 0.5 * torch.diag(torch.tensor([3.0, 1.0])) + w[1] * 0.5 * torch.diag(torch.tensor([1.0, 3.0]))
+    want = torch.arange(6.0).reshape(2, 3) @ x + B @ ((w[0] + w[1]) * A) @ x
+    assert torch.allclose(model.model(x[None])[0], want, atol=1e-5)
+
+
+def test_genknowsub_subtracts_the_general_experts_mean_factors():
+    a = {"m": LoraFactors(torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0]]), 2.0)}
+    g1 = {"m": LoraFactors(torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0]]), 1.0)}
+    g2 = {"m": LoraFactors(torch.tensor([[1.0, 1.0]]), torch.tensor([[2.0]]), 1.0)}
+    (out,) = real.genknowsub([a], [g1, g2])
+    assert torch.equal(out["m"].A, torch.tensor([[0.5, 1.0]])) and torch.equal(
+        out["m"].B, torch.tensor([[1.5]])
+    )
+    assert out["m"].scaling == 2.0
+
+
+def test_depth_of_reads_the_block_index():
+    assert depth_of("model.layers.12.self_attn.q_proj") == 12
+    assert depth_of("transformer.h.3.attn.c_attn") == 3
+    with pytest.raises(ValueError, match="lm_head"):
+        depth_of("lm_head")
+
+
+# --- the micro zoo ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(real, "EXPERTS_PER_CLUSTER", 2)  # 4 micro experts -> 2 clusters
+        for task in LIBRARY:
+            zoo.expert(task, 0, MICRO)
+        zoo.multitask(0, MICRO)
+        real.train_clusters([0], MICRO, LIBRARY)
+        yield run.context(0, MICRO, LIBRARY)
+
+
+def test_mbc_clusters_of_zoo_experts_are_deterministic_and_group_identical_experts(ctx, tmp_path):
+    experts = dict(ctx.experts)
+    copy = tmp_path / "copy_of_champ"
+    shutil.copytree(experts["champ_category"], copy)
+    experts["champ_copy"] = copy
+    first = real.zoo_clusters(experts, k=2)
+    assert sorted(t for ts in first.values() for t in ts) == sorted(experts)
+    assert any({"champ_category", "champ_copy"} <= set(ts) for ts in first.values())
+    shutil.rmtree(cache_root() / "mbc_clusters")  # recomputed, not read back
+    assert real.zoo_clusters(experts, k=2) == first
+    clusters = real.zoo_clusters(ctx.experts)  # the entries' k: ceil(4 / 2) under the fixture's setting
+    assert len(clusters) == 2 and sorted(t for ts in clusters.values() for t in ts) == sorted(LIBRARY)
+
+
+def test_missing_cluster_experts_are_refused_with_the_command():
+    clusters = {"cluster_0": ["breast_cancer", "champ_category"], "cluster_1": ["sentiment_airline"]}
+    with pytest.raises(SystemExit, match=r"python -m projects\.mbc_arrow\.real clusters --seeds 5"):
+        real.cluster_experts(clusters, 5, MICRO)  # seed 5 was never trained; nothing is trained here
+
+
+def test_arrow_over_one_expert_is_that_expert(ctx):
+    task = "champ_category"
+    routed = real.arrow_model(ctx.base, ctx.tokenizer, {task: ctx.experts[task]}, {task: [task]}, top_k=1)
+    expert = entries.with_adapter(ctx, ctx.experts[task])
+    batch = ctx.tokenizer(["Which area: integrals of x squared"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(routed.model(**batch).logits, expert(**batch).logits, atol=1e-4)
+        # GenKnowSub against the library's own mean: a lone expert minus itself is no update at all
+        gks = real.arrow_model(
+            ctx.base, ctx.tokenizer, {task: ctx.experts[task]}, {task: [task]}, top_k=1, gks="mean"
+        )
+        assert torch.allclose(gks.model(**batch).logits, ctx.base(**batch).logits, atol=1e-5)
+
+
+def test_mbc_arrow_entries_run_end_to_end(ctx, tmp_path):
+    names = ["base", "oracle", "uniform", "arrow", "arrow_gks", "mbc_oracle", "mbc_uniform", "mbc_arrow"]
+    results = {r["entry"]: r for r in run.run([0], names, tmp_path / "lb", MICRO, LIBRARY, HELD_OUT)}
+    clusters, experts = lb_mbc_arrow._mbc(ctx)
+    for name in ("arrow", "arrow_gks", "mbc_arrow"):
+        assert [s["hparams"]["top_k"] for s in results[name]["search"]] == [1, 2, 4]
+        assert (
+            results[name]["hparams"] == max(results[name]["search"], key=lambda s: s["validation"])["hparams"]
+        )
+        assert set(results[name]["test"]) == {*LIBRARY, *HELD_OUT}
+    assert results["arrow"]["params_vs_base"] > results["mbc_arrow"]["params_vs_base"] > 1.0
+    # mbc_oracle: each library task scored with its cluster's expert, no held-out answer
+    assert set(results["mbc_oracle"]["test"]) == set(LIBRARY)
+    cluster_of = {t: c for c, ts in clusters.items() for t in ts}
+    records = zoo.splits("sentiment_airline", MICRO)["test"]
+    own = entries.with_adapter(ctx, experts[cluster_of["sentiment_airline"]])
+    assert results["mbc_oracle"]["test"]["sentiment_airline"] == zoo.score(
+        own, ctx.tokenizer, records, MICRO.max_new_tokens
+    )
+    # mbc_uniform: the mean of the two cluster experts' weights
+    merged = dict(entries.ENTRIES["mbc_uniform"][0](ctx).model_for("breast_cancer").named_parameters())
+    a, b = (dict(entries.with_adapter(ctx, p).named_parameters()) for p in experts.values())
+    name = next(n for n in merged if "v_proj" in n)
+    assert torch.allclose(merged[name].float(), (a[name].float() + b[name].float()) / 2, atol=1e-6)
+
+    # analyze --real: per-seed results.json with the gap Arrow closes, and the table
+    text = analyze.main_real(tmp_path / "real", tmp_path / "lb", routing=False, settings=MICRO, tasks=LIBRARY)
+    saved = json.loads((tmp_path / "real" / "seed_0" / "results.json").read_text())
+    assert saved["project"] == "mbc_arrow" and saved["experiment"] == "zoo" and saved["scale"] == "real"
+    ins = {e: results[e]["in_distribution"] for e in ("arrow", "uniform", "oracle")}
+    if ins["oracle"] != ins["uniform"]:
+        want = (ins["arrow"] - ins["uniform"]) / (ins["oracle"] - ins["uniform"])
+        assert saved["metrics"]["arrow"]["gap_closed"] == pytest.approx(want)
+    assert all(f"| {e} |" in text for e in names)
+
+
+def test_routing_report_shares_sum_to_one_per_layer(ctx, tmp_path):
+    text = analyze.main_real(
+        tmp_path / "real", _leaderboard(tmp_path), routing=True, seeds=[0], settings=MICRO, tasks=LIBRARY
+    )
+    report = json.loads((tmp_path / "real" / "seed_0" / "routing.json").read_text())
+    again = analyze.seed_routing(tmp_path / "real", 0, MICRO, LIBRARY)  # reused, not recomputed
+    assert again == report
+    n_depth = zoo.load_base(MICRO)[0].config.num_hidden_layers
+    private, mbc = report["libraries"]["private"], report["libraries"]["mbc"]
+    assert private["experts"] == list(LIBRARY) and len(mbc["experts"]) == 2
+    for lib in (private, mbc):
+        for task, row in lib["tasks"].items():
+            shares = torch.tensor(row["shares"])
+            assert shares.shape == (n_depth, len(lib["experts"]))
+            assert torch.allclose(shares.sum(-1), torch.ones(n_depth, dtype=shares.dtype))
+    for task, row in private["tasks"].items():
+        assert all(e <= c + 1e-12 for e, c in zip(row["own_expert"], row["own_cluster"]))
+        assert row["own_expert"] == [s[LIBRARY.index(task)] for s in row["shares"]]
+    assert "tokens routed to their own" in text
+    for name in analyze.ROUTING_MAPS:
+        assert (tmp_path / "real" / f"{name}.png").is_file() and (
+            tmp_path / "real" / f"{name}.json"
+        ).is_file()
+
+
+def _leaderboard(tmp_path: Path) -> Path:
+    out = tmp_path / "lb"
+    run.run([0], ["base"], out, MICRO, LIBRARY, HELD_OUT)
+    return out
+
+
+def test_layer_shares_and_own_share_by_hand():
+    counts = torch.tensor([[3.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 2.0]], dtype=torch.float64)
+    shares = layer_shares(counts)
+    assert shares.tolist() == [[0.75, 0.25, 0.0], [0.0, 0.0, 0.0], [0.25, 0.25, 0.5]]
+    assert own_share(shares, [0, 2]) == [0.75, 0.0, 0.75]
+
+
+def test_table_sh_real_branch_names_registered_entries_and_commands():
+    script = (Path(__file__).resolve().parents[2] / "projects" / "mbc_arrow" / "table.sh").read_text()
+    branch = script.split('if [ "$SCALE" = real ]; then', 1)[1].split("fi", 1)[0]
+    listed = re.search(r"--entries ([\w ]+?) --seeds", branch).group(1).split()
+    assert set(listed) <= set(entries.ENTRIES) and set(listed) <= set(analyze.REAL_ENTRIES)
+    assert "projects.mbc_arrow.real clusters --seeds 0 1" in branch and "analyze --real" in branch
+
+
+def test_real_cli_refuses_an_unknown_task(capsys):
+    from common.cli import run_main
+
+    assert run_main(real.main, ["clusters", "--seeds", "0", "--tasks", "sentiment_airlines"]) == 2
+    assert "sentiment_airlines" in capsys.readouterr().err
+
+
+def test_analyze_real_without_leaderboard_results_names_the_command(tmp_path, capsys):
+    from common.cli import run_main
+
+    assert (
+        run_main(analyze.main, ["--real", "--leaderboard", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    )
+    assert "python -m leaderboard.run --entries" in capsys.readouterr().err

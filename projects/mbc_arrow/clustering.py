@@ -18,6 +18,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import TruncatedSVD
 from sklearn.metrics.pairwise import cosine_similarity
 
+from common.adapters import LoraFactors
 from projects.mbc_arrow.library import ExpertLibrary, LibraryError
 
 # mttl's driver (mbc_clustering.py) uses s = 0.5; the notebook's config sets 0.2 and k = 2.
@@ -59,9 +60,32 @@ def mbc_cluster(names: list[str], vectors: torch.Tensor, cfg: Mapping[str, Any])
     Z = mbc_embeddings(
         vectors, sparsity=cfg["sparsity_threshold"], n_components=cfg["n_components"], seed=cfg["seed"]
     )
-    C = cosine_similarity(Z, Z)
-    labels = KMeans(k, init="k-means++", n_init=10, random_state=cfg["seed"]).fit(C).labels_
+    return kmeans_on_similarity(names, cosine_similarity(Z, Z), k, cfg["seed"])
+
+
+def kmeans_on_similarity(names: list[str], C: np.ndarray, k: int, seed: int) -> dict[str, list[str]]:
+    """{"cluster_i": [names]} by k-means (k-means++, 10 inits, `seed`) on the rows of a similarity matrix."""
+    labels = KMeans(k, init="k-means++", n_init=10, random_state=seed).fit(C).labels_
     return {f"cluster_{c}": [n for n, lab in zip(names, labels) if lab == c] for c in range(k)}
+
+
+def delta_cosine(experts: list[Mapping[str, LoraFactors]]) -> np.ndarray:
+    """Cosine (n, n) of the experts' concatenated ΔW = s B A over every module, exactly from the factors:
+    <ΔW_i, ΔW_j>_F = s_i s_j tr((B_iᵀ B_j)(A_j A_iᵀ)), r×r products only. Unlike the flattened factors,
+    it does not see the LoRA A initialisation (ours, not mttl's: `similarity="delta"`)."""
+    n = len(experts)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for m in experts[0]:
+        A = [e[m].A.double() for e in experts]
+        SB = [e[m].scaling * e[m].B.double() for e in experts]
+        for i in range(n):
+            for j in range(i, n):
+                g = torch.trace((SB[i].T @ SB[j]) @ (A[j] @ A[i].T))
+                gram[i, j] += g
+                if i != j:
+                    gram[j, i] += g
+    norm = gram.diagonal().clamp(min=1e-30).sqrt()
+    return (gram / norm[:, None] / norm[None, :]).numpy()
 
 
 def mbc_transform(

@@ -28,12 +28,15 @@ from common.cache import cached_dir
 from common.cli import UserError, run_main
 from common.io import read_json, write_json
 from common.zoo_tasks import LIBRARY
-from projects.mbc_arrow.clustering import expert_vector, mbc_cluster
+from projects.mbc_arrow.clustering import delta_cosine, expert_vector, kmeans_on_similarity, mbc_cluster
 from projects.mbc_arrow.expert_model import MultiExpertModel
 
 # The notebook's MBC settings (s = 0.2; mttl's SVD width and seed). k: the notebook clusters its 8 experts
 # into 2, four per cluster; the zoo's 13 experts at four per cluster give k = ceil(13 / 4) = 4.
-MBC = {"sparsity_threshold": 0.2, "n_components": 64, "seed": 42}
+# similarity: "factors" clusters the flattened LoRA A and B (mttl); "delta" the cosine of the ΔW (ours,
+# blind to the A initialisation, which the zoo's experts do not all share: README "The real arm").
+MBC = {"sparsity_threshold": 0.2, "n_components": 64, "seed": 42, "similarity": "factors"}
+SIMILARITIES = ("factors", "delta")
 EXPERTS_PER_CLUSTER = 4
 GKS = ("none", "mean", "multitask")  # GenKnowSub's general expert: none, the experts' mean, the multitask
 _PEFT_PREFIX = "base_model.model."
@@ -108,18 +111,30 @@ def arrow_model(
 # --- MBC -------------------------------------------------------------------------------------------
 
 
-def zoo_clusters(experts: Mapping[str, str | Path], k: int | None = None) -> dict[str, list[str]]:
+def zoo_clusters(
+    experts: Mapping[str, str | Path], k: int | None = None, similarity: str | None = None
+) -> dict[str, list[str]]:
     """MBC clusters {"cluster_i": [tasks]} of zoo experts (task -> adapter folder), cached per experts and
-    config: their flattened LoRA A and B, sparsified, SVD-embedded, k-means on cosine rows (`clustering`)."""
+    config: their flattened LoRA A and B, sparsified, SVD-embedded, k-means on cosine rows (`clustering`);
+    similarity="delta": k-means on the rows of the ΔW cosine matrix instead."""
     names = list(experts)
-    cfg = {**MBC, "k": k or mbc_k(len(names))}
+    cfg = {**MBC, "k": k or mbc_k(len(names)), "similarity": similarity or MBC["similarity"]}
+    if cfg["similarity"] not in SIMILARITIES:
+        raise UserError(f"MBC similarity {cfg['similarity']!r}: choose one of {list(SIMILARITIES)}")
     key = {"what": "mbc_clusters", "experts": {t: Path(p).name for t, p in experts.items()}, "config": cfg}
 
     def build(out: Path) -> None:
-        vectors = [expert_vector(load_adapter(experts[n]).state) for n in names]
-        if len({v.numel() for v in vectors}) > 1:
-            raise UserError("MBC needs experts with the same modules and rank (their LoRA vectors differ)")
-        clusters = mbc_cluster(names, torch.stack(vectors), cfg)
+        if cfg["similarity"] == "delta":
+            C = delta_cosine([zoo_factors(experts[n]) for n in names])
+            clusters = kmeans_on_similarity(names, C, cfg["k"], cfg["seed"])
+        else:
+            vectors = [expert_vector(load_adapter(experts[n]).state) for n in names]
+            if len({v.numel() for v in vectors}) > 1:
+                raise UserError(
+                    "MBC needs experts with the same modules and rank (their LoRA vectors differ)"
+                )
+            knobs = {c: v for c, v in cfg.items() if c != "similarity"}
+            clusters = mbc_cluster(names, torch.stack(vectors), knobs)
         write_json(out / "clusters.json", {"clusters": {c: ts for c, ts in clusters.items() if ts}})
 
     return read_json(cached_dir("mbc_clusters", key, build) / "clusters.json")["clusters"]
@@ -157,12 +172,13 @@ def train_clusters(
     tasks: Sequence[str] = LIBRARY,
     *,
     k: int | None = None,
+    similarity: str | None = None,
     dry_run: bool = False,
 ) -> dict[int, dict[str, Any]]:
     """Per seed: the clusters of its zoo experts and their experts (trained where missing, unless dry_run)."""
     out = {}
     for seed in seeds:
-        clusters = zoo_clusters(library_experts(seed, settings, tasks), k)
+        clusters = zoo_clusters(library_experts(seed, settings, tasks), k, similarity)
         plan = {c: cluster_expert_name(ms) for c, ms in clusters.items()}
         for c, name in plan.items():
             state = "cached" if zoo.is_cached(name, seed, settings) else "missing"
@@ -237,11 +253,23 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument(
         "--dry-run", action="store_true", help="print the clusters and what is missing; train nothing"
     )
+    c.add_argument(
+        "--similarity",
+        choices=SIMILARITIES,
+        default=None,
+        help="with --dry-run: preview another MBC similarity (the entries use MBC['similarity'] in real.py)",
+    )
     args = parser.parse_args(argv)
     unknown = [t for t in args.tasks if t not in LIBRARY]
     if unknown:
         raise UserError(f"--tasks {unknown} are not library tasks of the zoo; choose from {list(LIBRARY)}")
-    train_clusters(args.seeds, zoo.DEFAULT, args.tasks, dry_run=args.dry_run)
+    if args.similarity not in (None, MBC["similarity"]) and not args.dry_run:
+        raise UserError(
+            f"--similarity {args.similarity} without --dry-run would train cluster experts the leaderboard "
+            f"entries do not use (they cluster by MBC['similarity'] = {MBC['similarity']!r} in "
+            "projects/mbc_arrow/real.py: change it there to switch)"
+        )
+    train_clusters(args.seeds, zoo.DEFAULT, args.tasks, similarity=args.similarity, dry_run=args.dry_run)
 
 
 if __name__ == "__main__":

@@ -273,3 +273,33 @@ def test_real_results_write_results_json_with_the_gap_arrow_closes(tmp_path):
     assert {(r["project"], r["experiment"], r["scale"]) for r in saved} == {("mbc_arrow", "zoo", "real")}
     assert "| arrow | 2 | 50.0 ± 0.0 | 20.0 ± 14.1 |" in text
     assert "closes (in distribution): 50.0 ± 35.4 %" in text
+
+
+def test_delta_cosine_matches_the_dense_updates_and_ignores_the_lora_basis():
+    from projects.mbc_arrow.clustering import delta_cosine
+
+    g = torch.Generator().manual_seed(0)
+
+    def expert():
+        return {
+            m: LoraFactors(torch.randn(2, 5, generator=g), torch.randn(4, 2, generator=g), s)
+            for m, s in (("a", 0.5), ("b", 2.0))
+        }
+
+    experts = [expert() for _ in range(3)]
+    R = torch.tensor([[2.0, 1.0], [0.0, 0.5]])  # the same ΔW from another basis: A' = R A, B' = B R⁻¹
+    experts.append(
+        {m: LoraFactors(R @ f.A, f.B @ torch.linalg.inv(R), f.scaling) for m, f in experts[0].items()}
+    )
+    dense = torch.stack([torch.cat([e[m].delta().flatten() for m in ("a", "b")]) for e in experts]).double()
+    dense = dense / dense.norm(dim=1, keepdim=True)
+    C = torch.from_numpy(delta_cosine(experts))
+    assert torch.allclose(C, dense @ dense.T, atol=1e-6)
+    assert C[0, 3] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_real_cli_previews_another_similarity_only_without_training(capsys):
+    from common.cli import run_main
+
+    assert run_main(real.main, ["clusters", "--seeds", "0", "--similarity", "delta"]) == 2
+    assert "--dry-run" in capsys.readouterr().err

@@ -165,7 +165,7 @@ def seed_routing(
         "zoo_settings": settings.key(),
         "gks": gks,
     }
-    path = out / f"seed_{seed}" / "routing.json"
+    path = out / f"seed_{seed}" / ("routing.json" if gks == "none" else f"routing_gks_{gks}.json")
     if path.is_file() and read_json(path).get("key") == key:
         return read_json(path)
     report = {"key": key, **real.routing_report(seed, settings, tasks, gks=gks)}
@@ -234,21 +234,24 @@ def real_results(leaderboard: Path, out: Path, routing: Mapping[int, Mapping[str
     closed = [m["arrow"].get("gap_closed") for m in metrics_by_seed.values() if "arrow" in m]
     text += f"\nShare of the uniform-to-oracle gap Arrow closes (in distribution): {_pm(closed, 100)} %\n"
     summaries = [m["routing"] for m in metrics_by_seed.values() if "routing" in m]
-    if summaries:
-        rows = [
-            {
-                "library": lib,
-                "tokens routed to their own": share.replace("own_", ""),
-                "share (%)": _pm([s[f"{lib}_{share}"] for s in summaries], 100),
-                "chance (%)": f"{100 * summaries[0][f'{lib}_{share}_chance']:.1f}",
-            }
-            for lib, share in ROUTING_MAPS.values()
-        ]
-        text += (
-            "\nArrow top-1 routing of the library tasks' validation tokens (all adapted linears), mean over "
-            "tasks and layers, mean ± std over seeds:\n\n" + markdown_table(rows) + "\n"
-        )
-    return text
+    return text + (routing_table(summaries) if summaries else "")
+
+
+def routing_table(summaries: Sequence[Mapping[str, float]], title: str = "Arrow") -> str:
+    """The own-expert / own-cluster shares of `routing_summary`s, mean ± std over seeds, beside chance."""
+    rows = [
+        {
+            "library": lib,
+            "tokens routed to their own": share.replace("own_", ""),
+            "share (%)": _pm([s[f"{lib}_{share}"] for s in summaries], 100),
+            "chance (%)": f"{100 * summaries[0][f'{lib}_{share}_chance']:.1f}",
+        }
+        for lib, share in ROUTING_MAPS.values()
+    ]
+    return (
+        f"\n{title} top-1 routing of the library tasks' validation tokens (all adapted linears), mean over "
+        "tasks and layers, mean ± std over seeds:\n\n" + markdown_table(rows) + "\n"
+    )
 
 
 def _pm(values: Sequence[float | None], scale: float = 1.0) -> str:
@@ -259,7 +262,7 @@ def _pm(values: Sequence[float | None], scale: float = 1.0) -> str:
     return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
-def plot_real_routing(out: Path, reports: Sequence[Mapping[str, Any]]) -> list[Path]:
+def plot_real_routing(out: Path, reports: Sequence[Mapping[str, Any]], suffix: str = "") -> list[Path]:
     """One heat map per own share (`ROUTING_MAPS`): tasks x layer depth, mean over seeds; data beside it."""
     import matplotlib
 
@@ -284,12 +287,12 @@ def plot_real_routing(out: Path, reports: Sequence[Mapping[str, Any]]) -> list[P
             f"Arrow top-1: share of tokens to the {label} ({lib} library, {len(reports)} seeds)", fontsize=8
         )
         fig.colorbar(im, ax=ax, label="share of tokens")
-        path = out / f"{name}.png"
+        path = out / f"{name}{suffix}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
         write_json(
-            out / f"{name}.json",
+            out / f"{name}{suffix}.json",
             {
                 "tasks": tasks,
                 "layers": list(range(grid.shape[1])),
@@ -317,7 +320,13 @@ def main_real(
     from common.zoo_tasks import LIBRARY
 
     settings = settings or zoo.DEFAULT
-    reports = {s: seed_routing(out, s, settings, tasks or LIBRARY, gks) for s in seeds} if routing else {}
+    if gks != "none":  # the GenKnowSub probe: its routing beside the plain run's, never in results.json
+        reports = [seed_routing(out, s, settings, tasks or LIBRARY, gks) for s in seeds]
+        plot_real_routing(out, reports, f"_gks_{gks}")
+        text = routing_table([routing_summary(r) for r in reports], f"Arrow after GenKnowSub ({gks})")
+        write_text(out / f"routing_gks_{gks}.md", text)
+        return text
+    reports = {s: seed_routing(out, s, settings, tasks or LIBRARY) for s in seeds} if routing else {}
     text = real_results(leaderboard, out, reports)
     if reports:
         plot_real_routing(out, list(reports.values()))
@@ -339,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         "--gks",
         default="none",
         choices=["none", "mean", "multitask"],
-        help="with --real --routing: GenKnowSub's general expert",
+        help="with --real: only the routing probe after GenKnowSub (routing_gks_<gks>.md and heat maps)",
     )
     args = p.parse_args(argv)
     if args.real:

@@ -6,7 +6,7 @@ python -m projects.mbc_arrow.analyze --runs runs/mbc_arrow/tiny --out runs/mbc_a
 libraries (`routing_analysis`): the fraction of tokens sent to their own expert (task, or MBC cluster)
 against chance, and a task × expert heatmap.
 
-python -m projects.mbc_arrow.analyze --real [--leaderboard runs/leaderboard] [--out runs/mbc_arrow/real] [--routing]
+python -m projects.mbc_arrow.analyze --real [--leaderboard results/leaderboard] [--out runs/mbc_arrow/real] [--routing]
 
 The real arm (the zoo): `seed_<s>/results.json` and `table.md` from the leaderboard's entries; `--routing`
 adds each seed's Arrow routing per layer depth (`real.routing_report`) and the heat maps
@@ -342,7 +342,9 @@ def main(argv: list[str] | None = None) -> None:
         "--routing", action="store_true", help="add Arrow's routing distribution (validation split)"
     )
     p.add_argument("--real", action="store_true", help="the zoo's table from the leaderboard's results")
-    p.add_argument("--leaderboard", default="runs/leaderboard", help="with --real: the leaderboard's folder")
+    p.add_argument(
+        "--leaderboard", default="results/leaderboard", help="with --real: the leaderboard's folder"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="with --real --routing: zoo seeds")
     p.add_argument(
         "--gks",

@@ -8,7 +8,7 @@ PY=${PY:-.venv/bin/python}
 if [ "$SCALE" = real ]; then
   "$PY" -m projects.mbc_arrow.real clusters --seeds 0 1
   "$PY" -m leaderboard.run --entries oracle uniform arrow mbc_oracle mbc_uniform mbc_arrow base --seeds 0 1
-  "$PY" -m projects.mbc_arrow.analyze --real --leaderboard runs/leaderboard --out runs/mbc_arrow/real --routing --seeds 0 1
+  "$PY" -m projects.mbc_arrow.analyze --real --leaderboard results/leaderboard --out runs/mbc_arrow/real --routing --seeds 0 1
   exit 0
 fi
 OUT=runs/mbc_arrow/${SCALE}

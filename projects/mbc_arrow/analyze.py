@@ -164,6 +164,7 @@ def seed_routing(
         "experts": {t: p.name for t, p in real.library_experts(seed, settings, tasks).items()},
         "zoo_settings": settings.key(),
         "gks": gks,
+        "mbc": {**real.MBC, "experts_per_cluster": real.EXPERTS_PER_CLUSTER},
     }
     path = out / f"seed_{seed}" / ("routing.json" if gks == "none" else f"routing_gks_{gks}.json")
     if path.is_file() and read_json(path).get("key") == key:

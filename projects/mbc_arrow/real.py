@@ -59,7 +59,7 @@ def zoo_factors(path: str | Path) -> dict[str, LoraFactors]:
 def genknowsub(
     experts: Sequence[Mapping[str, LoraFactors]], general: Sequence[Mapping[str, LoraFactors]]
 ) -> list[dict[str, LoraFactors]]:
-    """GenKnowSub (Bagherifard et al. 2025, as peft's Arrow `gen_know_sub`): A_i - mean_g A_g and
+    """GenKnowSub ("General Knowledge Subtraction", as peft's Arrow `use_gks`): A_i - mean_g A_g and
     B_i - mean_g B_g per module, the factors (not ΔW) of the general experts averaged; the subtracted
     factors give both the prototypes and the experts' updates."""
     out = []

@@ -312,6 +312,9 @@ def _train(task: str, seed: int, settings: ZooSettings, key: Mapping[str, Any], 
     print(f"zoo: training the {task} {settings.adapter} expert (seed {seed}, {steps} steps)", flush=True)
     model, tok = load_base(settings, dtype="float32")
     full = settings.adapter == "full"
+    # The adapter's initial weights come from the zoo seed alone, not from whatever ran before in this
+    # process: every expert of a seed starts from the same LoRA A (as mttl's library, trained with one seed).
+    torch.manual_seed(seed)
     if not full:
         model = add_adapter(model, lora_for(settings))
         model.peft_config["default"].base_model_name_or_path = HUB_IDS.get(settings.base, base_path(settings))

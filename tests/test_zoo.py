@@ -216,6 +216,20 @@ def test_group_expert_trains_on_its_members_only_with_steps_per_member():
     assert info["steps"] == 2 * MICRO.steps and set(info["validation"]) == set(tasks)
 
 
+def test_experts_of_a_seed_start_from_the_same_lora_a_whatever_ran_before():
+    from common.adapters import load_adapter
+
+    # lr 0: the saved adapter is its initialisation
+    settings = dataclasses.replace(MICRO, lr=0.0)
+    first = load_adapter(zoo.expert("breast_cancer", 0, settings)).state
+    torch.rand(1000)  # other work in the process moves the global RNG
+    second = load_adapter(zoo.expert("champ_category", 0, settings)).state
+    other_seed = load_adapter(zoo.expert("breast_cancer", 1, settings)).state
+    a_keys = [k for k in first if "lora_A" in k]
+    assert a_keys and all(torch.equal(first[k], second[k]) for k in a_keys)
+    assert not all(torch.equal(first[k], other_seed[k]) for k in a_keys)
+
+
 def _logits(model, tok):
     ids = torch.tensor([tok.encode("Tumour measurements: mean radius 12.")])
     with torch.no_grad():

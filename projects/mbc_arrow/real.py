@@ -35,7 +35,7 @@ from projects.mbc_arrow.expert_model import MultiExpertModel
 # into 2, four per cluster; the zoo's 13 experts at four per cluster give k = ceil(13 / 4) = 4.
 # similarity: "factors" clusters the flattened LoRA A and B (mttl); "delta" the cosine of the ΔW (ours,
 # blind to the A initialisation, which the zoo's experts do not all share: README "The real arm").
-MBC = {"sparsity_threshold": 0.2, "n_components": 64, "seed": 42, "similarity": "factors"}
+MBC = {"sparsity_threshold": 0.2, "n_components": 64, "seed": 42, "similarity": "delta"}
 SIMILARITIES = ("factors", "delta")
 EXPERTS_PER_CLUSTER = 4
 GKS = ("none", "mean", "multitask")  # GenKnowSub's general expert: none, the experts' mean, the multitask

@@ -301,5 +301,5 @@ def test_delta_cosine_matches_the_dense_updates_and_ignores_the_lora_basis():
 def test_real_cli_previews_another_similarity_only_without_training(capsys):
     from common.cli import run_main
 
-    assert run_main(real.main, ["clusters", "--seeds", "0", "--similarity", "delta"]) == 2
+    assert run_main(real.main, ["clusters", "--seeds", "0", "--similarity", "factors"]) == 2
     assert "--dry-run" in capsys.readouterr().err

@@ -227,8 +227,8 @@ def task_arithmetic_init(ctx: Context) -> tuple[dict[str, Any], dict[str, torch.
     """(λ, θ0 + λ Σ τi) with λ chosen by the `task_arithmetic` entry's grid on the library's validation
     splits (the original initialises CG from the task-arithmetic model chosen on validation)."""
     if "mats_ta_init" not in ctx.cache:
-        from leaderboard.run import mean_score
         from leaderboard.registry import ENTRIES
+        from leaderboard.run import mean_score
         from projects.mats.methods import METHODS
 
         fn, grid = ENTRIES["task_arithmetic"]

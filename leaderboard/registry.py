@@ -59,7 +59,7 @@ def adapter_params(path: Path) -> int:
         total = 0
         for file in sorted(Path(path).glob("*.safetensors")):
             with safe_open(str(file), "pt") as f:
-                total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+                total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
         return total
     return sum(t.numel() for t in load_adapter(path).state.values())
 

@@ -228,3 +228,59 @@ def test_leaderboard_adapter_flag_picks_the_zoo(tmp_path):
     assert run.ADAPTER_ZOOS["full"] == (zoo.FULL, zoo.FULL_TASKS)
     with pytest.raises(SystemExit, match=r"run `python -m common.zoo --adapter full` first"):
         run.main(["--adapter", "full", "--seeds", "7", "--entries", "base", "--out", str(tmp_path)])
+
+
+# --- SCALE=real: table.sh's commands and the table from the leaderboard's results --------------------------
+
+
+def test_real_table_from_the_leaderboard_results(lora_ctx, tmp_path):
+    from common.io import read_json, write_json
+    from projects.mats import analyze
+
+    board = tmp_path / "leaderboard"
+    results = run.run([0], ["uniform", "mats_cg"], board, MICRO, LIBRARY, ("language_id_union",))
+    for r in results:  # a second seed, 10 points higher, to check mean ± std
+        write_json(
+            board / "seed_1" / f"{r['entry']}.json", {**r, "in_distribution": r["in_distribution"] + 0.1}
+        )
+    analyze.main(
+        ["--runs", str(tmp_path / "runs"), "--scale", "real", "--leaderboard", f"full_model={board}"]
+    )
+    seed0 = read_json(tmp_path / "runs" / "real" / "full_model" / "seed0" / "results.json")
+    mats_cg = next(r for r in results if r["entry"] == "mats_cg")
+    assert seed0["metrics"]["mats"] == mats_cg["in_distribution"]
+    assert seed0["per_task"]["mats"] == {t: mats_cg["test"][t] for t in LIBRARY}  # held-out tasks left out
+    table = (tmp_path / "runs" / "real" / "table.md").read_text()
+    mean = 100 * (mats_cg["in_distribution"] + 0.05)
+    row = next(line for line in table.splitlines() if line.startswith("| MaTS "))
+    assert f"{mean:.1f} ± 7.1 (n=2)" in row
+    assert "Rouge-L" in table and "CG, RegMean objective" not in table  # extra rows only where present
+    with pytest.raises(analyze.UserError, match="holds no seed_<s>/ results"):
+        analyze.from_leaderboard(tmp_path / "empty", "ia3", tmp_path / "runs")
+
+
+def test_table_sh_real_runs_the_zoos_then_valid_leaderboard_entries(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "projects" / "mats" / "table.sh"
+    out = subprocess.run(
+        ["bash", str(script)],
+        env={**os.environ, "SCALE": "real", "PY": "echo"},
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    ).stdout.splitlines()
+    assert out[:2] == ["-m common.zoo --adapter ia3 --seeds 0 1", "-m common.zoo --adapter full --seeds 0 1"]
+    boards = {}
+    for line in out[2:4]:
+        words = line.split()
+        assert words[:2] == ["-m", "leaderboard.run"]
+        names = words[words.index("--entries") + 1 :]
+        assert set(names) <= set(entries.ENTRIES)
+        boards[words[words.index("--adapter") + 1]] = set(names)
+    assert set(MATS_ENTRIES) - NOT_FOR_IA3 <= boards["ia3"] and not NOT_FOR_IA3 & boards["ia3"]
+    assert set(MATS_ENTRIES) <= boards["full"] and {"oracle", "multitask", "uniform"} <= boards["full"]
+    assert out[4].startswith("-m projects.mats.analyze --runs runs/mats --scale real --leaderboard")

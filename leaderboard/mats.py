@@ -22,6 +22,7 @@ chose on validation. `uniform` and `task_arithmetic` (the average and TA) are in
 from __future__ import annotations
 
 import copy
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -34,7 +35,7 @@ from torch import nn
 from common import zoo
 from common.cache import cached_dir
 from common.cli import UserError
-from common.io import load_tensors, read_json, save_tensors, write_json
+from common.io import check_finite, load_tensors, read_json, save_tensors, write_json
 from leaderboard.registry import Candidate, Context, count, expert_states, register, with_state
 from projects.mats import metadata
 
@@ -124,10 +125,11 @@ def _compute(ctx: Context, task: str, kind: str, out: Path) -> None:
     write_json(out / "stats.json", info)
 
 
-def expert_stats(ctx: Context, task: str, kind: str) -> dict[str, Any]:
-    """One expert's statistics of `kind` (STAT_KINDS) on its task's validation split, cached per expert:
-    {"fisher" | "blockwise_fisher": {param: F}} or {"input_gram": {module: G}, "output_gram": {module: H}},
-    plus "info" (the split, the number of examples, whether a true Fisher fell back to the empirical one)."""
+def stats_folder(ctx: Context, task: str, kind: str) -> Path:
+    """The cache folder of one expert's statistics of `kind` (STAT_KINDS), computed now if absent:
+    `fisher.safetensors` ({param: F}) or `input_gram.safetensors` / `output_gram.safetensors`
+    ({module: G or H}), and `stats.json` (the split, the number of examples, whether a true Fisher fell
+    back to the empirical one)."""
     if kind not in STAT_KINDS:
         raise ValueError(f"unknown statistics {kind!r}; choose one of {STAT_KINDS}")
     key = {
@@ -141,22 +143,78 @@ def expert_stats(ctx: Context, task: str, kind: str) -> dict[str, Any]:
         "seed": ctx.seed,
         "version": STATS_VERSION,
     }
-    folder = cached_dir("mats_stats", key, lambda out: _compute(ctx, task, kind, out))
-    info = read_json(folder / "stats.json")
-    if kind == "grams":
-        return {
-            "input_gram": load_tensors(folder / "input_gram.safetensors"),
-            "output_gram": load_tensors(folder / "output_gram.safetensors"),
-            "info": info,
-        }
-    name = "blockwise_fisher" if kind == "blockwise_fisher" else "fisher"
-    return {name: load_tensors(folder / "fisher.safetensors"), "info": info}
+    return cached_dir("mats_stats", key, lambda out: _compute(ctx, task, kind, out))
+
+
+# kind -> {the metadata name `projects.mats.merging` reads: its file}
+STAT_FILES = {
+    "fisher": {"fisher": "fisher.safetensors"},
+    "true_fisher": {"fisher": "fisher.safetensors"},
+    "blockwise_fisher": {"blockwise_fisher": "fisher.safetensors"},
+    "grams": {"input_gram": "input_gram.safetensors", "output_gram": "output_gram.safetensors"},
+}
+
+
+def expert_stats(ctx: Context, task: str, kind: str) -> dict[str, Any]:
+    """One expert's statistics, all in memory: {"fisher" | "blockwise_fisher": {param: F}} or
+    {"input_gram": {module: G}, "output_gram": {module: H}}, plus "info" (`stats_folder`'s stats.json)."""
+    folder = stats_folder(ctx, task, kind)
+    out: dict[str, Any] = {part: load_tensors(folder / f) for part, f in STAT_FILES[kind].items()}
+    return {**out, "info": read_json(folder / "stats.json")}
 
 
 def library_stats(ctx: Context, kind: str) -> list[dict[str, Any]]:
-    """`expert_stats` of every library expert, in the library's order. Read from the cache at each call, not
-    kept in `ctx.cache`: a SmolLM2 expert's Grams take 1.2 GB and its diagonal Fisher 0.4-0.5 GB."""
+    """`expert_stats` of every library expert, in the library's order (not kept in `ctx.cache`: a SmolLM2
+    expert's Grams take 1.2 GB and its diagonal Fisher 0.4-0.5 GB; the merges read them layer by layer)."""
     return [expert_stats(ctx, task, kind) for task in ctx.experts]
+
+
+def _read(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The tensors of `names` that a safetensors file holds (read one by one; NaN/inf refused)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        held = set(f.keys())
+        out = {n: f.get_tensor(n) for n in names if n in held}
+    check_finite(out, path)
+    return out
+
+
+def layer_groups(names: Sequence[str]) -> list[list[str]]:
+    """Parameter names grouped by transformer layer ('...layers.<i>.'); any other name is its own group."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        layer = re.search(r"(^|\.)layers\.\d+\.", name)
+        groups.setdefault(name[: layer.end()] if layer else name, []).append(name)
+    return list(groups.values())
+
+
+def merge_by_layer(ctx: Context, method: str, kind: str | None, **hparams: Any) -> dict[str, torch.Tensor]:
+    """`METHODS[method](base, models, stats=..., **hparams)` run one layer at a time, each layer's statistics
+    read from the cache files just then: the same result as one call over every parameter (these merges
+    treat each parameter, or each Linear's system, on its own), with the statistics of one layer in memory
+    instead of all of them (13 LoRA experts' Grams alone are 16 GB). A merged `initialization` is cut
+    to each layer the same way."""
+    from projects.mats.merging import linear_module
+    from projects.mats.methods import METHODS
+
+    base, models = expert_states(ctx)
+    folders = [stats_folder(ctx, task, kind) for task in ctx.experts] if kind else []
+    init = hparams.pop("initialization", None)
+    out: dict[str, torch.Tensor] = {}
+    for group in layer_groups(list(base)):
+        names = [*group, *(m for m in map(linear_module, group) if m)]  # parameters and their modules
+        stats = [{part: _read(f / file, names) for part, file in STAT_FILES[kind].items()} for f in folders]
+        extra = {}
+        if init is not None:
+            extra["initialization"] = init if isinstance(init, str) else {k: init[k] for k in group}
+        sub = [{k: m[k] for k in group} for m in models]
+        out.update(METHODS[method]({k: base[k] for k in group}, sub, stats=stats or None, **hparams, **extra))
+    return out
+
+
+def _fallback_tasks(ctx: Context, kind: str) -> list[str]:
+    return [t for t in ctx.experts if read_json(stats_folder(ctx, t, kind) / "stats.json").get("fallback")]
 
 
 # --- the entries ------------------------------------------------------------------------------------------
@@ -175,11 +233,6 @@ def _candidate(ctx: Context, merged: Mapping[str, torch.Tensor], note: str = "")
     return Candidate(lambda task: model, count(ctx.base), note)
 
 
-def _fallback_note(stats: Sequence[Mapping[str, Any]]) -> str:
-    tasks = [s["info"]["task"] for s in stats if s["info"].get("fallback")]
-    return f"empirical Fisher for the generative tasks {tasks}" if tasks else ""
-
-
 @register("ties", {"model_lambda": TIES_LAMBDAS})
 def ties_entry(ctx: Context, model_lambda: float = 1.0) -> Candidate:
     """TIES (Yadav et al. 2023) as MaTS's code: top 20% of |τ| over all merged parameters, elected sign, mean."""
@@ -190,14 +243,11 @@ def ties_entry(ctx: Context, model_lambda: float = 1.0) -> Candidate:
 
 
 def _fisher(ctx: Context, kind: str) -> Candidate:
-    from projects.mats.methods import METHODS
-
-    base, models = expert_states(ctx)
-    stats = library_stats(ctx, kind)
     # λ weighs a pair only (F1·λ, F2·(1−λ)); with two experts 0.5 is the plain Fisher-weighted mean
-    lam = 0.5 if len(models) == 2 else 1.0
-    merged = METHODS["diagonal_fisher"](base, models, stats=stats, model_lambda=lam)
-    return _candidate(ctx, merged, _fallback_note(stats))
+    lam = 0.5 if len(ctx.experts) == 2 else 1.0
+    merged = merge_by_layer(ctx, "diagonal_fisher", kind, model_lambda=lam)
+    tasks = _fallback_tasks(ctx, kind)
+    return _candidate(ctx, merged, f"empirical Fisher for the generative tasks {tasks}" if tasks else "")
 
 
 @register("fisher_diag")
@@ -215,12 +265,8 @@ def fisher_diag_true_entry(ctx: Context) -> Candidate:
 @register("regmean", {"model_lambda": REGMEAN_LAMBDAS})
 def regmean_entry(ctx: Context, model_lambda: float = 1.0) -> Candidate:
     """RegMean (Jin et al. 2023) with the Grams' off-diagonals scaled by λ."""
-    from projects.mats.methods import METHODS
-
     _no_ia3(ctx, "RegMean")
-    base, models = expert_states(ctx)
-    stats = library_stats(ctx, "grams")
-    return _candidate(ctx, METHODS["regmean"](base, models, stats=stats, model_lambda=model_lambda))
+    return _candidate(ctx, merge_by_layer(ctx, "regmean", "grams", model_lambda=model_lambda))
 
 
 def task_arithmetic_init(ctx: Context) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -245,9 +291,6 @@ def task_arithmetic_init(ctx: Context) -> tuple[dict[str, Any], dict[str, torch.
 
 
 def _cg(ctx: Context, objective: str, initialization: str) -> Candidate:
-    from projects.mats.methods import METHODS
-
-    base, models = expert_states(ctx)
     kind = {
         "average": None,
         "diagonal_fisher": "fisher",
@@ -255,10 +298,6 @@ def _cg(ctx: Context, objective: str, initialization: str) -> Candidate:
         "regmean": "grams",
         "kfac": "grams",
     }[objective]
-    stats = None
-    if kind is not None:
-        raw = library_stats(ctx, kind)
-        stats = [{k: v for k, v in s.items() if k != "info"} for s in raw]
     note = f"{objective} objective"
     init: str | dict[str, torch.Tensor] = initialization
     if initialization == "task_arithmetic":
@@ -266,10 +305,10 @@ def _cg(ctx: Context, objective: str, initialization: str) -> Candidate:
         note += f", from task arithmetic λ={chosen['model_lambda']}"
     iterations = CG_ITERATIONS.get(objective, CG_DEFAULT_ITERATIONS)
     log: list[dict[str, Any]] = []
-    merged = METHODS["conjugate_gradient"](
-        base,
-        models,
-        stats=stats,
+    merged = merge_by_layer(
+        ctx,
+        "conjugate_gradient",
+        kind,
         objective=objective,
         model_lambda=1.0,
         num_iterations=iterations,

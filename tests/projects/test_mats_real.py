@@ -50,6 +50,13 @@ def lora_ctx():
     return run.context(0, MICRO, LIBRARY)
 
 
+@pytest.fixture(scope="module")
+def full_ctx():
+    for task in LIBRARY:
+        zoo.expert(task, 0, SETTINGS["full"])
+    return run.context(0, SETTINGS["full"], LIBRARY)
+
+
 def _first(grid):
     return {k: v[len(v) // 2] for k, v in grid.items()}
 
@@ -183,6 +190,44 @@ def test_regmean_entry_is_the_closed_form_on_one_layer(lora_ctx):
         entries.ENTRIES["regmean"][0](ctx, model_lambda=0.0).model_for(LIBRARY[0]).named_parameters()
     )
     assert torch.allclose(merged0[name].double(), want0, rtol=1e-4, atol=1e-6)
+
+
+def test_layer_groups_split_at_transformer_layers():
+    names = ["model.embed_tokens.weight", "model.layers.0.a.weight", "model.layers.1.a.weight"]
+    names += ["model.layers.0.b.weight", "model.layers.10.a.weight", "model.norm.weight", "lm_head.weight"]
+    assert mats.layer_groups(names) == [
+        ["model.embed_tokens.weight"],
+        ["model.layers.0.a.weight", "model.layers.0.b.weight"],
+        ["model.layers.1.a.weight"],
+        ["model.layers.10.a.weight"],
+        ["model.norm.weight"],
+        ["lm_head.weight"],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("method", "kind", "hparams"),
+    [
+        ("conjugate_gradient", "grams", {"objective": "kfac", "num_iterations": 20}),
+        ("conjugate_gradient", "grams", {"objective": "regmean", "num_iterations": 20}),
+        ("regmean", "grams", {"model_lambda": 0.9}),
+        ("diagonal_fisher", "fisher", {"model_lambda": 0.5}),
+    ],
+)
+def test_layer_by_layer_merge_equals_one_call_over_every_parameter(full_ctx, method, kind, hparams):
+    from projects.mats.methods import METHODS
+
+    base, models = expert_states(full_ctx)
+    groups = mats.layer_groups(list(base))
+    assert len(groups) > 2 and any(len(g) > 1 for g in groups)  # embeddings, the layer(s), the final norm
+    stats = [{k: v for k, v in s.items() if k != "info"} for s in mats.library_stats(full_ctx, kind)]
+    extra = {}
+    if method == "conjugate_gradient":  # a merged initialisation, cut per layer
+        extra["initialization"] = METHODS["task_arithmetic"](base, models, model_lambda=0.3)
+    whole = METHODS[method](base, models, stats=stats, **hparams, **extra)
+    by_layer = mats.merge_by_layer(full_ctx, method, kind, **hparams, **extra)
+    assert by_layer.keys() == whole.keys()
+    assert all(torch.allclose(by_layer[k], whole[k], rtol=1e-5, atol=1e-7) for k in whole)
 
 
 def test_statistics_read_the_validation_records_only(lora_ctx, tmp_path, monkeypatch):

@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 from common.cli import UserError, run_main
 from common.io import read_json, write_json, write_text
-from common.rundir import markdown_table
+from common.rundir import SCHEMA, markdown_table, provenance
 
 ROWS = (
     ("individual", "Individual"),
@@ -108,8 +109,22 @@ def from_leaderboard(leaderboard: Path, fmt: str, runs: Path, scale: str = "real
                 continue
             metrics[row] = result["in_distribution"]
             tasks[row] = {t: v for t, v in result["test"].items() if t not in HELD_OUT}
-        out = runs / scale / fmt / f"seed{folder.name.removeprefix('seed_')}" / "results.json"
-        write_json(out, {"metrics": metrics, "per_task": tasks, "source": str(folder)})
+        seed = int(folder.name.removeprefix("seed_"))
+        out = runs / scale / fmt / f"seed{seed}" / "results.json"
+        # our results schema (common.rundir), so that `common.results_md --scale real` grades paper.yaml's
+        # real_<format> claims; written directly, as RunDir's scales are the tiny reproduction's
+        record = {
+            "schema": SCHEMA,
+            "project": "mats",
+            "experiment": f"{scale}_{fmt}",
+            "scale": scale,
+            "seed": seed,
+            "metrics": metrics,
+            "config": {"leaderboard": str(folder), "format": fmt},
+            "provenance": provenance(seed, time.time()),
+            "per_task": tasks,
+        }
+        write_json(out, record)
         written.append(out)
     return written
 

@@ -295,6 +295,10 @@ def test_real_table_from_the_leaderboard_results(lora_ctx, tmp_path):
     mats_cg = next(r for r in results if r["entry"] == "mats_cg")
     assert seed0["metrics"]["mats"] == mats_cg["in_distribution"]
     assert seed0["per_task"]["mats"] == {t: mats_cg["test"][t] for t in LIBRARY}  # held-out tasks left out
+    from common.results_md import load_results
+
+    found = load_results(tmp_path / "runs", "real")  # the schema RESULTS.md reads; paper.yaml's real claims
+    assert [(r["experiment"], r["seed"]) for r in found] == [("real_full_model", 0), ("real_full_model", 1)]
     table = (tmp_path / "runs" / "real" / "table.md").read_text()
     mean = 100 * (mats_cg["in_distribution"] + 0.05)
     row = next(line for line in table.splitlines() if line.startswith("| MaTS "))

@@ -9,11 +9,7 @@ from __future__ import annotations
 from leaderboard import (
     baselines,  # noqa: F401  (registers base, oracle, multitask, uniform, task_arithmetic)
     mats,  # noqa: F401  (registers ties, fisher_diag[_true], regmean, mats_cg, cg_*)
-from leaderboard import (
-    baselines,  # noqa: F401  (registers base, oracle, multitask, uniform, task_arithmetic)
-    mats,  # noqa: F401  (registers ties, fisher_diag[_true], regmean, mats_cg, cg_*)
     phatgoose,  # noqa: F401  (phatgoose, retrieval, average_activation, merged_experts, best_single_expert)
-)
 )
 from leaderboard.registry import (  # noqa: F401  (the names entries and tests use)
     ENTRIES,

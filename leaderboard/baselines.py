@@ -14,10 +14,10 @@ from leaderboard.registry import (
     Context,
     adapter_params,
     count,
-    lora_deltas,
+    expert_states,
     register,
     with_adapter,
-    with_weights,
+    with_state,
 )
 
 
@@ -53,10 +53,10 @@ def _merge_entry(method: str) -> Callable[..., Candidate]:
     def entry(ctx: Context, **hparams: Any) -> Candidate:
         from projects.mats.methods import METHODS
 
-        base, models = lora_deltas(ctx)
+        base, models = expert_states(ctx)
         if method == "average" and len(models) == 2 and not hparams:
             hparams = {"model_lambda": 0.5}  # MaTS's average of two is λθ1 + (1-λ)θ2: the plain mean at 0.5
-        model = with_weights(ctx, METHODS[method](base, models, **hparams))
+        model = with_state(ctx, METHODS[method](base, models, **hparams))
         return Candidate(lambda task: model, count(ctx.base))
 
     entry.__doc__ = f"The experts merged by projects.mats.methods.METHODS[{method!r}]."

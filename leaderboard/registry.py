@@ -28,7 +28,7 @@ class Context:
     seed: int
     base: nn.Module  # eval mode, the settings' dtype; never modified by an entry
     tokenizer: Any
-    experts: dict[str, Path]  # library task -> adapter folder
+    experts: dict[str, Path]  # library task -> adapter folder (full fine-tuning: a save_pretrained folder)
     multitask: Path | None = None
     cache: dict[str, Any] = field(default_factory=dict)
 
@@ -48,13 +48,27 @@ def count(model: nn.Module) -> int:
 
 
 def adapter_params(path: Path) -> int:
-    from common.adapters import load_adapter
+    """Parameters an expert folder stores: its adapter's, or every weight of a fully fine-tuned model."""
+    from common.adapters import ADAPTER_CONFIG, load_adapter
 
+    if not (Path(path) / ADAPTER_CONFIG).is_file():  # a save_pretrained folder (full fine-tuning)
+        import math
+
+        from safetensors import safe_open
+
+        total = 0
+        for file in sorted(Path(path).glob("*.safetensors")):
+            with safe_open(str(file), "pt") as f:
+                total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        return total
     return sum(t.numel() for t in load_adapter(path).state.values())
 
 
 def with_adapter(ctx: Context, path: Path) -> nn.Module:
-    """A copy of the base with the adapter merged into its weights (same cost as the base at inference)."""
+    """A copy of the base with the adapter merged into its weights (same cost as the base at inference);
+    a fully fine-tuned expert (`ctx.settings.adapter == "full"`) is loaded as it was saved."""
+    if ctx.settings.adapter == "full":
+        return zoo.load_expert(path, ctx.settings)
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(copy.deepcopy(ctx.base), str(path))
@@ -90,6 +104,46 @@ def _weight_name(module: str, state: Mapping[str, Any]) -> str:
         if name in state:
             return name
     raise KeyError(f"no base weight for adapted module {module}")
+
+
+def expert_states(ctx: Context) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """(θ0, [θi]) over what the settings' experts fine-tuned, fp32, in the library's task order: the inputs
+    of `projects.mats.methods.METHODS`. LoRA: the adapted weights (`lora_deltas`); (IA)^3: the vectors
+    (θ0 all ones), named as in a `PeftModel` (`...k_proj.ia3_l.default`); full: every parameter."""
+    adapter = ctx.settings.adapter
+    if adapter == "lora":
+        return lora_deltas(ctx)
+    if "states" not in ctx.cache:
+        from dataclasses import replace
+
+        from projects.mats.model import read_state
+
+        if adapter == "ia3":
+            models = [{k: v.float() for k, v in read_state(p).items()} for p in ctx.experts.values()]
+            base = {k: torch.ones_like(v) for k, v in models[0].items()}
+        else:
+            fp32 = replace(ctx.settings, dtype="float32")
+            base = {k: p.detach().float() for k, p in ctx.base.named_parameters()}
+            models = [
+                {k: p.detach() for k, p in zoo.load_expert(p, fp32).named_parameters()}
+                for p in ctx.experts.values()
+            ]
+        ctx.cache["states"] = (base, models)
+    return ctx.cache["states"]
+
+
+def with_state(ctx: Context, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """The model a merged `state` (named as `expert_states` names it) stands for, as one plain model:
+    (IA)^3 vectors are put into a `PeftModel` over a copy of the base and merged into its weights."""
+    if ctx.settings.adapter != "ia3":
+        return with_weights(ctx, state)
+    from peft import PeftModel
+
+    from projects.mats.model import load_state
+
+    model = PeftModel.from_pretrained(copy.deepcopy(ctx.base), str(next(iter(ctx.experts.values()))))
+    load_state(model, "ia3", state, where="the merged (IA)^3 vectors")
+    return model.merge_and_unload().eval()
 
 
 def with_weights(ctx: Context, weights: Mapping[str, torch.Tensor]) -> nn.Module:

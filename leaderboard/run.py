@@ -6,8 +6,11 @@ tasks: zero-shot), the parameters stored to serve all tasks relative to the base
 of a forward pass over a fixed batch, measured in the same run. Each (seed, entry) is written to
 `<out>/seed_<s>/<entry>.json` with its provenance and reused by a later run with the same zoo settings;
 `leaderboard.report` then writes the table (mean ± std over seeds), the plot and RESULTS.md's section.
+`--adapter ia3|full` runs the entries on the (IA)^3 or full fine-tuning zoo (MaTS's table) into
+`runs/leaderboard/<adapter>`, leaving RESULTS.md alone.
 
     python -m leaderboard.run --seeds 0 1 [--entries base oracle ...] [--out results/leaderboard]
+    python -m leaderboard.run --adapter ia3|full ...   # the (IA)^3 / full fine-tuning zoo (full: FULL_TASKS)
 """
 
 from __future__ import annotations
@@ -30,13 +33,18 @@ from leaderboard.entries import ENTRIES, Candidate, Context, count
 from leaderboard.report import publish
 
 THROUGHPUT_BATCH = 16  # validation prompts of the first library task, one forward pass
+# --adapter -> (zoo settings, library tasks): full fine-tuning covers a subset (storage and time, common/zoo.py)
+ADAPTER_ZOOS = {"lora": (zoo.DEFAULT, LIBRARY), "ia3": (zoo.IA3, LIBRARY), "full": (zoo.FULL, zoo.FULL_TASKS)}
 
 
 def context(seed: int, settings: zoo.ZooSettings = zoo.DEFAULT, library: Sequence[str] = LIBRARY) -> Context:
     """The zoo's base (eval, the settings' dtype) and the cached experts of `seed`; nothing is trained here."""
     missing = [t for t in library if not zoo.is_cached(t, seed, settings)]
     if missing:
-        raise SystemExit(f"the zoo lacks seed {seed}'s experts for {missing}: run `make zoo` first")
+        how = (
+            "make zoo" if settings.adapter == "lora" else f"python -m common.zoo --adapter {settings.adapter}"
+        )
+        raise SystemExit(f"the zoo lacks seed {seed}'s experts for {missing}: run `{how}` first")
     base, tok = zoo.load_base(settings)
     experts = {t: zoo.expert(t, seed, settings) for t in library}
     multitask = zoo.multitask(seed, settings) if zoo.is_cached(zoo.MULTITASK, seed, settings) else None
@@ -127,11 +135,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m leaderboard.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--entries", nargs="+", default=list(ENTRIES), choices=list(ENTRIES))
-    parser.add_argument("--out", type=Path, default=Path("results/leaderboard"))
-    parser.add_argument("--results-md", default="RESULTS.md", help="'' to leave it alone")
+    parser.add_argument(
+        "--adapter",
+        choices=list(ADAPTER_ZOOS),
+        default="lora",
+        help="which zoo: lora (default), ia3 (zoo.IA3) or full (zoo.FULL, on zoo.FULL_TASKS)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="default results/leaderboard (lora), runs/leaderboard/<adapter> (ia3, full)"
+    )
+    parser.add_argument(
+        "--results-md", default="RESULTS.md", help="'' to leave it alone (always left alone for ia3 and full)"
+    )
     args = parser.parse_args(argv)
-    run(args.seeds, args.entries, args.out)
-    print(publish(args.out, Path(args.results_md) if args.results_md else None))
+    settings, library = ADAPTER_ZOOS[args.adapter]
+    lora = args.adapter == "lora"
+    args.out = args.out or (Path("results/leaderboard") if lora else Path("runs/leaderboard", args.adapter))
+    run(args.seeds, args.entries, args.out, settings, library)
+    # RESULTS.md's leaderboard section is the LoRA zoo's; (IA)^3 and full go to the MaTS table (analyze.py)
+    print(publish(args.out, Path(args.results_md) if args.results_md and lora else None))
 
 
 if __name__ == "__main__":

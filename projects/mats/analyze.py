@@ -2,18 +2,24 @@
 classification, mean over the mixture's tasks) as mean ± std over seeds, full fine-tuning and (IA)^3;
 and the paper's figures: per-task test accuracy by method (`per_task_<format>.png`) and validation accuracy
 against the merge's λ (`lambda_<format>.png`: model_lambda for RegMean, Fisher and MaTS, the scaling
-factor for task arithmetic and TIES), each with its data as JSON beside it."""
+factor for task arithmetic and TIES), each with its data as JSON beside it.
+
+At `--scale real` the per-seed results come from the leaderboard on the SmolLM2 zoos
+(`--leaderboard ia3=runs/leaderboard/ia3 full_model=runs/leaderboard/full`): `from_leaderboard` turns
+each `seed_<s>/<entry>.json` into `<runs>/real/<format>/seed<s>/results.json` (the mean test score over
+the library tasks: accuracy, or Rouge-L F for generative tasks) before the table is made."""
 
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
-from common.cli import run_main
+from common.cli import UserError, run_main
 from common.io import read_json, write_json, write_text
-from common.rundir import markdown_table
+from common.rundir import SCHEMA, markdown_table, provenance
 
 ROWS = (
     ("individual", "Individual"),
@@ -25,6 +31,30 @@ ROWS = (
     ("regmean", "RegMean"),
     ("mats", "MaTS"),
 )
+# Rows shown only where some column has them (the real scale's extra leaderboard entries).
+EXTRA_ROWS = (
+    ("base", "Pretrained"),
+    ("diagonal_fisherMerging_true", "Fisher (true)"),
+    ("cg_regmean", "CG, RegMean objective"),
+    ("cg_diagonal_fisher", "CG, diagonal Fisher objective"),
+    ("cg_average", "CG, average objective"),
+)
+# leaderboard entry -> table row (leaderboard/baselines.py, leaderboard/mats.py)
+LEADERBOARD_ROWS = {
+    "base": "base",
+    "oracle": "individual",
+    "multitask": "multitask",
+    "uniform": "average",
+    "task_arithmetic": "task_vectors",
+    "ties": "ties",
+    "fisher_diag": "diagonal_fisherMerging",
+    "fisher_diag_true": "diagonal_fisherMerging_true",
+    "regmean": "regmean",
+    "mats_cg": "mats",
+    "cg_regmean": "cg_regmean",
+    "cg_diagonal_fisher": "cg_diagonal_fisher",
+    "cg_average": "cg_average",
+}
 
 
 def _cell(values: list[float]) -> str:
@@ -39,16 +69,64 @@ def table(runs: Path, scale: str) -> str:
     columns = {}
     for fmt in ("full_model", "ia3"):
         records = [read_json(p) for p in sorted((runs / scale / fmt).glob("seed*/results.json"))]
-        columns[fmt] = {key: [r["metrics"][key] for r in records if key in r["metrics"]] for key, _ in ROWS}
+        columns[fmt] = {
+            key: [r["metrics"][key] for r in records if key in r["metrics"]]
+            for key, _ in (*ROWS, *EXTRA_ROWS)
+        }
+    shown = [*ROWS, *((k, label) for k, label in EXTRA_ROWS if any(c[k] for c in columns.values()))]
     rows = [
         {
             "method": label,
             "full fine-tuning": _cell(columns["full_model"][key]),
             "(IA)^3": _cell(columns["ia3"][key]),
         }
-        for key, label in ROWS
+        for key, label in shown
     ]
     return markdown_table(rows)
+
+
+def from_leaderboard(leaderboard: Path, fmt: str, runs: Path, scale: str = "real") -> list[Path]:
+    """Write `<runs>/<scale>/<fmt>/seed<s>/results.json` ({"metrics": {row: mean library test score},
+    "per_task": {row: {task: score}}}) from a leaderboard folder's `seed_<s>/<entry>.json`; entries that
+    are not MaTS rows (LEADERBOARD_ROWS) are left out. Returns the files written."""
+    from common.zoo_tasks import HELD_OUT
+
+    if fmt not in FORMATS:
+        raise UserError(f"--leaderboard format {fmt!r}: choose one of {list(FORMATS)}")
+    seeds = sorted(leaderboard.glob("seed_*"))
+    if not seeds:
+        raise UserError(
+            f"{leaderboard} holds no seed_<s>/ results: run `python -m leaderboard.run --adapter ...` first"
+        )
+    written = []
+    for folder in seeds:
+        metrics: dict[str, float] = {}
+        tasks: dict[str, dict[str, float]] = {}
+        for path in sorted(folder.glob("*.json")):
+            result = read_json(path)
+            row = LEADERBOARD_ROWS.get(result.get("entry", ""))
+            if row is None or result.get("in_distribution") is None:
+                continue
+            metrics[row] = result["in_distribution"]
+            tasks[row] = {t: v for t, v in result["test"].items() if t not in HELD_OUT}
+        seed = int(folder.name.removeprefix("seed_"))
+        out = runs / scale / fmt / f"seed{seed}" / "results.json"
+        # our results schema (common.rundir), so that `common.results_md --scale real` grades paper.yaml's
+        # real_<format> claims; written directly, as RunDir's scales are the tiny reproduction's
+        record = {
+            "schema": SCHEMA,
+            "project": "mats",
+            "experiment": f"{scale}_{fmt}",
+            "scale": scale,
+            "seed": seed,
+            "metrics": metrics,
+            "config": {"leaderboard": str(folder), "format": fmt},
+            "provenance": provenance(seed, time.time()),
+            "per_task": tasks,
+        }
+        write_json(out, record)
+        written.append(out)
+    return written
 
 
 FORMATS = {"full_model": "full fine-tuning", "ia3": "(IA)^3"}
@@ -148,9 +226,24 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=Path, default=Path("runs/mats"))
     ap.add_argument("--scale", default="tiny")
+    ap.add_argument(
+        "--leaderboard",
+        nargs="+",
+        default=[],
+        metavar="FORMAT=DIR",
+        help="read each format's results from a leaderboard folder first (real scale), e.g. ia3=runs/leaderboard/ia3",
+    )
     a = ap.parse_args(argv)
+    for item in a.leaderboard:
+        fmt, sep, folder = item.partition("=")
+        if not sep:
+            raise UserError(f"--leaderboard {item!r}: write FORMAT=DIR, e.g. ia3=runs/leaderboard/ia3")
+        from_leaderboard(Path(folder), fmt, a.runs, a.scale)
+    metric = (
+        "test score (%; accuracy, Rouge-L F for generative tasks)" if a.leaderboard else "test accuracy (%)"
+    )
     text = table(a.runs, a.scale)
-    write_text(a.runs / a.scale / "table.md", f"## MaTS, {a.scale} scale: test accuracy (%)\n\n{text}\n")
+    write_text(a.runs / a.scale / "table.md", f"## MaTS, {a.scale} scale: {metric}\n\n{text}\n")
     print(text)
     for path in figures(a.runs, a.scale):
         print(f"wrote {path}")

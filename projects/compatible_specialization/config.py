@@ -66,7 +66,10 @@ DEFAULTS: dict[str, Any] = {
         "renormalize": False,  # the original keeps the top-k softmax weights as they are
         "num_multi_layer_experts": 1,
         "multi_layer": [1, 2, 3, 4],  # the table's L values (k = 2L, all experts)
-        "mixed_precision": "bf16",  # the original trains the routed model in bf16
+        "dtype": "bfloat16",  # the original casts the routed model (routers too) to bf16 and trains it so
+        "keep": "best",  # the original keeps the routers of the best held-out loss; "last": the final ones
+        "eval_every": 200,  # the original's log_freq: routers evaluated at step 0 and every 200 updates
+        "mixed_precision": "no",  # autocast on top of `dtype` ("bf16" with dtype float32: our former choice)
         "log_backend": "jsonl",
         "save_every": 500,
     },
@@ -87,7 +90,11 @@ POSITIVE = {
     "finetune.save_every": 1,
     "routing.save_every": 1,
     "routing.topk": 1,
+    "routing.eval_every": 1,
 }
+
+# Keys with a closed set of values.
+CHOICES = {"routing.dtype": ("bfloat16", "float32"), "routing.keep": ("best", "last")}
 
 
 def config_file(scale: str) -> Path:
@@ -109,4 +116,8 @@ def resolve(
         cfg["scale"] = scale
     if cfg["scale"] not in SCALES:
         raise ValueError(f"unknown scale {cfg['scale']!r}; choose one of {SCALES}")
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        if cfg[section][name] not in allowed:
+            raise ValueError(f"{key} is {cfg[section][name]!r} in {where}; choose one of {allowed}")
     return cfg

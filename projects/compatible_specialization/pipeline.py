@@ -19,6 +19,7 @@ from common.rundir import RunDir, seed_everything
 from projects.compatible_specialization import experiments
 from projects.compatible_specialization.checkpoints import load_base, load_specialist
 from projects.compatible_specialization.config import SCALES, resolve
+from projects.compatible_specialization.mixture import decoder_blocks
 
 PROJECT = "compatible_specialization"
 STAGES = ("early", "later")
@@ -94,7 +95,7 @@ def run_seed(cfg: dict[str, Any], seed: int, out: Path) -> dict[str, dict[str, A
     multi_run = rundir("multi_layer")
     multi: dict[str, Any] = {"L1": routing["routed_later"]}  # L = 1 is standard routing (same run)
     for L in cfg["routing"]["multi_layer"]:
-        if L == 1 or L > base.config.n_layer:
+        if L == 1 or L > len(decoder_blocks(base)):
             continue
         model, _ = experiments.train_routed(
             cfg, base, [models["code", "later"], models["math", "later"]], corpus,

@@ -75,7 +75,9 @@ def load_base(
     """
     where = base_location(model_cfg, scale)
     attn = {"attn_implementation": a} if (a := model_cfg.get("attn_implementation")) else {}
-    if model_cfg.get("random_layers"):  # micro: a random base deep enough for multi-layer routing (L <= depth)
+    if model_cfg.get(
+        "random_layers"
+    ):  # micro: a random base deep enough for multi-layer routing (L <= depth)
         if scale != "micro":
             raise ValueError("model.random_layers (a random base) is for the micro scale only")
         config = AutoConfig.from_pretrained(where, **attn)

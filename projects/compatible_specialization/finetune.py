@@ -138,11 +138,14 @@ def train_routers(
         return {"losses": result.losses, "evals": [], "best_step": result.step}
     if select_windows is None:
         raise ValueError("routing.keep='best' needs held-out windows to select the routers on")
-    best_path, record_path = Path(run_dir) / "best_routers.safetensors", Path(run_dir) / "router_selection.json"
+    best_path, record_path = (
+        Path(run_dir) / "best_routers.safetensors",
+        Path(run_dir) / "router_selection.json",
+    )
     record: dict[str, Any] = {"evals": [], "best_step": None, "best_loss": math.inf}
     if record_path.exists() and latest_checkpoint(run_dir) is not None:  # a resumed run: its selection so far
         record = read_json(record_path)
-        record["best_loss"] = float(record["best_loss"])
+        record.update(best_loss=float(record["best_loss"]), evals=[(s, v) for s, v in record["evals"]])
 
     def consider(m: nn.Module, step: int) -> None:
         if step >= cfg.max_steps or any(s == step for s, _ in record["evals"]):

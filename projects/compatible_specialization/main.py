@@ -75,7 +75,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_sep", nargs="*", help="accepted for compatibility; losses are per dataset already")
     p.add_argument("--seed", type=int)
     p.add_argument(
-        "--scale", choices=SCALES, help="paper (default), tiny or micro: picks configs/<scale>_gpt2.yaml"
+        "--scale",
+        choices=SCALES,
+        help="paper (default), tiny, micro or real (SmolLM2-135M): picks config.CONFIG_FILES[scale]",
     )
     p.add_argument("--config", help="a config file instead of the scale's")
     p.add_argument("--out_dir", help="where runs are written")

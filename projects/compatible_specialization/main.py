@@ -137,6 +137,11 @@ def dry_run(cfg: dict[str, Any]) -> dict[str, Any]:
     from projects.compatible_specialization.checkpoints import configure, specialist_mlps
     from projects.compatible_specialization.mixture import routed_model
 
+    if ":" in cfg["model"]["base"]:
+        raise ValueError(
+            f"--dry_run builds a paper model on meta; {cfg['model']['base']!r} (scale {cfg['scale']}) is a local "
+            "base: use --scale paper, or run the real arm's commands with small train_tokens overrides"
+        )
     config = paper_config(cfg["model"]["base"])
     model = configure(build_meta(config), cfg["model"]["activation_function"], cfg["model"]["untie_head"])
     routing = cfg["routing"]

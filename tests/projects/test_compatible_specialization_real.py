@@ -160,6 +160,30 @@ def test_real_config_is_smollm2_mlp_only_with_the_original_router_choices():
     assert cfg["routing"]["dtype"] == "bfloat16" and cfg["routing"]["keep"] == "best"
 
 
+@pytest.mark.smoke
+def test_real_path_finetune_command_then_eval_of_its_snapshot(tmp_path):
+    # The real arm's fine-tuning command (`main.py --scale real --datasets zoo_code --train_mlp`) on the
+    # micro_real config, then `--eval --chkpt` of its last snapshot: the same loss as the run printed.
+    import re
+
+    from tests.cli import run_cli
+
+    main = ["-m", "projects.compatible_specialization.main", "--config", str(MICRO_REAL)]
+    trained = run_cli([*main, "--datasets", "zoo_code", "--train_mlp", "--name", "code", "--out_dir", str(tmp_path)],
+                      timeout=300)  # fmt: skip
+    snap = tmp_path / "code" / "snapshots" / "step_6.safetensors"
+    evaluated = run_cli([*main, "--datasets", "zoo_code", "--eval", "--chkpt", str(snap)], timeout=300)
+    losses = [float(re.findall(r"Test loss:\s+([0-9.]+)", p.stdout)[-1]) for p in (trained, evaluated)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) and losses[0] > 0
+
+
+def test_dry_run_names_the_real_base_instead_of_failing_on_the_hub():
+    from projects.compatible_specialization.main import main
+
+    with pytest.raises(ValueError, match=r"'real:smollm2-135m' \(scale real\) is a local base"):
+        main(["--scale", "real", "--dry_run"])
+
+
 @pytest.mark.slow  # ~40 s: SCALE=real table.sh on the micro_real config, two seeds, then the table
 def test_real_table_script_runs_every_experiment_and_writes_the_table(tmp_path):
     env = {**os.environ, "SCALE": "real", "SEEDS": "0 1", "CONFIG": str(MICRO_REAL), "OUT": str(tmp_path),

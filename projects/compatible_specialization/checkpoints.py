@@ -1,9 +1,10 @@
 """The base model, and specialist / routed checkpoints: ours (safetensors) and the authors' (`.pt`).
 
-A specialist checkpoint holds only the MLP weights (`transformer.h.<l>.mlp.*`): everything else is the
-base's, which MLP-only fine-tuning never changed. A routed checkpoint holds the routers and every
+A specialist checkpoint holds only the MLP weights (`transformer.h.<l>.mlp.*` of GPT-2,
+`model.layers.<l>.mlp.*` of SmolLM2): everything else is the base's, which MLP-only fine-tuning never changed. A routed checkpoint holds the routers and every
 model's MLPs (`experts.<j>.<l>.*`, model j's MLP of layer l) plus the routing settings in its metadata,
-so `--eval --chkpt` rebuilds the MoE without the experts' files. Both name their base in the metadata.
+so `--eval --chkpt` rebuilds the MoE without the experts' files, in the dtype it was trained in. Both
+name their base in the metadata.
 """
 
 from __future__ import annotations
@@ -17,26 +18,37 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 from transformers.activations import ACT2FN
 
 from common.device import resolve_device
 from common.io import load_tensors, save_tensors
 from common.models import load_model
-from common.tiny_world import tiny_base
+from common.tiny_world import resolve_base, tiny_base
 from common.tokenizers import gpt2_tokenizer
 from projects.compatible_specialization import importer
-from projects.compatible_specialization.mixture import RoutedMLP, routed_model
+from projects.compatible_specialization.mixture import (
+    RoutedMLP,
+    decoder_blocks,
+    hidden_size,
+    routed_model,
+)
 
 
-def configure(model: GPT2LMHeadModel, activation_function: str | None, untie_head: bool) -> GPT2LMHeadModel:
-    """Match the original's GPT: no dropout, optionally exact-erf GELU and an untied `lm_head` (= wte)."""
+def configure(model: nn.Module, activation_function: str | None, untie_head: bool) -> nn.Module:
+    """Match the original's GPT: no dropout, optionally exact-erf GELU and an untied `lm_head` (= wte).
+    The last two are GPT-2 only (the real arm's SmolLM2 keeps its SiLU and tied head: null / false)."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+    if (activation_function or untie_head) and model.config.model_type != "gpt2":
+        raise ValueError(
+            f"model.activation_function / model.untie_head apply to GPT-2, not {model.config.model_type!r}: "
+            "set them to null / false in the config"
+        )
     if activation_function:
         model.config.activation_function = activation_function
-        for block in model.transformer.h:
+        for block in decoder_blocks(model):
             block.mlp.act = ACT2FN[activation_function]
     if untie_head and model.lm_head.weight is model.transformer.wte.weight:
         model.lm_head.weight = nn.Parameter(model.transformer.wte.weight.detach().clone())
@@ -45,27 +57,40 @@ def configure(model: GPT2LMHeadModel, activation_function: str | None, untie_hea
 
 
 def base_location(model_cfg: dict[str, Any], scale: str) -> str:
-    """The base's hub id (paper scale) or the folder of the cached tiny/micro base."""
+    """The base's folder: a `scale:name` spec ('real:smollm2-135m', 'micro:mistral') through
+    `common.tiny_world.resolve_base` as the zoo loads it, else the hub id (paper) or the cached tiny/micro
+    base of that name."""
+    if ":" in model_cfg["base"]:
+        return resolve_base(model_cfg["base"])
     return model_cfg["base"] if scale == "paper" else str(tiny_base(model_cfg["base"], scale))
 
 
 def load_base(
     model_cfg: dict[str, Any], scale: str, device: str | torch.device = "auto"
-) -> tuple[GPT2LMHeadModel, Any]:
-    """(model, tokenizer) of the pretrained base every specialist starts from, on `device`."""
+) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of the pretrained base every specialist starts from, in float32 on `device`.
+
+    float32 because the specialists' MLPs are trained in full (AdamW on bf16 weights loses small updates);
+    `model.attn_implementation` ("eager" for SmolLM2, as `common.zoo.load_base`) is passed to transformers.
+    """
     where = base_location(model_cfg, scale)
+    attn = {"attn_implementation": a} if (a := model_cfg.get("attn_implementation")) else {}
     if model_cfg.get(
         "random_layers"
     ):  # micro: a random base deep enough for multi-layer routing (L <= depth)
         if scale != "micro":
             raise ValueError("model.random_layers (a random base) is for the micro scale only")
-        config = AutoConfig.from_pretrained(where)
-        config.n_layer = model_cfg["random_layers"]
+        config = AutoConfig.from_pretrained(where, **attn)
+        config.num_hidden_layers = model_cfg["random_layers"]  # GPT-2's n_layer through its attribute map
         torch.manual_seed(0)
-        model = GPT2LMHeadModel(config).to(resolve_device(device)).eval()
+        model = AutoModelForCausalLM.from_config(config).to(resolve_device(device)).eval()
     else:
-        model = load_model(where, device=device)
-    tokenizer = gpt2_tokenizer() if scale == "paper" else AutoTokenizer.from_pretrained(where)
+        model = load_model(where, device=device, **attn)
+    tokenizer = (
+        gpt2_tokenizer()
+        if scale == "paper" and ":" not in model_cfg["base"]
+        else AutoTokenizer.from_pretrained(where)
+    )
     return configure(
         model, model_cfg.get("activation_function"), model_cfg.get("untie_head", False)
     ), tokenizer
@@ -96,14 +121,17 @@ def checkpoint_kind(path: str | os.PathLike, arch: str = "gpt2") -> str:
     return kind
 
 
+def base_shape(model: nn.Module) -> dict[str, int]:
+    """The depth and width a checkpoint's metadata records (GPT-2's names, kept for saved files)."""
+    return {"n_layer": len(decoder_blocks(model)), "n_embd": hidden_size(model)}
+
+
 def _check_base(path: Path, meta: dict[str, Any], base: nn.Module) -> None:
-    if meta.get("n_embd") not in (None, base.config.n_embd) or meta.get("n_layer") not in (
-        None,
-        base.config.n_layer,
-    ):
+    shape = base_shape(base)
+    if any(meta.get(k) not in (None, v) for k, v in shape.items()):
         raise ValueError(
             f"{path} was trained on a base with n_layer={meta.get('n_layer')}, n_embd={meta.get('n_embd')}, "
-            f"not this base (n_layer={base.config.n_layer}, n_embd={base.config.n_embd}): mismatched base model"
+            f"not this base (n_layer={shape['n_layer']}, n_embd={shape['n_embd']}): mismatched base model"
         )
 
 
@@ -134,29 +162,29 @@ def load_specialist(path: str | os.PathLike, base: nn.Module, arch: str = "gpt2"
 
 def specialist_mlps(model: nn.Module) -> list[nn.Module]:
     """The model's MLP modules, one per layer."""
-    return [block.mlp for block in model.transformer.h]
+    return [block.mlp for block in decoder_blocks(model)]
 
 
 def save_routed(
     path: str | os.PathLike, model: nn.Module, model_mlps: list[list[nn.Module]], meta: dict[str, Any]
 ) -> None:
-    """Routers (`routers.<i>`, (E, d)) and every model's MLPs (`experts.<j>.<l>.*`) with the routing settings."""
-    state = {
-        f"routers.{i}": b.mlp.router.weight.detach().contiguous() for i, b in enumerate(model.transformer.h)
-    }
+    """Routers (`routers.<i>`, (E, d)) and every model's MLPs (`experts.<j>.<l>.*`) with the routing settings,
+    in the routed model's dtype (recorded as `dtype`: a bf16-trained model reloads as bf16, as the original)."""
+    blocks = decoder_blocks(model)
+    state = {f"routers.{i}": b.mlp.router.weight.detach().contiguous() for i, b in enumerate(blocks)}
     for j, mlps in enumerate(model_mlps):
         for layer, mlp in enumerate(mlps):
             state |= {
                 f"experts.{j}.{layer}.{k}": v.detach().contiguous() for k, v in mlp.state_dict().items()
             }
-    first = model.transformer.h[0].mlp
+    first = blocks[0].mlp
     meta = {
         "kind": "routed",
         "num_models": len(model_mlps),
         "top_k": first.top_k,
         "renormalize": first.renormalize,
-        "n_layer": model.config.n_layer,
-        "n_embd": model.config.n_embd,
+        "dtype": str(first.router.weight.dtype).removeprefix("torch."),
+        **base_shape(model),
         **meta,
     }
     save_tensors(path, state, {"meta": json.dumps(meta)})
@@ -210,7 +238,7 @@ def load_routed(
     model_mlps = []
     for j in range(meta["num_models"]):
         layers = []
-        for layer, block in enumerate(base.transformer.h):
+        for layer, block in enumerate(decoder_blocks(base)):
             prefix = f"experts.{j}.{layer}."
             layers.append(
                 _mlp_with(block.mlp, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
@@ -223,6 +251,9 @@ def load_routed(
         num_multi_layer_experts=meta["num_multi_layer_experts"],
         renormalize=meta["renormalize"],
     )
-    for i, block in enumerate(model.transformer.h):
+    # The original casts the routed model to its training dtype before loading the checkpoint; files written
+    # before `dtype` was recorded were float32.
+    model.to(getattr(torch, meta.get("dtype", "float32")))
+    for i, block in enumerate(decoder_blocks(model)):
         block.mlp.router.weight.data.copy_(state[f"routers.{i}"])
     return model.eval()

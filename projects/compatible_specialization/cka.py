@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from projects.compatible_specialization.mixture import decoder_blocks
+
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """CKA(X, Y) = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F), X (n, p), Y (n, q), columns centred.
@@ -33,7 +35,7 @@ def block_features(model: nn.Module, windows: torch.Tensor, layer: int) -> torch
         captured.append(output[0] if isinstance(output, tuple) else output)
 
     # A hook rather than `output_hidden_states`: transformers applies ln_f to the last block's entry there.
-    handle = model.transformer.h[layer].register_forward_hook(hook)
+    handle = decoder_blocks(model)[layer].register_forward_hook(hook)
     was_training = model.training
     try:
         model.eval()

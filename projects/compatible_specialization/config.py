@@ -8,7 +8,14 @@ from typing import Any
 from common.config import check_at_least, load_config
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-SCALES = ("micro", "tiny", "paper")
+SCALES = ("micro", "tiny", "paper", "real")
+# Each scale's config file: GPT-2 for the paper and its offline stand-ins, SmolLM2-135M for the real arm.
+CONFIG_FILES = {
+    "micro": "micro_gpt2.yaml",
+    "tiny": "tiny_gpt2.yaml",
+    "paper": "paper_gpt2.yaml",
+    "real": "real_smollm2.yaml",
+}
 
 DEFAULTS: dict[str, Any] = {
     "scale": "paper",
@@ -20,10 +27,11 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",  # where the models live: auto (cuda if available, else cpu), cpu, cuda, cuda:N
     "out_dir": "runs/compatible_specialization",
     "model": {
-        "base": "gpt2",  # a hub id (paper) or a tiny-world base name (tiny, micro)
+        "base": "gpt2",  # a hub id (paper), a tiny-world base name (tiny, micro) or a spec ('real:smollm2-135m')
         "activation_function": "gelu",  # the original's exact nn.GELU; null keeps the base's
         "untie_head": True,  # the original's lm_head is a separate (frozen) copy of wte
         "random_layers": None,  # micro only: a random base of this depth with the micro base's config
+        "attn_implementation": None,  # transformers' choice; "eager" for SmolLM2 on CPU, as the zoo
     },
     "data": {
         "code": "nampdn-ai/tiny-codes",
@@ -31,7 +39,11 @@ DEFAULTS: dict[str, Any] = {
         "target": "reasoning-machines/gsm-hard",
         "split_seed": 2357,  # offline sets: the GSM template split seed (0 = the one all tasks share)
         # builder kwargs of the offline sets (problems drawn per GSM template); the hub sets take none
-        "build_kwargs": {"gsm_variants": {"n_per_template": 8}, "gsm_hard": {"n_per_template": 4}},
+        "build_kwargs": {
+            "gsm_variants": {"n_per_template": 8},
+            "gsm_hard": {"n_per_template": 4},
+            "zoo_gsm_hard": {"n_per_template": 4},  # the real arm's target (data.zoo_gsm_hard_texts)
+        },
         "select_split": "validation",  # where α is chosen (the original has one held-out split)
         "test_split": "validation",  # where losses are reported
         "max_train_tokens": None,  # cap on each domain's training stream (null: all of it)
@@ -66,7 +78,10 @@ DEFAULTS: dict[str, Any] = {
         "renormalize": False,  # the original keeps the top-k softmax weights as they are
         "num_multi_layer_experts": 1,
         "multi_layer": [1, 2, 3, 4],  # the table's L values (k = 2L, all experts)
-        "mixed_precision": "bf16",  # the original trains the routed model in bf16
+        "dtype": "bfloat16",  # the original casts the routed model (routers too) to bf16 and trains it so
+        "keep": "best",  # the original keeps the routers of the best held-out loss; "last": the final ones
+        "eval_every": 200,  # the original's log_freq: routers evaluated at step 0 and every 200 updates
+        "mixed_precision": "no",  # autocast on top of `dtype` ("bf16" with dtype float32: our former choice)
         "log_backend": "jsonl",
         "save_every": 500,
     },
@@ -87,14 +102,18 @@ POSITIVE = {
     "finetune.save_every": 1,
     "routing.save_every": 1,
     "routing.topk": 1,
+    "routing.eval_every": 1,
 }
+
+# Keys with a closed set of values.
+CHOICES = {"routing.dtype": ("bfloat16", "float32"), "routing.keep": ("best", "last")}
 
 
 def config_file(scale: str) -> Path:
-    """`configs/<scale>_gpt2.yaml`."""
+    """`configs/<scale>_<model>.yaml` (CONFIG_FILES)."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {SCALES}")
-    return CONFIG_DIR / f"{scale}_gpt2.yaml"
+    return CONFIG_DIR / CONFIG_FILES[scale]
 
 
 def resolve(
@@ -109,4 +128,8 @@ def resolve(
         cfg["scale"] = scale
     if cfg["scale"] not in SCALES:
         raise ValueError(f"unknown scale {cfg['scale']!r}; choose one of {SCALES}")
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        if cfg[section][name] not in allowed:
+            raise ValueError(f"{key} is {cfg[section][name]!r} in {where}; choose one of {allowed}")
     return cfg

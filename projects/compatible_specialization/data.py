@@ -4,6 +4,11 @@ As the original data scripts (`data/*.py`): each example is one text (`prompt + 
 are tokenized, each followed by EOS, and concatenated. Training draws random windows of `context`
 tokens (the original's `SimpleLLMDataset`: `train_tokens` counts windows, not tokens); evaluation reads
 consecutive, non-overlapping windows of a held-out split (the original samples 800 overlapping ones).
+
+The real arm (SmolLM2-135M) reads the expert zoo's tasks instead (`common/zoo_tasks.py`): code is
+`code_package` + `code_name` (stdlib functions), math is `gsm_solution`, each record as the zoo trains on it
+(`source + " " + target`), and the target is the gsm-hard-style program set split by the zoo's group hash,
+so its validation and test templates are in no training split of the math specialist.
 """
 
 from __future__ import annotations
@@ -29,7 +34,12 @@ DOMAINS = {
     "gsm-hard": "target",
     "gsm_hard": "target",
     "target": "target",
+    "zoo_code": "code",
+    "zoo_math": "math",
+    "zoo_gsm_hard": "target",
 }
+# The real arm's domains: zoo tasks pooled per domain (each split of each task, by the zoo's split hash).
+ZOO_DOMAINS = {"zoo_code": ("code_package", "code_name"), "zoo_math": ("gsm_solution",)}
 # The fields joined by " " into one text, per dataset (hub sets already have `text`).
 TEXT_FIELDS = {
     "stdlib_code": ("text",),
@@ -47,12 +57,44 @@ def domain_texts(data_cfg: Mapping[str, Any], domain: str) -> tuple[dict[str, li
     """{split: texts} of a domain's dataset (named in `data_cfg[domain]`) and its split record."""
     name = data_cfg[domain]
     kwargs = dict((data_cfg.get("build_kwargs") or {}).get(name) or {})
+    if name in ZOO_DOMAINS:
+        return zoo_texts(ZOO_DOMAINS[name], data_cfg["split_seed"])
+    if name == "zoo_gsm_hard":
+        return zoo_gsm_hard_texts(data_cfg["split_seed"], **kwargs)
     if name in TEXT_FIELDS:  # offline sets: one template/file split shared by all GSM sets (split seed)
         kwargs["seed"] = data_cfg["split_seed"]
     splits, record = data.load(name, **kwargs)
     fields = TEXT_FIELDS.get(name, ("text",))
     texts = {s: [" ".join(row[f] for f in fields) for row in ds] for s, ds in splits.items()}
     return texts, record
+
+
+def zoo_texts(tasks: tuple[str, ...], split_seed: int) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """{split: texts} of zoo tasks pooled, each record `source + " " + target` (the zoo's training text)."""
+    from common.zoo_tasks import task_splits
+
+    texts: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
+    for task in tasks:
+        for split, rows in task_splits(task, {}, seed=split_seed).items():  # {}: every record
+            texts[split] += [f"{r['source']} {r['target']}" for r in rows]
+    record = {"tasks": list(tasks), "split": "common.zoo_tasks.split_of", "seed": split_seed}
+    return texts, {**record, "sizes": {s: len(t) for s, t in texts.items()}}
+
+
+def zoo_gsm_hard_texts(
+    split_seed: int, n_per_template: int = 4
+) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """The gsm-hard-style program task (`common.data.gsm_hard`: question + Python program), split per GSM
+    template by the zoo's hash (`gsm<template_id>`, the group of `gsm_solution`): no leak into the math
+    specialist's training split."""
+    from common.data import gsm_hard
+    from common.zoo_tasks import split_of
+
+    texts: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
+    for row in gsm_hard(n_per_template=n_per_template, seed=0):
+        texts[split_of(f"gsm{row['template_id']}", split_seed)].append(f"{row['input']} {row['code']}")
+    record = {"dataset": "gsm_hard", "n_per_template": n_per_template, "split": "common.zoo_tasks.split_of"}
+    return texts, {**record, "seed": split_seed, "sizes": {s: len(t) for s, t in texts.items()}}
 
 
 def token_stream(

@@ -4,6 +4,7 @@ interpolation, MoE / multi-layer routing and CKA. `main.py`, `analyze.py` and `p
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,7 +18,12 @@ from projects.compatible_specialization.checkpoints import load_specialist, save
 from projects.compatible_specialization.cka import block_features, linear_cka
 from projects.compatible_specialization.data import domain_texts, eval_windows, token_stream
 from projects.compatible_specialization.finetune import finetune_mlps, test_loss, train_routers
-from projects.compatible_specialization.mixture import interpolated_model, routed_model, set_alpha
+from projects.compatible_specialization.mixture import (
+    decoder_blocks,
+    interpolated_model,
+    routed_model,
+    set_alpha,
+)
 
 
 class Corpus:
@@ -60,10 +66,11 @@ class Corpus:
 
 def check_context(cfg: Mapping[str, Any], model: nn.Module) -> None:
     """Fail early when the windows are longer than the model's positions (e.g. --context 1024 on the tiny base)."""
-    if cfg["context"] > model.config.n_positions:
+    positions = model.config.max_position_embeddings  # GPT-2's n_positions through its attribute map
+    if cfg["context"] > positions:
         raise ValueError(
-            f"--context {cfg['context']} exceeds the model's {model.config.n_positions} positions "
-            f"(the {cfg['scale']} config uses --context {min(cfg['context'], model.config.n_positions)} or less)"
+            f"--context {cfg['context']} exceeds the model's {positions} positions "
+            f"(the {cfg['scale']} config uses --context {min(cfg['context'], positions)} or less)"
         )
 
 
@@ -126,6 +133,17 @@ def best_alpha(curves: Mapping[str, Mapping[float, float]], select: str, test: s
     return {"alpha": alpha, "test_loss": curves[test][alpha], "test_min": min(curves[test].values())}
 
 
+def weights_digest(model_mlps: Sequence[Sequence[nn.Module]]) -> str:
+    """A hash of every expert's weights (bytes): a router run folder is resumed only over the same experts."""
+    h = hashlib.sha256()
+    for mlps in model_mlps:
+        for mlp in mlps:
+            for name, t in sorted(mlp.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def train_routed(
     cfg: Mapping[str, Any],
     base: nn.Module,
@@ -136,9 +154,18 @@ def train_routed(
     num_multi_layer_experts: int = 1,
     top_k: int | None = None,
 ) -> tuple[nn.Module, Path]:
-    """Routers trained on the target's train split over the specialists' MLPs; the model and its checkpoint."""
+    """Routers trained on the target's train split over the specialists' MLPs; the model and its checkpoint.
+
+    As the original, the routed model (routers and experts) is cast to `routing.dtype` (bf16) and trained so,
+    and the routers of the best selection-split loss are kept (`routing.keep: best`, every `eval_every`
+    steps); `dtype: float32` with `keep: last` is our former behaviour."""
     routing = cfg["routing"]
-    model_mlps = [specialist_mlps(m) for m in specialists]
+    dtype = getattr(torch, routing["dtype"])
+    # Copies when the dtype changes: casting the routed model must not cast the specialists themselves.
+    model_mlps = [
+        [copy.deepcopy(mlp) if next(mlp.parameters()).dtype != dtype else mlp for mlp in specialist_mlps(m)]
+        for m in specialists
+    ]
     torch.manual_seed(seed)  # the routers' kaiming init
     model = routed_model(
         base,
@@ -146,15 +173,33 @@ def train_routed(
         top_k=top_k or routing["topk"],
         num_multi_layer_experts=num_multi_layer_experts,
         renormalize=routing["renormalize"],
-    )
-    train_routers(
-        model, corpus.stream("target", "train"), routing, cfg["context"], run_dir, seed, cfg["device"]
-    )
+    ).to(dtype)
+    select = None
+    if routing["keep"] == "best":  # the original's eval_iter: (log_freq // 10) micro-batches per grad_accum
+        n = max(1, routing["eval_every"] // 10) * routing["batch_size"]
+        select = corpus.windows("target", cfg["data"]["select_split"])[:n]
+    run_key = {
+        "experts": weights_digest(model_mlps),
+        "num_multi_layer_experts": num_multi_layer_experts,
+        "top_k": top_k or routing["topk"],
+        "renormalize": routing["renormalize"],
+        "dtype": routing["dtype"],
+        "keep": routing["keep"],
+        "target": cfg["data"]["target"],
+        **{k: cfg[k] for k in ("scale", "context", "model")},
+    }
+    trained = train_routers(
+        model, corpus.stream("target", "train"), routing, cfg["context"], run_dir, seed, cfg["device"],
+        select_windows=select, eval_batch_size=cfg["eval_batch_size"], run_key=run_key,
+    )  # fmt: skip
     path = Path(run_dir) / "routed.safetensors"
     meta = {
         "num_multi_layer_experts": num_multi_layer_experts,
         "seed": seed,
         "dataset": cfg["data"]["target"],
+        "keep": routing["keep"],
+        "best_step": trained["best_step"],
+        "selection": trained["evals"],
     }
     save_routed(path, model, model_mlps, meta)
     return model.eval(), path
@@ -169,8 +214,9 @@ def cka_curve(
 ) -> dict[int, float]:
     """{step: CKA of block `cka.layer`'s sequence-mean outputs} between the two models at each shared step."""
     layer, n = cfg["cka"]["layer"], cfg["cka"]["windows"]
-    if not 0 <= layer < base.config.n_layer:
-        raise ValueError(f"cka.layer {layer} is outside the model's 0..{base.config.n_layer - 1}")
+    depth = len(decoder_blocks(base))
+    if not 0 <= layer < depth:
+        raise ValueError(f"cka.layer {layer} is outside the model's 0..{depth - 1}")
     out = {}
     for step in tqdm(sorted(set(snaps_a) & set(snaps_b)), desc="cka", leave=False):
         feats = [

@@ -3,6 +3,8 @@ routers trained on the target with everything else frozen; the test loss of eith
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -12,8 +14,9 @@ import torch
 from torch import nn
 
 from common.evaluation import lm_loss
+from common.io import load_tensors, read_json, save_tensors, write_json
 from common.training import TrainConfig, check_run_key, latest_checkpoint, train
-from projects.compatible_specialization.checkpoints import save_specialist
+from projects.compatible_specialization.checkpoints import base_shape, save_specialist
 from projects.compatible_specialization.data import RandomWindows
 from projects.compatible_specialization.mixture import router_parameters
 
@@ -72,7 +75,7 @@ def finetune_mlps(
         check_run_key(done, run_key)
     wanted = sorted({0, *(s for s in snapshot_steps if s <= cfg.max_steps)})
     paths = {s: run_dir / "snapshots" / f"step_{s}.safetensors" for s in wanted}
-    meta = {**meta, "n_layer": model.config.n_layer, "n_embd": model.config.n_embd}
+    meta = {**meta, **base_shape(model)}
     if not paths[0].exists():
         save_specialist(paths[0], model, {**meta, "step": 0})
 
@@ -110,22 +113,75 @@ def train_routers(
     run_dir: str | os.PathLike,
     seed: int,
     device: str | None = None,
-) -> list[tuple[int, float]]:
-    """Train only the routers of a routed model in place (plain mean CE, no load balancing); the loss curve."""
+    select_windows: torch.Tensor | None = None,
+    eval_batch_size: int = 16,
+    run_key: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train only the routers of a routed model in place (plain mean CE, no load balancing).
+
+    `opt["keep"]`: "best" (the original's main.py) evaluates the routers on `select_windows` before the first
+    update and after every `eval_every` updates short of the last, in the model's own dtype, and keeps those
+    of the lowest loss (the first of equals), as the original keeps its best-test-loss `_routed.pt`;
+    "last" keeps the final routers. The best routers are written to `best_routers.safetensors` with the
+    evaluations in `router_selection.json`, so a killed run resumes its selection too.
+    Returns {"losses": [(step, loss)], "evals": [(step, loss)], "best_step": int}.
+    """
     cfg = train_config(opt, seed)
     params = router_parameters(model)  # `train` freezes every other parameter
     windows = RandomWindows(stream, context, cfg.max_steps * opt["batch_size"], seed)
-    return train(
-        model, _causal_lm, windows, cfg, run_dir, params=list(params.values()), device=device, label="routers"
-    ).losses
+    keep = opt.get("keep", "last")
+    if keep not in ("best", "last"):
+        raise ValueError(f"routing.keep must be 'best' or 'last', got {keep!r}")
+    run = dict(params=list(params.values()), device=device, label="routers", run_key=run_key)
+    if keep == "last":
+        result = train(model, _causal_lm, windows, cfg, run_dir, **run)
+        return {"losses": result.losses, "evals": [], "best_step": result.step}
+    if select_windows is None:
+        raise ValueError("routing.keep='best' needs held-out windows to select the routers on")
+    best_path, record_path = (
+        Path(run_dir) / "best_routers.safetensors",
+        Path(run_dir) / "router_selection.json",
+    )
+    record: dict[str, Any] = {"evals": [], "best_step": None, "best_loss": math.inf}
+    if record_path.exists() and latest_checkpoint(run_dir) is not None:  # a resumed run: its selection so far
+        record = read_json(record_path)
+        record.update(best_loss=float(record["best_loss"]), evals=[(s, v) for s, v in record["evals"]])
+
+    def consider(m: nn.Module, step: int) -> None:
+        if step >= cfg.max_steps or any(s == step for s, _ in record["evals"]):
+            return  # the original never evaluates after the last update; a resumed step is not redone
+        with torch.no_grad():
+            loss = test_loss(m, select_windows, eval_batch_size, dtype=None)
+        record["evals"].append((step, loss))
+        if loss < record["best_loss"]:
+            record.update(best_loss=loss, best_step=step)
+            save_tensors(best_path, {k: v.detach() for k, v in params.items()}, {"step": str(step)})
+        write_json(record_path, record)  # after the weights: the record never names routers not on disk
+
+    every = opt["eval_every"]
+
+    def evaluate_every(step: int, _logs: Any) -> None:  # before the step's checkpoint is saved
+        if step % every == 0:
+            consider(model, step)
+
+    consider(model, 0)  # the original evaluates (and may keep) the routers before the first update
+    result = train(model, _causal_lm, windows, cfg, run_dir, callbacks=[evaluate_every], **run)
+    if record["best_step"] is None:
+        raise FloatingPointError(f"every router evaluation in {run_dir} was NaN: {record['evals']}")
+    best = load_tensors(best_path)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(best[name])
+    return {"losses": result.losses, "evals": record["evals"], "best_step": record["best_step"]}
 
 
-def test_loss(model: nn.Module, windows: torch.Tensor, batch_size: int, dtype: str = "float32") -> float:
-    """Mean token NLL over held-out windows (N, T); `dtype="bfloat16"` evaluates as the original (bf16)."""
-    if dtype != "float32":
-        model = model.to(getattr(torch, dtype))
+def test_loss(
+    model: nn.Module, windows: torch.Tensor, batch_size: int, dtype: str | None = "float32"
+) -> float:
+    """Mean token NLL over held-out windows (N, T) with the weights in `dtype` ("bfloat16": as the original;
+    None: the model's own). A model in another dtype is evaluated on a cast copy: casting in place and back
+    would round a float32 model's weights to bf16 for good."""
+    if dtype is not None and next(model.parameters()).dtype != getattr(torch, dtype):
+        model = copy.deepcopy(model).to(getattr(torch, dtype))
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-    loss = lm_loss(model, batches, disable=True)["loss"]
-    if dtype != "float32":
-        model.float()
-    return loss
+    return lm_loss(model, batches, disable=True)["loss"]

@@ -75,7 +75,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_sep", nargs="*", help="accepted for compatibility; losses are per dataset already")
     p.add_argument("--seed", type=int)
     p.add_argument(
-        "--scale", choices=SCALES, help="paper (default), tiny or micro: picks configs/<scale>_gpt2.yaml"
+        "--scale",
+        choices=SCALES,
+        help="paper (default), tiny, micro or real (SmolLM2-135M): picks config.CONFIG_FILES[scale]",
     )
     p.add_argument("--config", help="a config file instead of the scale's")
     p.add_argument("--out_dir", help="where runs are written")
@@ -135,6 +137,11 @@ def dry_run(cfg: dict[str, Any]) -> dict[str, Any]:
     from projects.compatible_specialization.checkpoints import configure, specialist_mlps
     from projects.compatible_specialization.mixture import routed_model
 
+    if ":" in cfg["model"]["base"]:
+        raise ValueError(
+            f"--dry_run builds a paper model on meta; {cfg['model']['base']!r} (scale {cfg['scale']}) is a local "
+            "base: use --scale paper, or run the real arm's commands with small train_tokens overrides"
+        )
     config = paper_config(cfg["model"]["base"])
     model = configure(build_meta(config), cfg["model"]["activation_function"], cfg["model"]["untie_head"])
     routing = cfg["routing"]

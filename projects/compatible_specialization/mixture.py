@@ -1,9 +1,10 @@
 """Activation interpolation and MoE routing between the specialists' MLPs (§3-4 of the paper;
 `architecture/routed_transformer*.py` in the original).
 
-Every block's `mlp` of a transformers `GPT2LMHeadModel` is swapped for a module that sees the same input
+Every block's `mlp` of a transformers causal LM is swapped for a module that sees the same input
 x = ln_2(h) (B, T, d) and mixes the outputs of several MLPs; attention, LayerNorms and embeddings are
-those of the base, which fine-tuning left untouched (only MLPs were trained).
+those of the base, which fine-tuning left untouched (only MLPs were trained). The model is GPT-2 (the
+paper) or a Llama-family model (the real arm, SmolLM2-135M): its gated gate/up/down `mlp` is one expert.
 """
 
 from __future__ import annotations
@@ -15,6 +16,25 @@ import torch
 from torch import nn
 
 from common.routing import top_k_route
+
+# Where each supported family keeps its blocks (each with an `.mlp`): GPT-2, and Llama/Mistral (SmolLM2).
+BLOCK_PATHS = {"gpt2": ("transformer", "h"), "llama": ("model", "layers"), "mistral": ("model", "layers")}
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's transformer blocks, bottom first (`transformer.h` of GPT-2, `model.layers` of Llama)."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in BLOCK_PATHS:
+        raise ValueError(
+            f"model type {model_type!r} is not supported here; expected one of {sorted(BLOCK_PATHS)}"
+        )
+    outer, inner = BLOCK_PATHS[model_type]
+    return getattr(getattr(model, outer), inner)
+
+
+def hidden_size(model: nn.Module) -> int:
+    """d, the width the MLPs read and write (GPT-2's `n_embd` through transformers' attribute map)."""
+    return model.config.hidden_size
 
 
 class InterpolatedMLP(nn.Module):
@@ -93,7 +113,7 @@ def interpolated_model(
 ) -> nn.Module:
     """A copy of `base` whose every block mixes model a's and model b's MLP (`set_alpha` picks α)."""
     model = copy.deepcopy(base)
-    for block, a, b in zip(model.transformer.h, mlps_a, mlps_b, strict=True):
+    for block, a, b in zip(decoder_blocks(model), mlps_a, mlps_b, strict=True):
         block.mlp = InterpolatedMLP(a, b)
     return model.requires_grad_(False)
 
@@ -121,13 +141,14 @@ def routed_model(
     to them and frozen. Only the routers (`*.mlp.router.weight`) require gradients.
     """
     model = copy.deepcopy(base).requires_grad_(False)
-    depth, n_models = len(model.transformer.h), len(model_mlps)
+    blocks = decoder_blocks(model)
+    depth, n_models = len(blocks), len(model_mlps)
     if any(len(mlps) != depth for mlps in model_mlps):
         raise ValueError(f"every model needs {depth} MLPs (one per layer) to route over")
-    for i, block in enumerate(model.transformer.h):
+    for i, block in enumerate(blocks):
         layers = multi_layer_expert_layers(i, num_multi_layer_experts, depth)
         experts = [model_mlps[j][layer] for layer in layers for j in range(n_models)]  # id j + c·N
-        block.mlp = RoutedMLP(experts, model.config.n_embd, top_k, renormalize)
+        block.mlp = RoutedMLP(experts, hidden_size(model), top_k, renormalize)
         for expert in experts:
             expert.requires_grad_(False)
     return model.to(next(base.parameters()).device)  # the new routers join the base on its device

@@ -2,6 +2,7 @@
 activation interpolation early and later, MoE routing early and later, multi-layer routing, CKA.
 
     python -m projects.compatible_specialization.pipeline --scale tiny --seed 0 [--out runs/...] [key=value ...]
+    python -m projects.compatible_specialization.pipeline --scale real --seed 0   # SmolLM2-135M, resumable
 
 Writes `<out>/seed_<s>/<experiment>/results.json` for experiments specialists, interpolation, routing,
 multi_layer and cka (the schema of `common.rundir`); `analyze.py --table <out>` gathers the seeds.
@@ -19,6 +20,7 @@ from common.rundir import RunDir, seed_everything
 from projects.compatible_specialization import experiments
 from projects.compatible_specialization.checkpoints import load_base, load_specialist
 from projects.compatible_specialization.config import SCALES, resolve
+from projects.compatible_specialization.mixture import decoder_blocks
 
 PROJECT = "compatible_specialization"
 STAGES = ("early", "later")
@@ -94,7 +96,7 @@ def run_seed(cfg: dict[str, Any], seed: int, out: Path) -> dict[str, dict[str, A
     multi_run = rundir("multi_layer")
     multi: dict[str, Any] = {"L1": routing["routed_later"]}  # L = 1 is standard routing (same run)
     for L in cfg["routing"]["multi_layer"]:
-        if L == 1 or L > base.config.n_layer:
+        if L == 1 or L > len(decoder_blocks(base)):
             continue
         model, _ = experiments.train_routed(
             cfg, base, [models["code", "later"], models["math", "later"]], corpus,
@@ -130,13 +132,14 @@ def run_seed(cfg: dict[str, Any], seed: int, out: Path) -> dict[str, dict[str, A
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scale", choices=SCALES, default="tiny")
-    p.add_argument("--config")
+    p.add_argument("--scale", choices=SCALES, help="default: the --config file's scale, else tiny")
+    p.add_argument("--config", help="a config file instead of the scale's (e.g. configs/micro_real.yaml)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="default: <out_dir>/<scale>_table")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    cfg = resolve(args.scale, args.config, args.overrides, {"seed": args.seed})
+    scale = args.scale or (None if args.config else "tiny")
+    cfg = resolve(scale, args.config, args.overrides, {"seed": args.seed})
     out = Path(args.out or Path(cfg["out_dir"]) / f"{cfg['scale']}_table")
     results = run_seed(cfg, args.seed, out)
     for experiment, metrics in results.items():

@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # The reproduction table: every experiment of the paper for each seed, then mean ± std and the figures.
-# SCALE=tiny (default; offline, one CPU thread, ~5 min per seed) or SCALE=paper (GPT-2 124M, hub data, GPUs).
-# SEEDS="0 1 2" by default; runs go to runs/compatible_specialization/<scale>_table/seed_<s>/<experiment>/.
+# SCALE=tiny (default; offline, one CPU thread, ~5 min per seed), SCALE=paper (GPT-2 124M, hub data, GPUs)
+# or SCALE=real (SmolLM2-135M on the zoo's code / GSM tasks, one CPU thread, hours: README "The real arm").
+# SEEDS: "0 1 2" (tiny, paper) or the zoo's "0 1" (real). Runs go to $OUT (runs/compatible_specialization/
+# <scale>_table)/seed_<s>/<experiment>/; every training stage resumes from its checkpoints and a finished
+# one is reused (a run folder trained for another config is refused), so a killed table is re-run as is.
+# CONFIG=<file> replaces the scale's config (the tests run SCALE=real with configs/micro_real.yaml).
 set -euo pipefail
 SCALE=${SCALE:-tiny}
 PY=${PY:-python}
-SEEDS=${SEEDS:-"0 1 2"}
-OUT=runs/compatible_specialization/${SCALE}_table
+if [ "$SCALE" = real ]; then
+  SEEDS=${SEEDS:-"0 1"}  # the zoo's seeds
+else
+  SEEDS=${SEEDS:-"0 1 2"}
+fi
+OUT=${OUT:-runs/compatible_specialization/${SCALE}_table}
+if [ -n "${CONFIG:-}" ]; then WHICH=(--config "$CONFIG"); else WHICH=(--scale "$SCALE"); fi
 for seed in $SEEDS; do
-  "$PY" -m projects.compatible_specialization.pipeline --scale "$SCALE" --seed "$seed" --out "$OUT"
+  "$PY" -m projects.compatible_specialization.pipeline "${WHICH[@]}" --seed "$seed" --out "$OUT"
 done
 "$PY" -m projects.compatible_specialization.analyze --table "$OUT"

@@ -157,13 +157,17 @@ def smile_model_from(
     config: PretrainedConfig,
     skipped: Sequence[str] = (),
 ) -> PreTrainedModel:
-    """`model_cls(config)` built on `meta`, holding `upscaled`'s weights (assigned, not copied) and its
-    non-persistent buffers (rotary inv_freq, CLIP's position ids), its tied weights tied again. A `skipped`
-    Linear (left pretrained: all deltas zero) that the config upscales gets zero experts and a zero gate,
-    which compute the pretrained layer's output."""
+    """`model_cls(config)` built on `meta`, holding `upscaled`'s Parameters themselves (assigned, not copied)
+    and its non-persistent buffers (rotary inv_freq, CLIP's position ids). A `skipped` Linear (left
+    pretrained: all deltas zero) that the config upscales gets zero experts and a zero gate, which compute
+    the pretrained layer's output."""
     with torch.device("meta"):
         model = model_cls(config)
-    state = dict(upscaled.state_dict())
+    # keep_vars: a weight `upscaled` ties (T5's shared/embed_tokens) is one Parameter under several names, so
+    # assigning the Parameters keeps exactly its ties. `model.tie_weights()` would tie what the config says
+    # instead, and transformers 5's T5Config says tie_word_embeddings=True for every T5: a T5 v1.1 / Flan-T5
+    # lm_head left pretrained (LoRA on q, v) would be overwritten by the embedding.
+    state = dict(upscaled.state_dict(keep_vars=True))
     for name in skipped:
         for part in ("weight", "bias"):
             if f"{name}.{part}" in state:
@@ -176,5 +180,4 @@ def smile_model_from(
         owner, _, leaf = name.rpartition(".")
         if name not in state:
             model.get_submodule(owner).register_buffer(leaf, buffer.clone(), persistent=False)
-    model.tie_weights()
     return model.eval()

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
-from common.models import load_model, micro_model
+from common.models import count_parameters, load_model, micro_model
 from projects.smile.methods import load_upscaled, smile_upscaling
 from projects.smile.smile_models import SmileCLIPVisionModel, SmileT5ForConditionalGeneration
-from projects.smile.upscale import SmileMoELinear
+from projects.smile.upscale import SmileMoELinear, smile_upscale
 from tests.cli import REPO
 
 CFG = {
@@ -93,6 +93,37 @@ def test_smile_t5_folder_with_tied_embeddings_round_trips_through_automodel(tmp_
         )
         out = reloaded.generate(_t5_inputs()["input_ids"], max_new_tokens=3, do_sample=False)
         assert torch.equal(out, model.generate(_t5_inputs()["input_ids"], max_new_tokens=3, do_sample=False))
+
+
+@pytest.mark.parametrize("scale_decoder_outputs", [False, True], ids=["v1.1_own_head", "v1.0_tied_head"])
+def test_smile_t5_with_lm_head_left_pretrained_keeps_its_head(tmp_path, scale_decoder_outputs):
+    # the LoRA arm (deltas only in q and v): lm_head is skipped. transformers 5 says tie_word_embeddings=True
+    # for every T5, and the saved-model class used to call tie_weights(), which wrote the embedding over a
+    # T5 v1.1 head: fewer parameters than the base, other logits. A v1.0 T5 must keep its tied head.
+    base = micro_model("t5", seed=0, tie_word_embeddings=scale_decoder_outputs)
+    assert (base.lm_head.weight is base.shared.weight) == scale_decoder_outputs
+    experts = {}
+    for name, expert in _experts(base).items():  # only q and v move, as a merged LoRA on q, v does
+        with torch.no_grad():
+            for (key, w), (_, w0) in zip(expert.named_parameters(), base.named_parameters(), strict=True):
+                if not key.endswith((".q.weight", ".v.weight")):
+                    w.copy_(w0)
+        experts[name] = expert
+    in_memory, upscale_info = smile_upscale(base, experts, gate_k=2, k=4)  # the base class, no saving
+    model, info = smile_upscaling({**CFG, "model_path": str(tmp_path / "m")}, base, experts)
+    assert isinstance(model, SmileT5ForConditionalGeneration)
+    assert "lm_head" in info["smile"]["skipped_layers"]
+    assert {n.rpartition(".")[2] for n in info["smile"]["upscaled_layers"]} == {"q", "v"}
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "m").eval()
+    for m in (model, reloaded):
+        assert (m.lm_head.weight is m.shared.weight) == scale_decoder_outputs
+        assert torch.equal(m.lm_head.weight, base.lm_head.weight)
+        assert count_parameters(m) == count_parameters(base) + upscale_info.added_parameters
+        assert count_parameters(m) == count_parameters(in_memory)
+    with torch.no_grad():
+        want = in_memory(**_t5_inputs()).logits
+        torch.testing.assert_close(model(**_t5_inputs()).logits, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(reloaded(**_t5_inputs()).logits, want, rtol=1e-5, atol=1e-5)
 
 
 def test_saving_an_unsupported_family_fails_before_upscaling(tmp_path):

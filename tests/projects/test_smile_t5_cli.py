@@ -33,21 +33,7 @@ def lora_experts(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize(
-    "arm",
-    [
-        "full",
-        pytest.param(
-            "lora",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known defect since the 2026-12-05 merges: a SMILE T5 over merged-LoRA experts with "
-                "lm_head left pretrained reports fewer parameters than its base (the saved-model classes "
-                "re-tie lm_head); see the session note",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("arm", ["full", "lora"])
 def test_flan_t5_smile_upscaling_report(arm, full_experts, lora_experts, tmp_path):
     # the seed: fusion_bench method=smile_upscaling/smile_upscaling method.gate_k=$gate_k method.k=$k
     #   modelpool=Seq2SeqLMPool/flan-t5-base_glue[_lora16] taskpool=flan-t5_glue_text_generation report_save_path=...

@@ -13,7 +13,8 @@ each in fp32 and in bf16 (ours: base and LoRA in bf16, the zoo's setting; the pe
 over fp32 weights). Time per step is the median over steps 3.. of the gaps between step ends (step 1-2 pay
 the first-call costs); tokens/s counts the non-padding tokens of those steps, the same for all four runs.
 The runs go one after the other (a Trainer cannot be paused), so load that changes during the run falls
-unevenly: read the ratios with the spread (p25-p75) beside them. Writes results/lora_step[_quick].json and a
+unevenly on them ("whole run" ratios); the speed ratio to read is the interleaved one: one step of each
+setup outside the trainers (`interleaved_steps`), the cases taking turns. Writes results/lora_step[_quick].json and a
 PNG of the four loss curves (the same data in the JSON).
 Usage: python benchmarks/lora_step.py [--steps 50 --batch-size 8 --max-length 256 --threads 1] [--quick]
 """
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import environment
+from _timing import environment, print_table, time_cases
 
 from common.io import write_json
 from common.lm_finetune import collate, encode_example, prepare_for_training, target_only_loss
@@ -145,6 +146,52 @@ def run_peer(path, tokenizer, examples, settings, args, precision, work: Path) -
     return {"losses": losses, "step_s": _gaps(start, ends), "init": init, "optim": str(targs.optim)}
 
 
+def interleaved_steps(path, tokenizer, examples, settings, args) -> dict[str, dict[str, float]]:
+    """One optimizer step of each of the four setups, outside the trainers, the cases taking turns (so
+    that load from other processes falls on all alike): forward, backward, clipping to 1.0 and AdamW on
+    the first `batch_size` examples. Ours: eager attention, `target_only_loss`, base and LoRA in the
+    run's dtype, torch's default AdamW (as `common.training`). The peer: SDPA, `model(**batch).loss` over
+    the full head, fp32 weights with bf16 autocast for bf16 (what accelerate does for `bf16=True`), fused
+    AdamW (the Trainer's default optimizer here)."""
+    from transformers import DataCollatorForSeq2Seq
+
+    pad = tokenizer.pad_token_id
+    rows = examples[: args.batch_size]
+    ours_batch = collate(rows, pad)
+    peer_batch = dict(DataCollatorForSeq2Seq(tokenizer, padding=True)(rows))
+    cases = {}
+    for precision in args.precisions:
+        bf16 = precision == "bf16"
+        model = fresh_lora_model(path, settings, args.seed)
+        opt = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=settings.lr, fused=True
+        )
+        cases[f"peer {precision}"] = _step(model, opt, lambda m, bf16=bf16: _peer_loss(m, peer_batch, bf16))
+        model = fresh_lora_model(path, settings, args.seed, attn_implementation="eager")
+        prepare_for_training(model, torch.bfloat16 if bf16 else torch.float32)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+        cases[f"ours {precision}"] = _step(model, opt, lambda m: target_only_loss(m, ours_batch))
+    return time_cases(cases, args.timing_repeats, warmup=1)
+
+
+def _peer_loss(model, batch, bf16: bool) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return model(**batch).loss
+
+
+def _step(model, optimizer, loss_fn):
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run() -> None:
+        loss_fn(model).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return run
+
+
 def _lora_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
 
@@ -194,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rank", type=int, default=DEFAULT.rank)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timing-repeats", type=int, default=5, help="steps per case, interleaved")
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     parser.add_argument(
         "--quick", action="store_true", help="micro:mistral base, 4 steps of 2 x 32: a smoke run"
@@ -202,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.quick:
         args.base, args.steps, args.batch_size, args.max_length, args.rank = "micro:mistral", 4, 2, 32, 2
+        args.timing_repeats = 2
     if args.warmup_steps is None:
         args.warmup_steps = max(1, args.steps // 10)
     out = args.out or RESULTS / f"lora_step{'_quick' if args.quick else ''}.json"
@@ -226,6 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
                 path, tokenizer, examples, settings, args, precision, Path(work)
             )
 
+    step_times = interleaved_steps(path, tokenizer, examples, settings, args)
     first = next(iter(runs.values()))["init"]
     same_init = all(
         r["init"].keys() == first.keys() and all(torch.equal(r["init"][k], first[k]) for k in first)
@@ -238,7 +288,9 @@ def main(argv: list[str] | None = None) -> dict:
         ours, peer = curves[f"ours {precision}"], curves[f"peer {precision}"]
         tail = max(1, len(ours) // 5)
         compare[precision] = {
-            "speedup_vs_peer": times[f"peer {precision}"]["median_step_s"]
+            "interleaved_step_speedup_vs_peer": step_times[f"peer {precision}"]["median_ms"]
+            / step_times[f"ours {precision}"]["median_ms"],
+            "whole_run_speedup_vs_peer": times[f"peer {precision}"]["median_step_s"]
             / times[f"ours {precision}"]["median_step_s"],
             "tokens_per_s_ratio": times[f"ours {precision}"]["tokens_per_s"]
             / times[f"peer {precision}"]["tokens_per_s"],
@@ -272,6 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"{name:<12}{t['median_step_s']:>15.4g}{spread:>18}{t['tokens_per_s']:>11.1f}{curves[name][-1]:>12.4f}"
         )
+    print_table("one step, the cases taking turns (interleaved)", step_times, "peer fp32")
     print({"same_lora_init": same_init, **compare})
     png = out.with_suffix(".png")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -281,6 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
         "shapes": shapes,
         "peer_optimizer": runs[next(n for n in runs if n.startswith("peer"))]["optim"],
         "same_lora_init": same_init,
+        "interleaved_step_times": step_times,
         "times": times,
         "compare": compare,
         "loss_curves": curves,

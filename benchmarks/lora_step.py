@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import environment, print_table, time_cases
 
-from common.io import write_json
+from common.io import read_json, write_json
 from common.lm_finetune import collate, encode_example, prepare_for_training, target_only_loss
 from common.zoo import DEFAULT, Examples, base_path, lora_for, training_records
 
@@ -242,6 +242,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timing-repeats", type=int, default=5, help="steps per case, interleaved")
+    parser.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="only the interleaved step timing (no trainer runs, no curves)",
+    )
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     parser.add_argument(
         "--quick", action="store_true", help="micro:mistral base, 4 steps of 2 x 32: a smoke run"
@@ -265,6 +270,38 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     examples = encoded(tokenizer, args.task, args.steps * args.batch_size, args.max_length)
     tokens = batches_tokens(examples, args.batch_size, args.steps)
+    shapes = {
+        "base": args.base,
+        "task": args.task,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "mean_tokens_per_step": statistics.fmean(tokens),
+        "lora": {"r": settings.rank, "alpha": settings.alpha, "modules": list(settings.modules)},
+        "lr": settings.lr,
+        "warmup_steps": args.warmup_steps,
+        "threads": args.threads,
+    }
+    print(shapes)
+    if args.timing_only:
+        step_times = interleaved_steps(path, tokenizer, examples, settings, args)
+        print_table("one step, the cases taking turns (interleaved)", step_times, "peer fp32")
+        speedup = {
+            p: step_times[f"peer {p}"]["median_ms"] / step_times[f"ours {p}"]["median_ms"]
+            for p in args.precisions
+        }
+        print({"interleaved_step_speedup_vs_peer": speedup})
+        write_json(
+            out,
+            {
+                "environment": environment(),
+                "shapes": shapes,
+                "interleaved_step_times": step_times,
+                "interleaved_step_speedup_vs_peer": speedup,
+            },
+        )
+        print(f"wrote {out}")
+        return read_json(out)
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="lora_step_") as work:
         for precision in args.precisions:
@@ -305,19 +342,6 @@ def main(argv: list[str] | None = None) -> dict:
         compare["peer fp32 vs peer bf16 mean_abs_loss_diff"] = statistics.fmean(
             abs(a - b) for a, b in zip(curves["peer fp32"], curves["peer bf16"])
         )
-    shapes = {
-        "base": args.base,
-        "task": args.task,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "max_length": args.max_length,
-        "mean_tokens_per_step": statistics.fmean(tokens),
-        "lora": {"r": settings.rank, "alpha": settings.alpha, "modules": list(settings.modules)},
-        "lr": settings.lr,
-        "warmup_steps": args.warmup_steps,
-        "threads": args.threads,
-    }
-    print(shapes)
     print(f"{'run':<12}{'median s/step':>15}{'p25-p75':>18}{'tokens/s':>11}{'final loss':>12}")
     for name, t in times.items():
         spread = f"{t['p25_step_s']:.3g}-{t['p75_step_s']:.3g}"

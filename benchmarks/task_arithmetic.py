@@ -1,8 +1,8 @@
 """Task arithmetic of M models of one (rows × cols) fp32 tensor against the memory-bandwidth floor.
 
-Row 6 of issue 9. Floor: a `torch.sum` over the M models' bytes. Cases: `projects.mats.merging.task_arithmetic`
+Row 6 of issue 9. Floor: a `torch.sum` over the M models' bytes. Cases: `common.merging.task_arithmetic`
 (λ Σ θi + (1 − Mλ) θ0, chunked in the output buffer: each model read once by one in-place add; within
-~M ulp of the reference), the reference (`_task_arithmetic_reference`: a full-size temporary per model),
+~M ulp of the reference), the reference (`task_arithmetic_reference`: a full-size temporary per model),
 and peft's `task_arithmetic` on the same deltas (stack + weighted sum; the deltas are formed first, as its
 callers do). Peak RSS above the inputs per case. `--profile` prints torch.profiler's table for the fast
 path. `make bench` sets THP_MEM_ALLOC_ENABLE=1 (torch's allocator asks for huge pages: the fresh output
@@ -25,7 +25,7 @@ from _timing import environment, peak_rss_of, print_table, ratios, time_cases
 from ties_merge import inputs
 
 from common.io import write_json
-from projects.mats.merging import _task_arithmetic_reference, task_arithmetic
+from common.merging import task_arithmetic, task_arithmetic_reference
 
 RESULTS = Path(__file__).parent / "results" / "task_arithmetic.json"
 
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     floor = "floor: torch.sum over the models"
     cases = {
         floor: lambda: [m["w"].sum() for m in models],
-        "task_arithmetic (fast)": lambda: task_arithmetic(base, models, model_lambda=0.3),
-        "reference": lambda: _task_arithmetic_reference(base, models, model_lambda=0.3),
+        "task_arithmetic (fast)": lambda: task_arithmetic(base, models, scaling=0.3),
+        "reference": lambda: task_arithmetic_reference(base, models, scaling=0.3),
         "peft task_arithmetic (peer)": lambda: (
             base["w"] + 0.3 * peft_task_arithmetic([m["w"] - base["w"] for m in models], w)
         ),
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     times = time_cases(cases, args.repeats, warmup=1)
     memory = {name: peak_rss_of(fn) for name, fn in cases.items()}
     fast, ref = (
-        task_arithmetic(base, models, model_lambda=0.3),
-        _task_arithmetic_reference(base, models, model_lambda=0.3),
+        task_arithmetic(base, models, scaling=0.3),
+        task_arithmetic_reference(base, models, scaling=0.3),
     )
     max_diff = max((fast[k] - ref[k]).abs().max().item() for k in base)
     ulp = torch.finfo(torch.float32).eps * max(m["w"].abs().max().item() for m in (base, *models))
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            task_arithmetic(base, models, model_lambda=0.3)
+            task_arithmetic(base, models, scaling=0.3)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
     vs_floor = ratios(times, floor)
     print_table(

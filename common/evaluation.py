@@ -280,7 +280,7 @@ def generate(
         for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=disable):
             chunk = order[start : start + batch_size]
             # A decoder-only model continues the prompt, so its batch is padded on the left.
-            input_ids, mask = _pad(
+            input_ids, mask = pad_sequences(
                 [encoded[i] for i in chunk], pad_id, "right" if encoder_decoder else "left"
             )
             # Encoder-decoder output starts with the decoder start token; decoder-only output with the prompt.
@@ -390,7 +390,9 @@ def _score_causal(
     # The input is context + continuation without its last token, cut on the left to fit the model;
     # the logits at the last len(continuation) real positions predict the continuation.
     full = [(c + y)[-(limit + 1) :] if limit else c + y for c, y in pairs]
-    input_ids, mask = _pad([f[:-1] for f in full], 0, "right")  # (B, T); right padding keeps positions
+    input_ids, mask = pad_sequences(
+        [f[:-1] for f in full], 0, "right"
+    )  # (B, T); right padding keeps positions
     device = _device(model)
     logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
     logprobs = F.log_softmax(_upcast(logits), dim=-1)  # (B, V_tokens + T, V)
@@ -407,8 +409,8 @@ def _score_encoder_decoder(
 ) -> list[ContinuationScore]:
     # Encoder reads the context; the decoder is teacher-forced on the continuation (the model shifts the
     # labels right itself, and -100 padding becomes the pad token there).
-    input_ids, mask = _pad([c[-limit:] if limit else c for c, _ in pairs], 0, "right")
-    labels, _ = _pad([y for _, y in pairs], IGNORE_INDEX, "right")
+    input_ids, mask = pad_sequences([c[-limit:] if limit else c for c, _ in pairs], 0, "right")
+    labels, _ = pad_sequences([y for _, y in pairs], IGNORE_INDEX, "right")
     device = _device(model)
     logits = model(
         input_ids=input_ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)
@@ -450,8 +452,13 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def _pad(sequences: Sequence[Sequence[int]], value: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids padded with `value` on `side`, and the (B, T) attention mask (1 = real token)."""
+def pad_sequences(
+    sequences: Sequence[Sequence[int]], value: int, side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids padded with `value` on `side` to the longest row, and the (B, T) attention mask (1 = real
+    token). The one padding helper of scoring, generation and fine-tuning (`common.lm_finetune.collate`)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"pad_sequences: side must be 'left' or 'right', got {side!r}")
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), value, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.evaluation import IGNORE_INDEX
+from common.evaluation import IGNORE_INDEX, pad_sequences
 
 
 def encode_example(tokenizer: Any, source: str, target: str, max_length: int) -> dict[str, list[int]]:
@@ -44,15 +44,8 @@ def encode_example(tokenizer: Any, source: str, target: str, max_length: int) ->
 
 def collate(examples: Sequence[Mapping[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch to its longest row: input_ids, attention_mask, labels (-100 on padding)."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
-        mask[i, :n] = 1
+    ids, mask = pad_sequences([e["input_ids"] for e in examples], pad_id, "right")
+    labels, _ = pad_sequences([e["labels"] for e in examples], IGNORE_INDEX, "right")
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

@@ -405,3 +405,21 @@ def test_eval_mode_restores_mixed_training_flags():
         assert not any(m.training for m in model.modules())
         assert not torch.is_grad_enabled()
     assert [m.training for m in model.modules()] == [True, False, True]
+
+
+def test_pad_sequences_and_collate_by_hand():
+    from common.evaluation import pad_sequences
+    from common.lm_finetune import collate
+
+    ids, mask = pad_sequences([[5, 6, 7], [8]], 0, "left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="side must be 'left' or 'right', got 'middle'"):
+        pad_sequences([[1]], 0, "middle")
+    # fine-tuning's batch: right padding, the pad id in input_ids, -100 in labels, 0 in the mask
+    batch = collate(
+        [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}], pad_id=9
+    )
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert all(t.dtype == torch.long for t in batch.values())

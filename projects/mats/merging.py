@@ -15,36 +15,11 @@ from typing import Any
 import torch
 from peft.utils.merge_utils import ties as peft_ties
 
-from common.cli import UserError
+from common import merging
+from common.merging import MergeError, StateDict, check_models
 
-StateDict = Mapping[str, torch.Tensor]
 FISHER_FLOOR = 1e-8  # MaTS clamps every Fisher entry to at least this before the weighted mean
 TIES_VARIANTS = ("mats", "mergekit", "peft")
-
-
-class MergeError(UserError):
-    """Models that cannot be merged: mismatched names or shapes, missing metadata, non-finite weights."""
-
-
-def check_models(base: StateDict, models: Sequence[StateDict], *, finite: bool = True) -> None:
-    """Every model has the base's parameter names and shapes, and (with `finite`) finite values; the fast
-    merges check finiteness chunk by chunk instead of in a separate pass over every model."""
-    if not models:
-        raise MergeError("nothing to merge: no model given")
-    for i, model in enumerate(models):
-        missing, extra = sorted(set(base) - set(model)), sorted(set(model) - set(base))
-        if missing or extra:
-            raise MergeError(
-                f"model {i} does not match the base model: missing {missing[:3]}, unexpected {extra[:3]} "
-                "(were the experts fine-tuned from another base or in another format?)"
-            )
-        for name, tensor in model.items():
-            if tensor.shape != base[name].shape:
-                raise MergeError(
-                    f"model {i}: {name} has shape {tuple(tensor.shape)}, base has {tuple(base[name].shape)}"
-                )
-            if finite and not torch.isfinite(tensor).all():
-                raise MergeError(f"model {i}: {name} has NaN or inf weights")
 
 
 def needed_stats(
@@ -74,41 +49,8 @@ def average(base: StateDict, models: Sequence[StateDict], *, stats=None, model_l
 def task_arithmetic(
     base: StateDict, models: Sequence[StateDict], *, stats=None, model_lambda: float = 1.0
 ) -> dict:
-    """θ = θ0 + λ Σ τi with τi = θi − θ0 (Ilharco et al. 2023); a sum, not a mean.
-
-    Float32/64 models: computed as θ = λ Σ θi + (1 − Mλ) θ0, chunk by chunk in the output buffer (each
-    model read once by one in-place add, the chunk in cache; no temporaries). Σ θi before subtracting Mθ0
-    rounds at the scale of |θ| rather than |τ|: the result is within ~M ulp(max |θ|) of
-    `_task_arithmetic_reference` (tested), not bit-identical. Other dtypes take the reference."""
-    if not all(t.dtype in (torch.float32, torch.float64) for m in (base, *models) for t in m.values()):
-        return _task_arithmetic_reference(base, models, model_lambda=model_lambda)
-    check_models(base, models, finite=False)
-    out = {}
-    for k in base:
-        b = base[k].reshape(-1)
-        flats = [m[k].reshape(-1) for m in models]
-        res = torch.empty_like(b)
-        for s in range(0, b.numel(), _TA_CHUNK):
-            e = min(s + _TA_CHUNK, b.numel())
-            acc = res[s:e]
-            if len(flats) == 1:
-                acc.copy_(flats[0][s:e])
-            else:
-                torch.add(flats[0][s:e], flats[1][s:e], out=acc)
-            for m in flats[2:]:
-                acc.add_(m[s:e])
-            if not bool(torch.isfinite(acc.sum())):  # NaN/inf propagate into the sum (overflow: rechecked)
-                check_models(base, models)  # names the non-finite model
-            acc.mul_(model_lambda).add_(b[s:e], alpha=1 - len(flats) * model_lambda)
-        out[k] = res.view_as(base[k])
-    return out
-
-
-def _task_arithmetic_reference(
-    base: StateDict, models: Sequence[StateDict], *, stats=None, model_lambda: float = 1.0
-) -> dict:
-    check_models(base, models)
-    return {k: base[k] + model_lambda * sum(m[k] - base[k] for m in models) for k in base}
+    """θ = θ0 + λ Σ τi with τi = θi − θ0 (Ilharco et al. 2023); a sum, not a mean (`common.merging`)."""
+    return merging.task_arithmetic(base, models, scaling=model_lambda)
 
 
 def _trim_global_reference(flat: torch.Tensor, top_k: float) -> torch.Tensor:
@@ -171,7 +113,6 @@ def _ties_mergekit_reference(
 # bits order as integers), so the kept sets, ties at the threshold included, equal the sort-based
 # references `_ties_*_reference`, which the tests compare against.
 _CHUNK = 1 << 18
-_TA_CHUNK = 1 << 17  # task arithmetic: a 512 kB output chunk stays in L2 while the M models stream past
 
 
 def _delta_chunk(m: torch.Tensor, b: torch.Tensor, s: int) -> torch.Tensor:

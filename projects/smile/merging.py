@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from common import merging
+
 StateDict = dict[str, torch.Tensor]
 
 
@@ -23,14 +25,8 @@ def simple_average(base: StateDict, models: Sequence[StateDict]) -> StateDict:
 def task_arithmetic(
     base: StateDict, models: Sequence[StateDict], *, scaling_factor: float = 0.3
 ) -> StateDict:
-    """θ = θ0 + λ Σ_i (θ_i − θ0) (Ilharco et al. 2023; fusion_bench's default λ = 0.3)."""
-    out = {}
-    for key, value in base.items():
-        if not value.is_floating_point():
-            out[key] = value.clone()
-            continue
-        out[key] = value + scaling_factor * torch.stack([m[key] - value for m in models]).sum(0)
-    return out
+    """θ = θ0 + λ Σ_i (θ_i − θ0) (Ilharco et al. 2023; fusion_bench's default λ = 0.3; `common.merging`)."""
+    return merging.task_arithmetic(base, models, scaling=scaling_factor)
 
 
 MERGES: dict[str, Callable[..., StateDict]] = {

@@ -6,12 +6,13 @@ import pytest
 import torch
 from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
 
+import common.merging
 import projects.mats.merging as merging
+from common.merging import task_arithmetic_reference
 from projects.mats.merging import (
     MergeError,
     _kth_largest_abs,
     _magnitude_keep,
-    _task_arithmetic_reference,
     _ties_reference,
     task_arithmetic,
     ties,
@@ -22,7 +23,7 @@ from projects.mats.merging import (
 def small_chunks(monkeypatch):
     # many chunks on small tensors: chunk edges and ties across them
     monkeypatch.setattr(merging, "_CHUNK", 64)
-    monkeypatch.setattr(merging, "_TA_CHUNK", 64)
+    monkeypatch.setattr(common.merging, "TA_CHUNK", 64)
 
 
 def _models(n_models=4, ties_at_threshold=False, seed=0, dtype=torch.float32):
@@ -64,17 +65,17 @@ def test_task_arithmetic_matches_the_reference_to_rounding(n_models):
     eps = torch.finfo(torch.float32).eps
     for lam in (1.0, 0.3, -0.5):
         fast = task_arithmetic(base, models, model_lambda=lam)
-        ref = _task_arithmetic_reference(base, models, model_lambda=lam)
+        ref = task_arithmetic_reference(base, models, scaling=lam)
         scale = max(t.abs().max().item() for m in (base, *models) for t in m.values())
         for k in base:
             assert fast[k].dtype == torch.float32 and fast[k].shape == base[k].shape
             tol = 2 * n_models**2 * max(abs(lam), 1.0) * eps * scale
             torch.testing.assert_close(fast[k], ref[k], atol=tol, rtol=0)
     base64, models64 = _models(n_models=n_models, dtype=torch.float64)
-    fast, ref = task_arithmetic(base64, models64), _task_arithmetic_reference(base64, models64)
+    fast, ref = task_arithmetic(base64, models64), task_arithmetic_reference(base64, models64)
     assert all(torch.allclose(fast[k], ref[k], atol=1e-12, rtol=0) for k in base64)
     base16, models16 = _models(dtype=torch.bfloat16)  # other dtypes take the reference
-    fast, ref = task_arithmetic(base16, models16), _task_arithmetic_reference(base16, models16)
+    fast, ref = task_arithmetic(base16, models16), task_arithmetic_reference(base16, models16)
     assert all(torch.equal(fast[k], ref[k]) and fast[k].dtype == torch.bfloat16 for k in base16)
 
 

@@ -7,13 +7,19 @@ ratios measured in one run stay fair even when the absolute times do not.
 
 from __future__ import annotations
 
+import argparse
 import platform
+import random
 import resource
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
+
+RESULTS = Path(__file__).parent / "results"
 
 
 def time_cases(
@@ -129,3 +135,38 @@ def peak_rss_of(fn: Callable[[], object]) -> float:
     del out
     gc.collect()
     return peak - before
+
+
+# --- the scripts on SmolLM2-135M (issue 21) --------------------------------------------------------
+
+
+def add_run_args(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    """--threads, --repeats, --quick (a smoke run: `quick_help` says what it cuts) and --out."""
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: results/<name>_<threads>t[_quick].json"
+    )
+
+
+def result_path(name: str, args: argparse.Namespace) -> Path:
+    """`--out`, or results/<name>_<threads>t[_quick].json."""
+    return args.out or RESULTS / f"{name}_{args.threads}t{'_quick' if args.quick else ''}.json"
+
+
+def smollm2(threads: int, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """(SmolLM2-135M-Instruct in eval mode, its tokenizer), with torch set to `threads` intra-op threads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.tiny_world import real_base
+
+    torch.set_num_threads(threads)
+    path = real_base("smollm2-135m")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def sample_rows(data: Any, items: int, seed: int = 0) -> Any:
+    """`items` rows of a `datasets.Dataset` drawn without replacement (seeded; all rows if it has fewer)."""
+    picked = random.Random(seed).sample(range(len(data)), min(items, len(data)))
+    return data.select(picked)

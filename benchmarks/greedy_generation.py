@@ -11,29 +11,35 @@ Usage: python benchmarks/greedy_generation.py [--items 24 --batch-size 8 --threa
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import environment, print_table, ratios, time_cases
+from _timing import (
+    add_run_args,
+    environment,
+    print_table,
+    ratios,
+    result_path,
+    sample_rows,
+    smollm2,
+    time_cases,
+)
 
 from common.data.text_tasks import tweet_sentiment
 from common.evaluation import _eos_ids, _finish, generate
 from common.io import write_json
-from common.tiny_world import real_base
 
-RESULTS = Path(__file__).parent / "results"
 STOP = ("\n",)
 
 
 def prompts(items: int) -> list[str]:
     """Zoo-like generation prompts: airline tweets (random, seed 0) to be answered in one line."""
-    data = tweet_sentiment("airline")
-    picked = random.Random(0).sample(range(len(data)), min(items, len(data)))
-    return [f"Tweet: {t}\nThe airline replied:" for t in data.select(picked)["input"]]
+    return [
+        f"Tweet: {t}\nThe airline replied:" for t in sample_rows(tweet_sentiment("airline"), items)["input"]
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,21 +47,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--items", type=int, default=24)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="4 prompts, 8 new tokens: a smoke run")
-    parser.add_argument("--out", type=Path, default=None)
+    add_run_args(parser, "4 prompts, 8 new tokens: a smoke run")
     args = parser.parse_args(argv)
     if args.quick:
         args.items, args.max_new_tokens = 4, 8
-    out = args.out or RESULTS / f"greedy_generation_{args.threads}t{'_quick' if args.quick else ''}.json"
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(args.threads)
-    path = real_base("smollm2-135m")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    out = result_path("greedy_generation", args)
+    model, tokenizer = smollm2(args.threads)
     texts = prompts(args.items)
     eos = _eos_ids(model, tokenizer)
     results: dict[str, list[str]] = {}

@@ -13,22 +13,28 @@ from __future__ import annotations
 
 import argparse
 import copy
-import random
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import environment, print_table, ratios, time_cases
+from _timing import (
+    add_run_args,
+    environment,
+    print_table,
+    ratios,
+    result_path,
+    sample_rows,
+    smollm2,
+    time_cases,
+)
 
 from common.data import text_tasks
 from common.evaluation import _pairwise_logprobs, encode_pair, rank_classification
 from common.io import write_json
 from common.registry import lookup
-from common.tiny_world import real_base
 
-RESULTS = Path(__file__).parent / "results"
 # Zoo-like tasks: the dataset of `common.data.text_tasks` (columns source, choices, label). Tweet
 # sentiment's answers are one token each in SmolLM2's vocabulary; CHAMP's five areas are 1-3 tokens.
 TASKS = {
@@ -39,9 +45,7 @@ TASKS = {
 
 def requests(task: str, items: int) -> tuple[list[str], list[list[str]], list[int]]:
     """`items` prompts drawn at random (seed 0), each "<source>\\nAnswer:" with the answers " <choice>"."""
-    data = lookup(TASKS, task, "task")()
-    picked = random.Random(0).sample(range(len(data)), min(items, len(data)))
-    rows = data.select(picked)
+    rows = sample_rows(lookup(TASKS, task, "task")(), items)
     prompts = [f"{source}\nAnswer:" for source in rows["source"]]
     choices = [[f" {c}" for c in cs] for cs in rows["choices"]]
     return prompts, choices, list(rows["label"])
@@ -52,23 +56,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--task", default="tweet_sentiment_airline", choices=sorted(TASKS))
     parser.add_argument("--items", type=int, default=100, help="prompts scored per run")
     parser.add_argument("--batch-size", type=int, default=8, help="ours: prompts per forward")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="8 items, 1 repeat: a smoke run")
-    parser.add_argument("--out", type=Path, default=None)
+    add_run_args(parser, "8 items, 1 repeat: a smoke run")
     args = parser.parse_args(argv)
     if args.quick:
         args.items, args.repeats = 8, 1
-    out = args.out or RESULTS / f"mc_scoring_{args.task}_{args.threads}t{'_quick' if args.quick else ''}.json"
+    out = result_path(f"mc_scoring_{args.task}", args)
 
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(args.threads)
-    path = real_base("smollm2-135m")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model, tokenizer = smollm2(args.threads)
     prompts, choices, labels = requests(args.task, args.items)
     flat = [(p, c) for p, cs in zip(prompts, choices) for c in cs]
     pairs = [encode_pair(tokenizer, p, c, encoder_decoder=False) for p, c in flat]

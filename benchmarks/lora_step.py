@@ -14,9 +14,10 @@ over fp32 weights). Time per step is the median over steps 3.. of the gaps betwe
 the first-call costs); tokens/s counts the non-padding tokens of those steps, the same for all four runs.
 The runs go one after the other (a Trainer cannot be paused), so load that changes during the run falls
 unevenly on them ("whole run" ratios); the speed ratio to read is the interleaved one: one step of each
-setup outside the trainers (`interleaved_steps`), the cases taking turns. Writes results/lora_step[_quick].json and a
-PNG of the four loss curves (the same data in the JSON).
-Usage: python benchmarks/lora_step.py [--steps 50 --batch-size 8 --max-length 256 --threads 1] [--quick]
+setup outside the trainers (`interleaved_steps`), the cases taking turns. Writes results/lora_step.json
+and a PNG of the four loss curves (the same data in the JSON); `--timing-only`: lora_step_interleaved.json.
+Usage: python benchmarks/lora_step.py [--steps 50 --batch-size 8 --max-length 256 --threads 1]
+       [--timing-only] [--quick]
 """
 
 from __future__ import annotations
@@ -258,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.timing_repeats = 2
     if args.warmup_steps is None:
         args.warmup_steps = max(1, args.steps // 10)
-    out = args.out or RESULTS / f"lora_step{'_quick' if args.quick else ''}.json"
+    name = "lora_step" + ("_interleaved" if args.timing_only else "") + ("_quick" if args.quick else "")
+    out = args.out or RESULTS / f"{name}.json"
 
     from transformers import AutoTokenizer
 

@@ -3,7 +3,8 @@
 # baselines and projection merging per seed), the tiny Flan-T5 tables (full and LoRA experts: fine-tuned,
 # then baselines and the SMILE grid per seed), the tiny Mistral arm, then analyze.py. The slow real-model arm
 # (SmolLM2-135M with math and code LoRA experts, ~30 CPU-min a seed) runs only when asked: ARMS=smollm2.
-# Env: SCALE=tiny|paper, PY=<python>, SEEDS (default "0 1 2"), ARMS (default "clip t5_full t5_lora mistral").
+# SCALE=real: SMILE over the SmolLM2-135M expert zoo through the leaderboard (below).
+# Env: SCALE=tiny|real|paper, PY=<python>, SEEDS (default "0 1 2"), ARMS (default "clip t5_full t5_lora mistral").
 set -euo pipefail
 SCALE=${SCALE:-tiny}
 PY=${PY:-python}
@@ -36,6 +37,18 @@ if [ "$SCALE" = paper ]; then
                 report_save_path="runs/smile/paper/flan-t5-base_lora16/glue_text_generation/gate_k=${gate_k}_k=${k}.json"
         done
     done
+    exit 0
+fi
+if [ "$SCALE" = real ]; then
+    # SMILE as a router over the 13 expert-zoo LoRA experts of SmolLM2-135M (issue 17): the leaderboard picks
+    # (gate_k, k, top_k) on the library tasks' validation split and reads each test split once, beside the
+    # oracle, the uniform merge and task arithmetic, for zoo seeds 0 and 1 (needs `make zoo`; results are
+    # reused per seed and entry); then where the chosen model routes each task's tokens, per layer; then the
+    # table, claims' metrics and plots (runs/smile/real/table/real_zoo/).
+    LB=${LEADERBOARD_OUT:-runs/leaderboard}
+    $PY -m leaderboard.run --entries smile smile_top8 uniform task_arithmetic oracle --seeds 0 1 --out "$LB"
+    $PY -m leaderboard.smile --seeds 0 1 --out "$LB"
+    $PY -m projects.smile.analyze runs=runs/smile/real out=runs/smile/real/table leaderboard="$LB"
     exit 0
 fi
 OUT=runs/smile/$SCALE

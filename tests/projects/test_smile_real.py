@@ -222,3 +222,36 @@ def test_claims_without_their_run_are_not_graded(tmp_path):
     claims = [c for c in yaml.safe_load(analyze.PAPER.read_text())["claims"] if c["experiment"] == "real_zoo"]
     stats = aggregate(load_results(runs, "real"))[("smile", "real_zoo")]
     assert check_claim(claims[-1], stats) == "not run"  # top-8 was not run: "to be measured"
+
+
+def test_routing_command_reads_the_chosen_hparams_and_is_reused(ctx, tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match=r"smile.json is missing.*leaderboard.run --entries smile"):
+        lb_smile.write_routing([0], tmp_path, 2, MICRO, LIBRARY)
+    write_json(
+        tmp_path / "seed_0" / "smile.json", {"entry": "smile", "hparams": {"gate_k": 8, "k": 4, "top_k": 2}}
+    )
+    [path] = lb_smile.write_routing([0], tmp_path, 2, MICRO, LIBRARY)
+    written = read_json(path)
+    assert written["hparams"] == {"gate_k": 8, "k": 4, "top_k": 2} and written["seed"] == 0
+    assert set(written["own_share_by_layer"]) == set(LIBRARY)
+    monkeypatch.setattr(lb_smile, "smile_routing", lambda *a, **k: pytest.fail("recomputed"))
+    assert lb_smile.write_routing([0], tmp_path, 2, MICRO, LIBRARY) == [path]
+
+
+def test_table_sh_real_branch_runs_the_leaderboard_then_routing_then_analysis(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "py"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+    fake.chmod(0o755)
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, SCALE="real", PY=str(fake), LEADERBOARD_OUT="lb")
+    subprocess.run(["bash", "projects/smile/table.sh"], cwd=root, env=env, check=True)
+    assert log.read_text().splitlines() == [
+        "-m leaderboard.run --entries smile smile_top8 uniform task_arithmetic oracle --seeds 0 1 --out lb",
+        "-m leaderboard.smile --seeds 0 1 --out lb",
+        "-m projects.smile.analyze runs=runs/smile/real out=runs/smile/real/table leaderboard=lb",
+    ]

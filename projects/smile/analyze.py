@@ -47,6 +47,14 @@ class Arm:
 ARMS = (
     Arm("", "tiny_clip", "tiny CLIP", "pretrained (zero-shot heads)", "paper B/32 (%)", " (16, 32), 1.61x"),
     Arm(
+        "clip_distinct",
+        "tiny_clip_distinct",
+        "tiny CLIP, eight distinct domains",
+        "pretrained (zero-shot heads)",
+        "paper B/32 (%)",
+        " (16, 32), 1.61x",
+    ),
+    Arm(
         "t5_full",
         "tiny_t5_full",
         "tiny T5, full fine-tuning",

@@ -255,3 +255,47 @@ def test_table_sh_real_branch_runs_the_leaderboard_then_routing_then_analysis(tm
         "-m leaderboard.smile --seeds 0 1 --out lb",
         "-m projects.smile.analyze runs=runs/smile/real out=runs/smile/real/table leaderboard=lb",
     ]
+
+
+@pytest.mark.smoke
+def test_distinct_domain_experts_fine_tune_upscale_and_score_on_micro(tmp_path):
+    """The distinct-domain CLIP arm's commands on the micro CLIP, two of its generated domains."""
+    import json
+
+    from tests.cli import run_cli
+
+    tasks = ["greek_glyphs", "textures"]
+    experts = tmp_path / "experts"
+    run_cli(
+        [
+            "-m",
+            "projects.smile.finetune",
+            "--config",
+            "projects/smile/configs/micro_finetune.yaml",
+            f"tasks=[{','.join(tasks)}]",
+            f"out={experts}",
+        ],
+        timeout=300,
+    )
+    models = "[{name: _pretrained_, path: 'micro:clip'}, " + ", ".join(
+        f"{{name: {t}, path: '{{expert_root}}/{t}'}}" for t in tasks
+    )
+    report = tmp_path / "report.json"
+    run_cli(
+        [
+            "-m",
+            "projects.smile.main",
+            "method=smile_upscaling/smile_upscaling",
+            "method.gate_k=2",
+            "method.k=-1",
+            "modelpool=CLIPVisionModelPool/micro_clip",
+            f"modelpool.models={models}]",
+            f"modelpool.expert_root={experts}",
+            "taskpool=CLIPVisionModelTaskPool/micro_clip",
+            f"taskpool.tasks=[{','.join(tasks)}]",
+            f"report_save_path={report}",
+        ],
+        timeout=300,
+    )
+    out = json.loads(report.read_text())
+    assert set(out) >= {*tasks, "average"} and 0 <= out["average"]["accuracy"] <= 1

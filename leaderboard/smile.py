@@ -5,7 +5,7 @@ the full weights θ0 + ΔW_i it stands for (`lora_deltas`). Per token and projec
     y = W0 x + Σ_{j ∈ top_k} w_j U_j[:, :k] S_j[:k] V_j[:, :k]ᵀ x,   w = renormalised top_k of softmax_i ‖V_i[:, :gate_k]ᵀ x‖
 
 `smile_routing` writes, per library task and decoder layer, the share of its tokens that the chosen
-model's routers send to each expert (`python -m leaderboard.smile --seeds 0 1`, after the leaderboard).
+model's routers send to each expert (`python -m leaderboard.smile --seeds 0 1`, after the leaderboard; `<out>/smile_routing/seed_<s>.json`).
 """
 
 from __future__ import annotations
@@ -126,8 +126,9 @@ def smile_routing(ctx: Context, hparams: dict[str, Any], n: int = 20, split: str
 def write_routing(
     seeds: Sequence[int], out: Path, n: int = 20, settings: Any = None, library: Sequence[str] | None = None
 ) -> list[Path]:
-    """`<out>/seed_<s>/smile_routing.json` for the hyperparameters the leaderboard chose (`smile.json`);
-    an existing file made with the same zoo settings and hyperparameters is kept."""
+    """`<out>/smile_routing/seed_<s>.json` for the hyperparameters the leaderboard chose (`seed_<s>/smile.json`);
+    an existing file made with the same zoo settings and hyperparameters is kept. (Not under seed_<s>/, whose
+    JSONs are all leaderboard results to `leaderboard.report`.)"""
     from common import zoo
     from common.io import read_json, write_json
     from common.zoo_tasks import LIBRARY
@@ -142,7 +143,7 @@ def write_routing(
                 f"{chosen} is missing: run `python -m leaderboard.run --entries smile --seeds {seed}` first"
             )
         hparams = read_json(chosen)["hparams"]
-        path = out / f"seed_{seed}" / "smile_routing.json"
+        path = out / "smile_routing" / f"seed_{seed}.json"
         if path.is_file():
             old = read_json(path)
             if old.get("zoo_settings") == settings.key() and old.get("hparams") == hparams:
@@ -163,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Where the chosen SMILE model routes each library task's tokens, per layer.",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--out", type=Path, default=Path("runs/leaderboard"))
+    parser.add_argument("--out", type=Path, default=Path("results/leaderboard"))
     parser.add_argument("--texts", type=int, default=20, help="validation prompts per task")
     args = parser.parse_args(argv)
     for path in write_routing(args.seeds, args.out, args.texts):

@@ -6,7 +6,7 @@ also the real arm (SMILE over the SmolLM2 expert zoo, `real_table.py`): its tabl
 params-vs-accuracy plot and per-layer routing heat map from the leaderboard's results.
 
     python -m projects.smile.analyze runs=runs/smile/tiny out=runs/smile/tiny/table
-    python -m projects.smile.analyze runs=runs/smile/real out=runs/smile/real/table leaderboard=runs/leaderboard
+    python -m projects.smile.analyze runs=runs/smile/real out=runs/smile/real/table leaderboard=results/leaderboard
 """
 
 from __future__ import annotations

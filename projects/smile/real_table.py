@@ -3,7 +3,7 @@ params-vs-accuracy plot and the per-layer routing heat map, from what the leader
 
 Inputs (nothing is computed on a model here): `<leaderboard>/seed_<s>/<entry>.json` of
 `python -m leaderboard.run` (fields: in_distribution, held_out, params_vs_base, hparams, search, test) and
-`<leaderboard>/seed_<s>/smile_routing.json` of `python -m leaderboard.smile` (own_share_by_layer, chance).
+`<leaderboard>/smile_routing/seed_<s>.json` of `python -m leaderboard.smile` (own_share_by_layer, chance).
 Per seed a `summary/results.json` (experiment `real_zoo`, read by RESULTS.md and `paper.yaml`'s claims):
 
     <entry>.in_distribution, <entry>.held_out, <entry>.params_vs_base
@@ -23,7 +23,7 @@ from common.io import read_json
 from common.rundir import RunDir
 
 ENTRY_ORDER = ("base", "oracle", "multitask", "smile", "smile_top8", "uniform", "task_arithmetic")
-ROUTING = "smile_routing.json"
+ROUTING = "smile_routing"  # <leaderboard>/smile_routing/seed_<s>.json
 TOP_K_POINT = {"gate_k": 8, "k": 8}  # where the top_k ablation is read (the paper's LLM point, cut at rank 8)
 
 
@@ -31,8 +31,6 @@ def leaderboard_results(root: str | Path) -> dict[int, dict[str, dict[str, Any]]
     """{seed: {entry: its result}} under `root` (seed_<s>/<entry>.json; the routing files left out)."""
     found: dict[int, dict[str, dict[str, Any]]] = {}
     for path in sorted(Path(root).glob("seed_*/*.json")):
-        if path.name == ROUTING:
-            continue
         record = read_json(path)
         if "entry" in record and "params_vs_base" in record:
             found.setdefault(int(path.parent.name.removeprefix("seed_")), {})[record["entry"]] = record
@@ -40,7 +38,7 @@ def leaderboard_results(root: str | Path) -> dict[int, dict[str, dict[str, Any]]
 
 
 def routing_results(root: str | Path) -> list[dict[str, Any]]:
-    return [read_json(p) for p in sorted(Path(root).glob(f"seed_*/{ROUTING}"))]
+    return [read_json(p) for p in sorted((Path(root) / ROUTING).glob("seed_*.json"))]
 
 
 def _validation_at(result: Mapping[str, Any], hparams: Mapping[str, Any]) -> float | None:
@@ -171,7 +169,9 @@ def plot_params_vs_accuracy(results: Mapping[int, Mapping[str, Mapping[str, Any]
 def own_share_matrix(routings: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """{"tasks", "layers", "share": [task][layer] own-expert share (mean over seeds), "chance", "seeds"}."""
     if not routings:
-        raise ValueError("no smile_routing.json: run `python -m leaderboard.smile` after the leaderboard")
+        raise ValueError(
+            "no smile_routing/seed_*.json: run `python -m leaderboard.smile` after the leaderboard"
+        )
     tasks = list(routings[0]["own_share_by_layer"])
     n_layers = len(routings[0]["own_share_by_layer"][tasks[0]])
     share = [

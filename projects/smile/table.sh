@@ -45,7 +45,7 @@ if [ "$SCALE" = real ]; then
     # oracle, the uniform merge and task arithmetic, for zoo seeds 0 and 1 (needs `make zoo`; results are
     # reused per seed and entry); then where the chosen model routes each task's tokens, per layer; then the
     # table, claims' metrics and plots (runs/smile/real/table/real_zoo/).
-    LB=${LEADERBOARD_OUT:-runs/leaderboard}
+    LB=${LEADERBOARD_OUT:-results/leaderboard}
     $PY -m leaderboard.run --entries smile smile_top8 uniform task_arithmetic oracle --seeds 0 1 --out "$LB"
     $PY -m leaderboard.smile --seeds 0 1 --out "$LB"
     $PY -m projects.smile.analyze runs=runs/smile/real out=runs/smile/real/table leaderboard="$LB"

@@ -175,7 +175,7 @@ def _fake_leaderboard(root, with_top8=True):
         for r in results:
             write_json(root / f"seed_{seed}" / f"{r['entry']}.json", r)
         write_json(
-            root / f"seed_{seed}" / real_table.ROUTING,
+            root / real_table.ROUTING / f"seed_{seed}.json",
             {
                 "seed": seed,
                 "hparams": {"gate_k": 8, "k": 8, "top_k": 1},
@@ -234,6 +234,9 @@ def test_routing_command_reads_the_chosen_hparams_and_is_reused(ctx, tmp_path, m
     written = read_json(path)
     assert written["hparams"] == {"gate_k": 8, "k": 4, "top_k": 2} and written["seed"] == 0
     assert set(written["own_share_by_layer"]) == set(LIBRARY)
+    from leaderboard import report
+
+    assert [r["entry"] for r in report.load(tmp_path)] == ["smile"]  # the routing file is not a result
     monkeypatch.setattr(lb_smile, "smile_routing", lambda *a, **k: pytest.fail("recomputed"))
     assert lb_smile.write_routing([0], tmp_path, 2, MICRO, LIBRARY) == [path]
 

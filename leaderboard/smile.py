@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from leaderboard.registry import Candidate, Context, count, lora_deltas, register
+from leaderboard.registry import Candidate, Context, count, expert_states, lora_deltas, register
 
 # The paper's LLM setting is gate_k = 8 with k from 8 to 512 (Mistral-7B, full fine-tunes). The zoo's experts
 # are rank-8 LoRA, so every ΔW_i has rank ≤ 8 and any k ≥ 8 computes what k = 8 does, with more parameters:
@@ -37,7 +37,14 @@ def expert_models(ctx: Context) -> dict[str, nn.Module]:
     parameter is the base's own tensor, shared rather than copied, and the adapted weights are the
     `lora_deltas` tensors themselves: no memory beyond those. fp32 matters: in bf16, θ0 + ΔW_i − θ0 would
     round away most of a LoRA delta (|ΔW| ≪ |θ0|)."""
-    _, merged = lora_deltas(ctx)
+    kind = getattr(ctx.settings, "adapter", "lora")
+    if kind not in ("lora", "full"):
+        raise ValueError(
+            f"SMILE upscales Linear weight deltas; the zoo's {kind!r} experts have none "
+            "(use a LoRA or full fine-tuning zoo: ZooSettings.adapter)"
+        )
+    # LoRA: the adapted weights θ0 + ΔW_i; full: every parameter (SMILE upscales the Linears, keeps the rest)
+    _, merged = lora_deltas(ctx) if kind == "lora" else expert_states(ctx)
     adapted = set().union(*merged) if merged else set()
     models = {}
     for task, weights in zip(ctx.experts, merged):

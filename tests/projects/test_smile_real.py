@@ -103,6 +103,14 @@ def test_expert_models_hold_the_merged_weights_and_share_the_rest(ctx):
     assert got[embed].data_ptr() == dict(ctx.base.named_parameters())[embed].data_ptr()  # not copied
 
 
+def test_experts_without_weight_deltas_are_refused(ctx):
+    import dataclasses
+
+    ia3 = dataclasses.replace(ctx, settings=dataclasses.replace(ctx.settings, adapter="ia3"), cache={})
+    with pytest.raises(ValueError, match="'ia3' experts have none"):
+        lb_smile.expert_models(ia3)
+
+
 def test_top_k_candidates_share_one_upscaling_and_keep_their_own_top_k(ctx):
     fn = entries.ENTRIES["smile"][0]
     one, two = fn(ctx, gate_k=8, k=4, top_k=1), fn(ctx, gate_k=8, k=4, top_k=2)

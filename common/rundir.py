@@ -31,7 +31,7 @@ from common.config import dump_config, read_config_file
 from common.io import check_writable, write_json, write_text
 
 SCHEMA = "moerging.results/v1"
-SCALES = ("micro", "tiny", "paper")
+SCALES = ("micro", "tiny", "real", "paper")
 LOCK = ".lock"
 _LOCKS: dict[Path, int] = {}  # run folder -> open file descriptor holding its lock, for this process's life
 _FRESH: list[Path] = []  # run folders this process created; a failed run removes the ones holding only config

@@ -11,6 +11,7 @@ from leaderboard import (
     mats,  # noqa: F401  (registers ties, fisher_diag[_true], regmean, mats_cg, cg_*)
     mbc_arrow,  # noqa: F401  (arrow, arrow_gks, mbc_oracle, mbc_uniform, mbc_arrow)
     phatgoose,  # noqa: F401  (phatgoose, retrieval, average_activation, merged_experts, best_single_expert)
+    smile,  # noqa: F401  (smile, smile_top8)
 )
 from leaderboard.registry import (  # noqa: F401  (the names entries and tests use)
     ENTRIES,

@@ -40,6 +40,11 @@ CLASS_COUNTS = {
     "mnist_geq5": [2500, 2500],
     "animal_herbivore": [4000, 6000],
     "digits_vs_mnist": [1797, 1797],
+    "greek_glyphs": [200] * 10,
+    "cyrillic_glyphs": [200] * 10,
+    "math_symbols": [200] * 10,
+    "shapes": [200] * 10,
+    "textures": [200] * 10,
 }
 
 

@@ -15,7 +15,13 @@ from datasets import DatasetDict
 
 from common.data import hub
 from common.data.code import humaneval, stdlib_code
-from common.data.images import IMAGE_TASKS, TINY_CLIP_TASKS, load_image_task, to_pixel_values
+from common.data.images import (
+    IMAGE_TASKS,
+    TINY_CLIP_DISTINCT_TASKS,
+    TINY_CLIP_TASKS,
+    load_image_task,
+    to_pixel_values,
+)
 from common.data.math import (
     GSM_TEMPLATE_IDS,
     calculator_program,
@@ -102,6 +108,7 @@ __all__ = [
     "DEFAULT_FRACTIONS",
     "GSM_TEMPLATE_IDS",
     "IMAGE_TASKS",
+    "TINY_CLIP_DISTINCT_TASKS",
     "TINY_CLIP_TASKS",
     "as_multiple_choice",
     "as_text_to_text",

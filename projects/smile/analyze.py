@@ -1,9 +1,12 @@
 """The paper's tables from the sweep summaries (mean ± std over seeds), beside the paper's numbers:
 methods vs individual experts, the (gate_k, k) grid with parameter ratios (and a plot of accuracy against
 size), the top_k ablation, and singular projection merging (Space I / II / II+III); for each arm found
-under `runs` (tiny CLIP in seed_*/, tiny T5 in t5_full/seed_*/ and t5_lora/seed_*/).
+under `runs` (tiny CLIP in seed_*/, tiny T5 in t5_full/seed_*/ and t5_lora/seed_*/). With `leaderboard=`,
+also the real arm (SMILE over the SmolLM2 expert zoo, `real_table.py`): its table, claims' metrics,
+params-vs-accuracy plot and per-layer routing heat map from the leaderboard's results.
 
     python -m projects.smile.analyze runs=runs/smile/tiny out=runs/smile/tiny/table
+    python -m projects.smile.analyze runs=runs/smile/real out=runs/smile/real/table leaderboard=results/leaderboard
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from common.cli import run_main
 from common.config import load_config
 from common.io import read_json, write_text
 from common.rundir import RunDir, markdown_table
+from projects.smile import real_table
 from projects.smile.routing import own_expert_share
 
 PAPER = Path(__file__).parent / "paper.yaml"
-DEFAULTS = {"runs": "runs/smile/tiny", "out": "runs/smile/tiny/table"}
+DEFAULTS = {"runs": "runs/smile/tiny", "out": "runs/smile/tiny/table", "leaderboard": None}
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,14 @@ class Arm:
 
 ARMS = (
     Arm("", "tiny_clip", "tiny CLIP", "pretrained (zero-shot heads)", "paper B/32 (%)", " (16, 32), 1.61x"),
+    Arm(
+        "clip_distinct",
+        "tiny_clip_distinct",
+        "tiny CLIP, eight distinct domains",
+        "pretrained (zero-shot heads)",
+        "paper B/32 (%)",
+        " (16, 32), 1.61x",
+    ),
     Arm(
         "t5_full",
         "tiny_t5_full",
@@ -330,8 +342,12 @@ def main(argv: list[str] | None = None) -> None:
         cfg["out"], project="smile", experiment="tiny_clip_table", scale="tiny", seed=None, config=cfg
     )
     found = {arm: summaries(cfg["runs"], arm.folder) for arm in ARMS}
-    if not any(found.values()):
-        raise FileNotFoundError(f"no sweep summaries (seed_*/summary/results.json) under {cfg['runs']}")
+    real = real_table.write(cfg["leaderboard"], cfg["runs"], cfg["out"], cfg) if cfg["leaderboard"] else ""
+    if not any(found.values()) and not real:
+        where = f"{cfg['runs']}" + (
+            f" nor leaderboard results under {cfg['leaderboard']}" if cfg["leaderboard"] else ""
+        )
+        raise FileNotFoundError(f"no sweep summaries (seed_*/summary/results.json) under {where}")
     titles = {
         "main": "Eight tasks: SMILE vs merging and the individual experts",
         "grid": "SMILE over (gate_k, k): accuracy (%) and parameters (x base)",
@@ -359,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
             "## Tiny T5 (full experts), SMILE (gate_k 4, k -1): routing of the validation sources "
             f"(chance 12.5%)\n\n{markdown_table(routing)}\n"
         )
+    if real:
+        out.append(real)
     write_text(Path(cfg["out"]) / "table.md", "\n".join(out))
     print("\n".join(out))
 

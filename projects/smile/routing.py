@@ -3,7 +3,8 @@
 Every `SmileMoELinear` routes each token to its top expert by ‖V_iᵀx‖ (`SmileGate`); `routing_by_domain`
 counts, per domain of text, the fraction of (layer, token) decisions that go to each expert, over all
 upscaled layers and per projection kind (q_proj, ..., down_proj for Mistral / Llama). A router that knows
-its experts sends a domain's tokens to that domain's expert well above 1/E.
+its experts sends a domain's tokens to that domain's expert well above 1/E. `routing_by_layer` gives the
+same shares per decoder block (its projections pooled), for the per-task, per-depth heat map.
 
 An encoder-decoder (Flan-T5) reads each text with the encoder and takes the first decoding step (the
 decoder start token), the step that picks the answer's first word; its shares are also given per stack
@@ -13,6 +14,7 @@ state; "decoder", the decoder's other layers at the first step; an upscaled lm_h
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,16 +25,16 @@ from projects.smile.upscale import SmileMoELinear
 
 
 @torch.no_grad()
-def routing_by_domain(
+def route_counts(
     model: nn.Module, tokenizer: Any, texts: Mapping[str, Sequence[str]], max_length: int = 256
-) -> dict[str, Any]:
-    """{domain: {"all": [fraction per expert], "by_kind": {kind: [...]}, "tokens": n}}, texts one at a time
-    (no padding tokens), each cut to `max_length` tokens. Raises if the model has no SMILE layer."""
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]:
+    """({domain: {SMILE layer name: top-1 choices per expert (float64, (T,))}}, {domain: tokens read}),
+    texts one at a time (no padding tokens), each cut to `max_length` tokens; an encoder-decoder reads
+    each text with the encoder and takes the first decoding step. Raises if the model has no SMILE layer."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, SmileMoELinear)}
     if not layers:
-        raise ValueError("routing_by_domain needs a model with SMILE layers (SmileMoELinear)")
+        raise ValueError("routing needs a model with SMILE layers (SmileMoELinear)")
     n_exp = next(iter(layers.values())).num_experts
-    kinds = sorted({name.rsplit(".", 1)[-1] for name in layers})
     counts: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
@@ -44,11 +46,12 @@ def routing_by_domain(
 
     encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    out: dict[str, Any] = {}
+    by_domain: dict[str, dict[str, torch.Tensor]] = {}
+    tokens: dict[str, int] = {}
     try:
         for domain, domain_texts in texts.items():
-            counts.update({n: torch.zeros(n_exp, dtype=torch.float64) for n in layers})
-            n_tokens = 0
+            counts = {n: torch.zeros(n_exp, dtype=torch.float64) for n in layers}
+            tokens[domain] = 0
             for text in domain_texts:
                 ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)[
                     "input_ids"
@@ -58,24 +61,75 @@ def routing_by_domain(
                     model(input_ids=ids, decoder_input_ids=start)
                 else:
                     model(input_ids=ids)
-                n_tokens += ids.shape[1]
-            out[domain] = {
-                "all": _shares(list(counts.values())),
-                "by_kind": {
-                    k: _shares([c for n, c in counts.items() if n.rsplit(".", 1)[-1] == k]) for k in kinds
-                },
-                "tokens": n_tokens,
-                "decisions": int(torch.stack(list(counts.values())).sum()),  # tokens x upscaled layers
-            }
-            if encoder_decoder:
-                out[domain]["by_stack"] = {
-                    s: _shares([c for n, c in counts.items() if _stack(n) == s])
-                    for s in ("encoder", "cross_kv", "decoder")
-                }
+                tokens[domain] += ids.shape[1]
+            by_domain[domain] = counts
     finally:
         for h in handles:
             h.remove()
+    return by_domain, tokens
+
+
+def routing_by_domain(
+    model: nn.Module, tokenizer: Any, texts: Mapping[str, Sequence[str]], max_length: int = 256
+) -> dict[str, Any]:
+    """{domain: {"all": [fraction per expert], "by_kind": {kind: [...]}, "tokens": n}} (`route_counts`)."""
+    by_domain, tokens = route_counts(model, tokenizer, texts, max_length)
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    out: dict[str, Any] = {}
+    for domain, counts in by_domain.items():
+        kinds = sorted({name.rsplit(".", 1)[-1] for name in counts})
+        out[domain] = {
+            "all": _shares(list(counts.values())),
+            "by_kind": {
+                k: _shares([c for n, c in counts.items() if n.rsplit(".", 1)[-1] == k]) for k in kinds
+            },
+            "tokens": tokens[domain],
+            "decisions": int(torch.stack(list(counts.values())).sum()),  # tokens x upscaled layers
+        }
+        if encoder_decoder:
+            out[domain]["by_stack"] = {
+                s: _shares([c for n, c in counts.items() if _stack(n) == s])
+                for s in ("encoder", "cross_kv", "decoder")
+            }
     return out
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def routing_by_layer(
+    model: nn.Module, tokenizer: Any, texts: Mapping[str, Sequence[str]], max_length: int = 256
+) -> dict[str, Any]:
+    """{domain: {"by_layer": {layer index: [fraction per expert]}, "all": [...], "tokens": n}}: the top-1
+    choices of the SMILE layers of each decoder block (`...layers.<i>....`: its 7 projections pooled), as
+    shares that sum to 1 per layer. Raises if no SMILE layer sits in a numbered block."""
+    by_domain, tokens = route_counts(model, tokenizer, texts, max_length)
+    out: dict[str, Any] = {}
+    for domain, counts in by_domain.items():
+        per_layer: dict[int, list[torch.Tensor]] = {}
+        for name, c in counts.items():
+            if m := _LAYER.search(name):
+                per_layer.setdefault(int(m.group(1)), []).append(c)
+        if not per_layer:
+            raise ValueError(f"no SMILE layer inside a numbered block (`layers.<i>.`): {sorted(counts)[:3]}")
+        out[domain] = {
+            "by_layer": {str(i): _shares(per_layer[i]) for i in sorted(per_layer)},
+            "all": _shares(list(counts.values())),
+            "tokens": tokens[domain],
+        }
+    return out
+
+
+def own_expert_by_layer(routing: Mapping[str, Any], experts: Sequence[str]) -> dict[str, list[float]]:
+    """For each domain that is also an expert's name: its own expert's share at each layer, in layer order."""
+    experts = list(experts)
+    return {
+        d: [
+            shares[experts.index(d)] for _, shares in sorted(r["by_layer"].items(), key=lambda kv: int(kv[0]))
+        ]
+        for d, r in routing.items()
+        if d in experts
+    }
 
 
 def routing_report(

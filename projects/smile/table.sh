@@ -3,7 +3,8 @@
 # baselines and projection merging per seed), the tiny Flan-T5 tables (full and LoRA experts: fine-tuned,
 # then baselines and the SMILE grid per seed), the tiny Mistral arm, then analyze.py. The slow real-model arm
 # (SmolLM2-135M with math and code LoRA experts, ~30 CPU-min a seed) runs only when asked: ARMS=smollm2.
-# Env: SCALE=tiny|paper, PY=<python>, SEEDS (default "0 1 2"), ARMS (default "clip t5_full t5_lora mistral").
+# SCALE=real: SMILE over the SmolLM2-135M expert zoo through the leaderboard (below).
+# Env: SCALE=tiny|real|paper, PY=<python>, SEEDS (default "0 1 2"), ARMS (default "clip_distinct clip t5_full t5_lora mistral").
 set -euo pipefail
 SCALE=${SCALE:-tiny}
 PY=${PY:-python}
@@ -38,15 +39,36 @@ if [ "$SCALE" = paper ]; then
     done
     exit 0
 fi
+if [ "$SCALE" = real ]; then
+    # SMILE as a router over the 13 expert-zoo LoRA experts of SmolLM2-135M (issue 17): the leaderboard picks
+    # (gate_k, k, top_k) on the library tasks' validation split and reads each test split once, beside the
+    # oracle, the uniform merge and task arithmetic, for zoo seeds 0 and 1 (needs `make zoo`; results are
+    # reused per seed and entry); then where the chosen model routes each task's tokens, per layer; then the
+    # table, claims' metrics and plots (runs/smile/real/table/real_zoo/).
+    LB=${LEADERBOARD_OUT:-results/leaderboard}
+    $PY -m leaderboard.run --entries smile smile_top8 uniform task_arithmetic oracle --seeds 0 1 --out "$LB"
+    $PY -m leaderboard.smile --seeds 0 1 --out "$LB"
+    $PY -m projects.smile.analyze runs=runs/smile/real out=runs/smile/real/table leaderboard="$LB"
+    exit 0
+fi
 OUT=runs/smile/$SCALE
 SEEDS=${SEEDS:-0 1 2}
-ARMS=${ARMS:-clip t5_full t5_lora mistral}
+ARMS=${ARMS:-clip_distinct clip t5_full t5_lora mistral}
 for seed in $SEEDS; do
     [[ " $ARMS " == *" clip "* ]] || continue
     $PY -m projects.smile.finetune --config projects/smile/configs/tiny_finetune.yaml \
         seed=$seed out=$OUT/experts/seed_$seed
     $PY -m projects.smile.sweep --config projects/smile/configs/tiny_sweep.yaml \
         seed=$seed expert_root=$OUT/experts/seed_$seed out=$OUT/seed_$seed
+done
+# The tiny CLIP on eight distinct visual domains (TINY_CLIP_DISTINCT_TASKS: digits, silhouettes, rendered
+# scripts, shapes, textures; issue 17), the same budget and sweep as the clip arm.
+for seed in $SEEDS; do
+    [[ " $ARMS " == *" clip_distinct "* ]] || continue
+    $PY -m projects.smile.finetune --config projects/smile/configs/tiny_finetune_distinct.yaml \
+        seed=$seed out=$OUT/clip_distinct/experts/seed_$seed
+    $PY -m projects.smile.sweep --config projects/smile/configs/tiny_sweep_distinct.yaml \
+        seed=$seed expert_root=$OUT/clip_distinct/experts/seed_$seed out=$OUT/clip_distinct/seed_$seed
 done
 # Flan-T5 arms: eight tiny T5 experts per seed (full fine-tunes; LoRA adapters merged into full deltas), then
 # the seed's sweep (individual, simple average, task arithmetic, SMILE over the (gate_k, k) grid).

@@ -4,7 +4,8 @@
 #   make test           default test suite (micro models, offline, ~minutes)
 #   make smoke          every documented command on micro configs
 #   make tables         every tiny reproduction table (SCALE=paper: the papers' settings, GPUs + network)
-#   make table-<name>   one project's table
+#   make table-<name>   one project's table (SCALE=real: on the SmolLM2 expert zoo)
+#   make zoo / leaderboard / real   the real arm: expert zoo, leaderboard, everything in order
 #   make lint           ruff
 #   make gpu-check      on a CUDA machine: micro pipelines on the GPU, Triton kernel, bf16, GPU timings (<5 min)
 SHELL := /bin/bash
@@ -29,7 +30,7 @@ else
 RUN_ENV := $(OFFLINE_ENV) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 endif
 
-.PHONY: setup test test-all smoke lint gpu-check tables tiny-bases zoo leaderboard benchmarks bench bench-peers clean $(addprefix table-,$(PROJECTS))
+.PHONY: setup test test-all smoke lint gpu-check tables tiny-bases zoo leaderboard real benchmarks bench bench-peers clean $(addprefix table-,$(PROJECTS))
 
 STAMP := $(VENV)/.installed
 setup: $(STAMP)
@@ -65,6 +66,12 @@ zoo: setup
 # Every routing and merging method on the zoo (leaderboard/): needs `make zoo`; results/leaderboard/ (table, plot) and the leaderboard section of RESULTS.md.
 leaderboard: setup
 	$(OFFLINE_ENV) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m leaderboard.run --seeds $(ZOO_SEEDS)
+
+# The whole real arm in its order (each step cached and resumable; days on one core: README "The real scale").
+real: setup
+	$(MAKE) zoo
+	@for p in phatgoose mbc_arrow smile compatible_specialization mats; do SCALE=real $(MAKE) table-$$p || exit 1; done
+	$(MAKE) leaderboard
 
 tiny-bases: setup
 	$(RUN_ENV) $(PY) -m common.tiny_world --scale tiny

@@ -82,19 +82,21 @@ def plot(data: Mapping[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    colours = {name: f"C{i % 10}" for i, name in enumerate(data)}  # one colour per method in both panels
     for ax, key, title in zip(axes, ("in_distribution", "held_out"), ("library tasks", "held-out tasks")):
         for name, d in data.items():
             if d[key] is None:
                 continue
             mean, std, _ = d[key]
-            ax.errorbar(d["params_vs_base"], 100 * mean, yerr=100 * std, fmt="o", capsize=3)
+            ax.errorbar(
+                d["params_vs_base"], 100 * mean, yerr=100 * std, fmt="o", capsize=3, color=colours[name]
+            )
             ax.annotate(
                 name, (d["params_vs_base"], 100 * mean), fontsize=7, xytext=(4, 2), textcoords="offset points"
             )
         ax.set(
             xlabel="parameters stored / base", ylabel="test score x100 (mean ± std over seeds)", title=title
         )
-        ax.set_xscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -126,7 +128,9 @@ def section(results: Sequence[Mapping[str, Any]], out: Path) -> str:
             f'`make leaderboard` (README "The real scale"); seeds {seeds}; test scores x100: accuracy for '
             "classification, Rouge-L for generation, averaged over the 13 library tasks (in-distribution) "
             "and the 4 held-out tasks; hyperparameters chosen on validation, test read once. Data: "
-            f"`{out}/`, plot `{out}/leaderboard.png`.",
+            f"`{out}/`, plot `{out}/leaderboard.png`. tokens/s: one forward pass over 16 validation prompts "
+            "on one core of a shared machine; models of the base's shape (merges, multitask) differ from the "
+            "base only by that measurement's noise.",
             "",
             markdown_table(rows(results)),
             "",

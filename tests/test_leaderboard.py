@@ -11,7 +11,7 @@ import torch
 
 from common import zoo
 from leaderboard import entries, report, run
-from tests.test_zoo import MICRO
+from tests.test_zoo import MICRO, micro_context
 
 LIBRARY = ("breast_cancer", "champ_category")
 HELD_OUT = ("language_id_union",)
@@ -19,9 +19,7 @@ HELD_OUT = ("language_id_union",)
 
 @pytest.fixture(scope="module")
 def ctx():
-    for task in LIBRARY:
-        zoo.expert(task, 0, MICRO)
-    return run.context(0, MICRO, LIBRARY)
+    return micro_context(LIBRARY, MICRO)
 
 
 def _merged_expert(ctx, task):

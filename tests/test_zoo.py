@@ -29,6 +29,15 @@ MICRO = zoo.ZooSettings(
 )
 
 
+def micro_context(library, settings=MICRO, seed=0):
+    """A leaderboard Context over a micro zoo of `library` (its experts trained first, seconds each)."""
+    from leaderboard import run
+
+    for task in library:
+        zoo.expert(task, seed, settings)
+    return run.context(seed, settings, library)
+
+
 def test_split_of_is_per_group_and_proportional():
     groups = [f"g{i}" for i in range(20_000)]
     first = [zoo_tasks.split_of(g) for g in groups]

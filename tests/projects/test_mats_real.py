@@ -14,7 +14,7 @@ from common import zoo
 from leaderboard import entries, mats, run
 from leaderboard.registry import expert_states, with_adapter, with_state
 from projects.mats.model import encode, example_log_probs
-from tests.test_zoo import MICRO
+from tests.test_zoo import MICRO, micro_context
 
 LIBRARY = ("breast_cancer", "code_name")  # one classification, one generative task
 SETTINGS = {
@@ -38,23 +38,17 @@ NOT_FOR_IA3 = {"regmean", "cg_regmean"}
 @pytest.fixture(scope="module", params=list(SETTINGS))
 def ctx(request):
     settings = SETTINGS[request.param]
-    for task in LIBRARY:
-        zoo.expert(task, 0, settings)
-    return run.context(0, settings, LIBRARY)
+    return micro_context(LIBRARY, settings)
 
 
 @pytest.fixture(scope="module")
 def lora_ctx():
-    for task in LIBRARY:
-        zoo.expert(task, 0, MICRO)
-    return run.context(0, MICRO, LIBRARY)
+    return micro_context(LIBRARY, MICRO)
 
 
 @pytest.fixture(scope="module")
 def full_ctx():
-    for task in LIBRARY:
-        zoo.expert(task, 0, SETTINGS["full"])
-    return run.context(0, SETTINGS["full"], LIBRARY)
+    return micro_context(LIBRARY, SETTINGS["full"])
 
 
 def _first(grid):

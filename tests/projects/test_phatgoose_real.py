@@ -20,7 +20,7 @@ from common.lm_finetune import encode_example
 from leaderboard import entries, run
 from projects.phatgoose import analyze, real, zoo_gates, zoo_routing
 from projects.phatgoose.moe import captured_inputs, moe_modules, set_mode
-from tests.test_zoo import MICRO
+from tests.test_zoo import MICRO, micro_context
 
 LIBRARY = ("breast_cancer", "champ_category")
 HELD_OUT = ("language_id_union",)
@@ -29,9 +29,7 @@ GATES = zoo_gates.GateSettings(steps=3, lr=0.1, batch_size=2, warmup_steps=0)
 
 @pytest.fixture(scope="module")
 def ctx():
-    for task in LIBRARY:
-        zoo.expert(task, 0, MICRO)
-    return run.context(0, MICRO, LIBRARY)
+    return micro_context(LIBRARY, MICRO)
 
 
 @pytest.fixture(scope="module")

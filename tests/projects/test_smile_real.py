@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common import zoo
 from common.adapters import load_adapter, lora_factors_from_state
 from common.io import read_json, write_json
 from common.results_md import aggregate, check_claim, load_results
@@ -15,7 +14,7 @@ from leaderboard import smile as lb_smile
 from projects.smile import analyze, real_table
 from projects.smile.mistral import TARGETS
 from projects.smile.upscale import SmileMoELinear
-from tests.test_zoo import MICRO
+from tests.test_zoo import MICRO, micro_context
 
 LIBRARY = ("breast_cancer", "champ_category")
 RANK = MICRO.rank  # every LoRA delta has rank ≤ 2: k = 2 keeps it whole
@@ -23,15 +22,12 @@ RANK = MICRO.rank  # every LoRA delta has rank ≤ 2: k = 2 keeps it whole
 
 @pytest.fixture(scope="module")
 def ctx():
-    for task in LIBRARY:
-        zoo.expert(task, 0, MICRO)
-    return run.context(0, MICRO, LIBRARY)
+    return micro_context(LIBRARY, MICRO)
 
 
 @pytest.fixture(scope="module")
 def ctx_one():
-    zoo.expert(LIBRARY[0], 0, MICRO)
-    return run.context(0, MICRO, LIBRARY[:1])
+    return micro_context(LIBRARY[:1])
 
 
 def _ids(ctx):

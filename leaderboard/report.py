@@ -42,10 +42,17 @@ def _pm(stat: tuple[float, float, int] | None) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
 
 
+def _ranked(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Entry names by mean in-distribution test score, best first (entries without one last)."""
+    names = list(dict.fromkeys(r["entry"] for r in results))
+    stats = {n: _stats([r["in_distribution"] for r in results if r["entry"] == n]) for n in names}
+    return sorted(names, key=lambda n: -stats[n][0] if stats[n] else float("inf"))
+
+
 def rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per entry: test scores x100 (mean ± std over seeds), parameters / base, tokens/s, choices."""
     out = []
-    for name in dict.fromkeys(r["entry"] for r in results):
+    for name in _ranked(results):
         rs = [r for r in results if r["entry"] == name]
         tps = [r["tokens_per_s"] for r in rs if r.get("tokens_per_s")]
         out.append(

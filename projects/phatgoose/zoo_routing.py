@@ -199,9 +199,15 @@ class ExampleRouter:
     def _route(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         past = kwargs.get("past_key_values")
-        if input_ids is None or (past is not None and _cache_length(past) > 0):
+        mask = kwargs.get("attention_mask")
+        if (
+            input_ids is None
+            or (past is not None and _cache_length(past) > 0)
+            # a decoding step whose cache the hook cannot read: the mask covers more than these tokens
+            or (mask is not None and mask.dim() == 2 and mask.shape[1] > input_ids.shape[1])
+        ):
             return  # a later generation step: the rows keep their experts
-        set_example_experts(self.model, self.experts_for(input_ids, kwargs.get("attention_mask")))
+        set_example_experts(self.model, self.experts_for(input_ids, mask))
 
 
 def _cache_length(past: Any) -> int:

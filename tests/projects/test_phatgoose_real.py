@@ -193,6 +193,20 @@ def test_example_router_matches_rows_by_longest_prefix_and_falls_back(ctx):
     assert asked == [ctx.tokenizer.decode([11, 12, 13], skip_special_tokens=True)]  # only the unknown row
 
 
+def test_example_router_keeps_its_choice_on_a_decoding_step_without_a_readable_cache(ctx, monkeypatch):
+    # SmolLM2's generate reached the hook with one new token per row, a mask over the whole sequence and
+    # no cache the hook could measure: that step must keep the rows' experts (it raised an IndexError).
+    model = zoo_routing.routed_model(ctx.base, zoo_routing.zoo_experts(ctx.experts, _hand_keys(ctx)))
+    router = zoo_routing.ExampleRouter(model, [([5, 6, 7, 8], 0)], min_prefix=3)
+    routed = []
+    monkeypatch.setattr(
+        zoo_routing, "set_example_experts", lambda m, experts: routed.append(experts.tolist())
+    )
+    router._route(model, (), {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4)})
+    router._route(model, (), {"input_ids": torch.tensor([[3]]), "attention_mask": torch.ones(1, 5)})
+    assert routed == [[0]]
+
+
 # --- the leaderboard entries -----------------------------------------------------------------------------
 
 

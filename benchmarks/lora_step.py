@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import environment, print_table, time_cases
 
+from common.evaluation import pad_id
 from common.io import read_json, write_json
 from common.lm_finetune import collate, encode_example, prepare_for_training, target_only_loss
 from common.zoo import DEFAULT, Examples, base_path, lora_for, training_records
@@ -89,7 +90,7 @@ def run_ours(path, tokenizer, examples, settings, args, precision, work: Path) -
         log_every=1,
         mixed_precision="no",
     )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     start = time.perf_counter()
     result = train(
         model,

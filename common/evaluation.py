@@ -452,6 +452,11 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads a batch: the tokenizer's pad token, or its EOS where it has none (GPT-2, Llama)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def pad_sequences(
     sequences: Sequence[Sequence[int]], value: int, side: str = "right"
 ) -> tuple[torch.Tensor, torch.Tensor]:

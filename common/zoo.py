@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from common.cache import cache_root, cached_dir, content_hash
+from common.evaluation import pad_id
 from common.io import read_json, write_json
 from common.lm_finetune import collate, encode_example, prepare_for_training, target_only_loss
 from common.zoo_tasks import HELD_OUT, LIBRARY, task_splits
@@ -345,9 +346,7 @@ def _train(task: str, seed: int, settings: ZooSettings, key: Mapping[str, Any], 
         examples,
         cfg,
         run_dir,
-        collate_fn=lambda batch: collate(
-            batch, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        ),
+        collate_fn=lambda batch: collate(batch, pad_id(tok)),
         label=f"zoo expert {task}",
     )
     model.eval()

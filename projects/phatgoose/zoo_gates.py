@@ -24,6 +24,7 @@ import torch
 from common import zoo
 from common.cache import cache_root, cached_dir, content_hash
 from common.cli import UserError
+from common.evaluation import pad_id
 from common.io import load_tensors, read_json, save_tensors, write_json
 from common.lm_finetune import collate, encode_example, target_only_loss
 from projects.phatgoose.library import read_expert
@@ -141,7 +142,7 @@ def _train(
         keep_last=1,
     )
     run_dir = cache_root() / "phatgoose_gate_runs" / content_hash(key)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     result = train(
         model,
         target_only_loss,

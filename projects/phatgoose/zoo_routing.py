@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from common.cache import cached_dir
-from common.evaluation import eval_mode
+from common.evaluation import eval_mode, pad_id
 from common.io import load_tensors, save_tensors
 from common.lm_finetune import causal_parts, collate, encode_example
 from common.routing import top_k_route
@@ -96,7 +96,7 @@ def average_activation_keys(
     model = copy.deepcopy(base)
     modules = attach_experts(model, experts)
     backbone, _ = causal_parts(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     out = {}
     with eval_mode(model):
         for e, ex in enumerate(experts):
@@ -271,7 +271,7 @@ def routing_shares(
     if len(names) != next(iter(modules.values())).n_experts:
         raise ValueError(f"{len(names)} expert names for {next(iter(modules.values())).n_experts} experts")
     backbone, _ = causal_parts(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     rows = [encode_example(tokenizer, r["source"], r["target"], max_length) for r in records]
     picks = {n: torch.zeros(len(names)) for n in modules}
     tokens = 0

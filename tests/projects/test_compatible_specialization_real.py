@@ -2,7 +2,6 @@
 MLPs as the experts, `model.layers` as the blocks, the zoo's tasks as the domains. Checked on micro
 Llama/Mistral models and the micro_real config (a random 4-layer micro Mistral) in seconds."""
 
-import copy
 import os
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from projects.compatible_specialization.mixture import (
     set_alpha,
 )
 from tests.cli import REPO
+from tests.projects.test_compatible_specialization_mixture import _specialist
 
 MICRO_REAL = REPO / "projects" / "compatible_specialization" / "configs" / "micro_real.yaml"
 IDS = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(3))
@@ -40,16 +40,6 @@ def _llama(seed: int = 0, layers: int = 4) -> LlamaForCausalLM:
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
                          tie_word_embeddings=True, attn_implementation="eager")  # fmt: skip
     return LlamaForCausalLM(config).eval()
-
-
-def _specialist(base, seed):
-    model = copy.deepcopy(base)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".mlp." in name:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
-    return model
 
 
 @pytest.fixture

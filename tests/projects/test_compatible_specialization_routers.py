@@ -2,8 +2,6 @@
 the best held-out loss kept (evaluated at step 0 and every `eval_every` updates short of the last), resumable;
 float32 with the last routers as the option. And evaluation that never rounds the evaluated model."""
 
-import copy
-
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -13,6 +11,7 @@ from projects.compatible_specialization.config import resolve
 from projects.compatible_specialization.finetune import test_loss as loss_of
 from projects.compatible_specialization.finetune import train_routers
 from projects.compatible_specialization.mixture import routed_model, router_parameters
+from tests.projects.test_compatible_specialization_mixture import _specialist
 
 OPT = {"train_tokens": 24, "batch_size": 4, "grad_accum": 1, "lr": 0.5, "wd": 0.1, "schedule": "cosine",
        "min_lr_ratio": 0.1, "clip": 1.0, "keep": "best", "eval_every": 2}  # fmt: skip
@@ -25,16 +24,6 @@ def _gpt2(seed: int) -> GPT2LMHeadModel:
     config = GPT2Config(vocab_size=50, n_positions=16, n_embd=8, n_layer=2, n_head=2,
                         resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)  # fmt: skip
     return GPT2LMHeadModel(config).eval()
-
-
-def _specialist(base, seed):
-    model = copy.deepcopy(base)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".mlp." in name:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
-    return model
 
 
 def _routed(dtype=torch.bfloat16, seed=0):

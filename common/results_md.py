@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import operator
-import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -35,6 +34,7 @@ import yaml
 from common.io import read_json, write_text
 from common.registry import lookup
 from common.rundir import SCHEMA, markdown_table
+from common.seed_stats import seed_summary
 
 OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 PROJECTS_DIR = Path(__file__).resolve().parents[1] / "projects"
@@ -71,13 +71,7 @@ def aggregate(
     for r in records:
         for name, v in flatten(r["metrics"]).items():
             values[(r["project"], r["experiment"])][name].append(v)
-    return {
-        key: {
-            m: (statistics.fmean(vs), statistics.stdev(vs) if len(vs) > 1 else 0.0, len(vs))
-            for m, vs in metrics.items()
-        }
-        for key, metrics in values.items()
-    }
+    return {key: {m: seed_summary(vs) for m, vs in metrics.items()} for key, metrics in values.items()}
 
 
 def check_claim(claim: Mapping[str, Any], stats: Mapping[str, tuple[float, float, int]]) -> str:

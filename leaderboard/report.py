@@ -18,6 +18,7 @@ from typing import Any
 
 from common.io import read_json, write_json, write_text
 from common.rundir import markdown_table
+from common.seed_stats import format_pm, seed_summary
 
 SECTION = "leaderboard"
 TITLE = "leaderboard: every routing and merging method on the SmolLM2-135M expert zoo"
@@ -28,24 +29,10 @@ def load(out: Path) -> list[dict[str, Any]]:
     return [read_json(p) for p in sorted(out.glob("seed_*/*.json"))]
 
 
-def _stats(values: Sequence[float | None]) -> tuple[float, float, int] | None:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
-
-
-def _pm(stat: tuple[float, float, int] | None) -> str:
-    if stat is None:
-        return "—"
-    mean, std, n = stat
-    return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
-
-
 def _ranked(results: Sequence[Mapping[str, Any]]) -> list[str]:
     """Entry names by mean in-distribution test score, best first (entries without one last)."""
     names = list(dict.fromkeys(r["entry"] for r in results))
-    stats = {n: _stats([r["in_distribution"] for r in results if r["entry"] == n]) for n in names}
+    stats = {n: seed_summary([r["in_distribution"] for r in results if r["entry"] == n]) for n in names}
     return sorted(names, key=lambda n: -stats[n][0] if stats[n] else float("inf"))
 
 
@@ -59,8 +46,8 @@ def rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             {
                 "method": name,
                 "seeds": len(rs),
-                "in-distribution": _pm(_stats([r["in_distribution"] for r in rs])),
-                "held-out": _pm(_stats([r["held_out"] for r in rs])),
+                "in-distribution": format_pm([r["in_distribution"] for r in rs], 100),
+                "held-out": format_pm([r["held_out"] for r in rs], 100),
                 "params / base": f"{statistics.fmean(r['params_vs_base'] for r in rs):.3f}",
                 "tokens/s": f"{statistics.fmean(tps):.0f}" if tps else "—",
                 "chosen on validation": "; ".join(str(r["hparams"]) for r in rs if r["hparams"]) or "—",
@@ -76,8 +63,8 @@ def plot_data(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         rs = [r for r in results if r["entry"] == name]
         data[name] = {
             "params_vs_base": statistics.fmean(r["params_vs_base"] for r in rs),
-            "in_distribution": _stats([r["in_distribution"] for r in rs]),
-            "held_out": _stats([r["held_out"] for r in rs]),
+            "in_distribution": seed_summary([r["in_distribution"] for r in rs]),
+            "held_out": seed_summary([r["held_out"] for r in rs]),
         }
     return data
 

@@ -16,10 +16,12 @@ of a forward pass over a fixed batch, measured in the same run. Each (seed, entr
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
+import json
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +53,62 @@ def context(seed: int, settings: zoo.ZooSettings = zoo.DEFAULT, library: Sequenc
     return Context(settings, seed, base, tok, experts, multitask)
 
 
-def mean_score(ctx: Context, candidate: Candidate, tasks: Sequence[str], split: str) -> dict[str, float]:
-    """Per-task score on `split` (tasks the candidate has no model for are left out)."""
-    out = {}
+class Progress:
+    """The per-task scores of one (seed, entry) computed so far, rewritten (atomically) after every task, so that
+    a killed run resumes at the task it was on rather than at the entry's first grid point (one SMILE grid
+    point is a ~20-minute validation pass). Scores made with other zoo settings are discarded. Each stage is
+    "validation <hparams>" or "test"; a task the candidate has no model for is kept as None."""
+
+    def __init__(self, path: Path | None, key: Mapping[str, Any]):
+        self.path, self.key, self.scores = path, dict(key), {}
+        if path is not None and path.is_file():
+            saved = read_json(path)
+            if saved.get("key") == self.key:
+                self.scores = saved["scores"]
+
+    def get(self, stage: str, task: str) -> object:
+        """The saved score (a float, or None: no model for the task), or NOT_SCORED."""
+        return self.scores.get(stage, {}).get(task, NOT_SCORED)
+
+    def put(self, stage: str, task: str, score: float | None) -> None:
+        self.scores.setdefault(stage, {})[task] = score
+        if self.path is not None:
+            write_json(self.path, {"key": self.key, "scores": self.scores})
+
+
+NOT_SCORED = object()
+
+
+def task_scores(
+    ctx: Context,
+    make: Callable[[], Candidate],
+    tasks: Sequence[str],
+    split: str,
+    progress: Progress | None = None,
+    stage: str = "",
+) -> dict[str, float]:
+    """Per-task score on `split` (tasks the candidate has no model for are left out). The candidate is
+    built by `make` only if some task still needs scoring (`progress` holds those already scored)."""
+    progress = progress or Progress(None, {})
+    out, candidate = {}, None
     for task in tasks:
-        model = candidate.model_for(task)
-        if model is not None:
-            records = zoo.splits(task, ctx.settings)[split]
-            out[task] = zoo.score(model, ctx.tokenizer, records, ctx.settings.max_new_tokens)
+        score = progress.get(stage, task)
+        if score is NOT_SCORED:
+            candidate = candidate or make()
+            model = candidate.model_for(task)
+            score = None
+            if model is not None:
+                records = zoo.splits(task, ctx.settings)[split]
+                score = zoo.score(model, ctx.tokenizer, records, ctx.settings.max_new_tokens)
+            progress.put(stage, task, score)
+        if score is not None:
+            out[task] = score
     return out
+
+
+def mean_score(ctx: Context, candidate: Candidate, tasks: Sequence[str], split: str) -> dict[str, float]:
+    """Per-task score of a built candidate on `split` (tasks it has no model for are left out)."""
+    return task_scores(ctx, lambda: candidate, tasks, split)
 
 
 def tokens_per_second(ctx: Context, model: torch.nn.Module) -> float:
@@ -73,21 +122,26 @@ def tokens_per_second(ctx: Context, model: torch.nn.Module) -> float:
     return n / (time.perf_counter() - start)
 
 
-def run_entry(ctx: Context, name: str, held_out: Sequence[str] = HELD_OUT) -> dict[str, Any]:
-    """Choose the entry's hyperparameters on validation, then score every task's test split once."""
+def run_entry(
+    ctx: Context, name: str, held_out: Sequence[str] = HELD_OUT, progress_path: Path | None = None
+) -> dict[str, Any]:
+    """Choose the entry's hyperparameters on validation, then score every task's test split once. With
+    `progress_path`, scores are kept there task by task and a rerun after a kill starts where it stopped."""
     started = time.time()
     fn, grid = ENTRIES[name]
     library = list(ctx.experts)
+    progress = Progress(progress_path, {"entry": name, "seed": ctx.seed, "zoo_settings": ctx.settings.key()})
     search = []
     for combo in itertools.product(*grid.values()):
         hparams = dict(zip(grid, combo))
-        scores = mean_score(ctx, fn(ctx, **hparams), library, "validation")
+        make = functools.partial(fn, ctx, **hparams)
+        scores = task_scores(ctx, make, library, "validation", progress, f"validation {json.dumps(hparams)}")
         search.append(
             {"hparams": hparams, "validation": statistics.fmean(scores.values()), "per_task": scores}
         )
     chosen = max(search, key=lambda s: s["validation"])["hparams"] if search else {}
     candidate = fn(ctx, **chosen)
-    test = mean_score(ctx, candidate, [*library, *held_out], "test")
+    test = task_scores(ctx, lambda: candidate, [*library, *held_out], "test", progress, "test")
     in_dist = [test[t] for t in library if t in test]
     held = [test[t] for t in held_out if t in test]
     model = candidate.model_for(library[0])
@@ -126,8 +180,12 @@ def run(
                 continue
             ctx = ctx or context(seed, settings, library)
             print(f"leaderboard: seed {seed} {name}", flush=True)
-            results.append(run_entry(ctx, name, held_out))
+            partial = (
+                out / ".partial" / f"seed_{seed}" / f"{name}.json"
+            )  # not a result: report.py reads seed_*/
+            results.append(run_entry(ctx, name, held_out, partial))
             write_json(path, results[-1])
+            partial.unlink(missing_ok=True)
     return results
 
 

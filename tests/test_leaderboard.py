@@ -70,6 +70,40 @@ def test_entry_chooses_on_validation_and_reads_test_once(ctx, monkeypatch):
     assert result["params_vs_base"] == 1.0 and result["tokens_per_s"] > 0
 
 
+def test_a_killed_entry_resumes_at_the_task_it_was_on(ctx, tmp_path, monkeypatch):
+    """Scores are kept task by task: after a kill, only the unscored (grid point, task) pairs are computed,
+    the candidate of a fully scored grid point is not even built, and the result equals an unkilled run."""
+    score, calls = zoo.score, []
+
+    def dying(model, tok, records, max_new_tokens=48):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the session ends mid-entry
+        calls.append(records[0]["task"])
+        return score(model, tok, records, max_new_tokens)
+
+    monkeypatch.setattr(zoo, "score", dying)
+    partial = tmp_path / "partial.json"
+    with pytest.raises(KeyboardInterrupt):
+        run.run_entry(ctx, "task_arithmetic", HELD_OUT, partial)
+    saved = json.loads(partial.read_text())["scores"]
+    assert sum(len(v) for v in saved.values()) == 3  # two tasks of λ's first grid point, one of its second
+    builds, fn = [], entries.ENTRIES["task_arithmetic"][0]
+    monkeypatch.setitem(
+        entries.ENTRIES,
+        "task_arithmetic",
+        (lambda c, **h: builds.append(h) or fn(c, **h), entries.ENTRIES["task_arithmetic"][1]),
+    )
+    monkeypatch.setattr(zoo, "score", score)
+    calls.clear()
+    resumed = run.run_entry(ctx, "task_arithmetic", HELD_OUT, partial)
+    grid = entries.ENTRIES["task_arithmetic"][1]["model_lambda"]
+    assert builds[0] == {"model_lambda": grid[1]}  # the first grid point was complete: never rebuilt
+    fresh = run.run_entry(ctx, "task_arithmetic", HELD_OUT)
+    assert resumed["search"] == fresh["search"] and resumed["test"] == fresh["test"]
+    key = {"entry": "task_arithmetic", "seed": ctx.seed + 1, "zoo_settings": ctx.settings.key()}
+    assert run.Progress(partial, key).scores == {}  # another seed's (or zoo's) partial scores: not reused
+
+
 def test_oracle_answers_library_tasks_only_with_each_expert(ctx):
     result = run.run_entry(ctx, "oracle", HELD_OUT)
     assert set(result["test"]) == set(LIBRARY) and result["held_out"] is None

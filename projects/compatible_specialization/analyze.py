@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt
 from common.cli import run_main
 from common.io import read_json, write_json, write_text
 from common.rundir import RunDir, markdown_table, seed_everything
+from common.seed_stats import format_pm
 from projects.compatible_specialization import experiments
 from projects.compatible_specialization.checkpoints import load_base, load_specialist
 from projects.compatible_specialization.config import SCALES, resolve
@@ -107,11 +108,6 @@ def _seeds(root: Path) -> dict[str, list[dict[str, Any]]]:
     return found
 
 
-def _pm(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
-
-
 def table(root: Path) -> str:
     """The tiny table (mean ± std over seeds beside the paper's numbers) and its figures, in `root`."""
     runs = _seeds(root)
@@ -126,7 +122,7 @@ def table(root: Path) -> str:
             rows.append(
                 {
                     "experiment": f"{domain} specialist, {stage}, own test",
-                    "ours": _pm(col("specialists", f"{domain}_{stage}")),
+                    "ours": format_pm(col("specialists", f"{domain}_{stage}"), 1, 3),
                     "paper": {
                         "code": {"early": 0.876, "later": 0.684},
                         "math": {"early": 0.846, "later": 0.610},
@@ -138,32 +134,32 @@ def table(root: Path) -> str:
         rows += [
             {
                 "experiment": f"interpolation {stage}: α=0 (math)",
-                "ours": _pm(col("interpolation", f"{stage}_alpha_0.0")),
+                "ours": format_pm(col("interpolation", f"{stage}_alpha_0.0"), 1, 3),
                 "paper": paper[0],
             },
             {
                 "experiment": f"interpolation {stage}: α=1 (code)",
-                "ours": _pm(col("interpolation", f"{stage}_alpha_1.0")),
+                "ours": format_pm(col("interpolation", f"{stage}_alpha_1.0"), 1, 3),
                 "paper": paper[-1],
             },
             {
                 "experiment": f"interpolation {stage}: best α (on validation)",
-                "ours": _pm(col("interpolation", f"{stage}_best_alpha")),
+                "ours": format_pm(col("interpolation", f"{stage}_best_alpha"), 1, 3),
                 "paper": 0.1 * paper.index(min(paper)),
             },
             {
                 "experiment": f"interpolation {stage}: loss at best α",
-                "ours": _pm(col("interpolation", f"{stage}_best")),
+                "ours": format_pm(col("interpolation", f"{stage}_best"), 1, 3),
                 "paper": min(paper),
             },
             {
                 "experiment": f"interpolation {stage}: sharpness (ends − min)",
-                "ours": _pm(col("interpolation", f"{stage}_sharpness")),
+                "ours": format_pm(col("interpolation", f"{stage}_sharpness"), 1, 3),
                 "paper": round((paper[0] + paper[-1]) / 2 - min(paper), 3),
             },
             {
                 "experiment": f"MoE routing {stage} (k=2 of 2)",
-                "ours": _pm(col("routing", f"routed_{stage}")),
+                "ours": format_pm(col("routing", f"routed_{stage}"), 1, 3),
                 "paper": PAPER["routed"][stage],
             },
         ]
@@ -172,19 +168,19 @@ def table(root: Path) -> str:
             rows.append(
                 {
                     "experiment": f"multi-layer routing L={L} (k={2 * L})",
-                    "ours": _pm(col("multi_layer", f"L{L}")),
+                    "ours": format_pm(col("multi_layer", f"L{L}"), 1, 3),
                     "paper": paper,
                 }
             )
     rows += [
         {
             "experiment": "CKA code vs math, first snapshot",
-            "ours": _pm(col("cka", "cka_first")),
+            "ours": format_pm(col("cka", "cka_first"), 1, 3),
             "paper": "decreases",
         },
         {
             "experiment": "CKA code vs math, last snapshot",
-            "ours": _pm(col("cka", "cka_last")),
+            "ours": format_pm(col("cka", "cka_last"), 1, 3),
             "paper": "decreases",
         },
     ]

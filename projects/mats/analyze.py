@@ -20,6 +20,7 @@ from pathlib import Path
 from common.cli import UserError, run_main
 from common.io import read_json, write_json, write_text
 from common.rundir import SCHEMA, markdown_table, provenance
+from common.seed_stats import format_pm
 
 ROWS = (
     ("individual", "Individual"),
@@ -57,13 +58,6 @@ LEADERBOARD_ROWS = {
 }
 
 
-def _cell(values: list[float]) -> str:
-    if not values:
-        return "—"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.fmean(values):.1f} ± {100 * std:.1f} (n={len(values)})"
-
-
 def table(runs: Path, scale: str) -> str:
     """Markdown table: one row per method, one column per format."""
     columns = {}
@@ -77,8 +71,8 @@ def table(runs: Path, scale: str) -> str:
     rows = [
         {
             "method": label,
-            "full fine-tuning": _cell(columns["full_model"][key]),
-            "(IA)^3": _cell(columns["ia3"][key]),
+            "full fine-tuning": format_pm(columns["full_model"][key], 100, show_n=True),
+            "(IA)^3": format_pm(columns["ia3"][key], 100, show_n=True),
         }
         for key, label in shown
     ]

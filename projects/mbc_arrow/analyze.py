@@ -25,6 +25,7 @@ from typing import Any
 from common.cli import UserError, run_main
 from common.io import read_json, write_json, write_text
 from common.rundir import SCHEMA, RunDir, markdown_table
+from common.seed_stats import format_pm, seed_summary
 from projects.mbc_arrow.notebook import DOWNSTREAM, IN_DISTRIBUTION, plot_bars
 
 
@@ -34,16 +35,13 @@ def notebook_results(runs: Path) -> list[dict[str, Any]]:
     return [r for r in found if r.get("project") == "mbc_arrow" and r.get("experiment") == "notebook"]
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float, float]]]:
     out: dict[str, dict[str, tuple[float, float]]] = {"rouge": {}, "loss": {}, "downstream": {}}
     for group, names in (("rouge", IN_DISTRIBUTION), ("loss", IN_DISTRIBUTION), ("downstream", DOWNSTREAM)):
         for n in names:
             values = [r["metrics"][group][n] for r in records if n in r["metrics"].get(group, {})]
-            out[group][n] = mean_std(values) if values else (float("nan"), float("nan"))
+            stat = seed_summary(values)
+            out[group][n] = stat[:2] if stat else (float("nan"), float("nan"))
     return out
 
 
@@ -93,12 +91,13 @@ def routing(records: list[dict[str, Any]], rd: RunDir) -> str:
     for lib, found in per_seed.items():
         if not found:
             continue
-        rate = mean_std([f["own_expert_rate"]["mean"] for f in found])
         rows.append(
             {
                 "library": lib,
                 "experts": len(found[0]["experts"]),
-                "tokens routed to their own expert (%)": f"{rate[0] * 100:.1f} ± {rate[1] * 100:.1f}",
+                "tokens routed to their own expert (%)": format_pm(
+                    [f["own_expert_rate"]["mean"] for f in found], 100
+                ),
                 "chance (%)": f"{found[0]['chance'] * 100:.1f}",
             }
         )
@@ -222,8 +221,8 @@ def real_results(leaderboard: Path, out: Path, routing: Mapping[int, Mapping[str
                 {
                     "method": entry,
                     "seeds": len(rs),
-                    "in-distribution": _pm([r["in_distribution"] for r in rs], 100),
-                    "held-out": _pm([r["held_out"] for r in rs], 100),
+                    "in-distribution": format_pm([r["in_distribution"] for r in rs], 100),
+                    "held-out": format_pm([r["held_out"] for r in rs], 100),
                     "params / base": f"{statistics.fmean(r['params_vs_base'] for r in rs):.3f}",
                     "chosen": "; ".join(str(r["hparams"]) for r in rs if r["hparams"]) or "—",
                 }
@@ -233,7 +232,9 @@ def real_results(leaderboard: Path, out: Path, routing: Mapping[int, Mapping[str
         f"mean ± std over seeds {sorted(by_seed)}:\n\n" + markdown_table(rows) + "\n"
     )
     closed = [m["arrow"].get("gap_closed") for m in metrics_by_seed.values() if "arrow" in m]
-    text += f"\nShare of the uniform-to-oracle gap Arrow closes (in distribution): {_pm(closed, 100)} %\n"
+    text += (
+        f"\nShare of the uniform-to-oracle gap Arrow closes (in distribution): {format_pm(closed, 100)} %\n"
+    )
     summaries = [m["routing"] for m in metrics_by_seed.values() if "routing" in m]
     return text + (routing_table(summaries) if summaries else "")
 
@@ -244,7 +245,7 @@ def routing_table(summaries: Sequence[Mapping[str, float]], title: str = "Arrow"
         {
             "library": lib,
             "tokens routed to their own": share.replace("own_", ""),
-            "share (%)": _pm([s[f"{lib}_{share}"] for s in summaries], 100),
+            "share (%)": format_pm([s[f"{lib}_{share}"] for s in summaries], 100),
             "chance (%)": f"{100 * summaries[0][f'{lib}_{share}_chance']:.1f}",
         }
         for lib, share in ROUTING_MAPS.values()
@@ -253,14 +254,6 @@ def routing_table(summaries: Sequence[Mapping[str, float]], title: str = "Arrow"
         f"\n{title} top-1 routing of the library tasks' validation tokens (all adapted linears), mean over "
         "tasks and layers, mean ± std over seeds:\n\n" + markdown_table(rows) + "\n"
     )
-
-
-def _pm(values: Sequence[float | None], scale: float = 1.0) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "—"
-    mean, std = mean_std([scale * v for v in values])
-    return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
 def plot_real_routing(out: Path, reports: Sequence[Mapping[str, Any]], suffix: str = "") -> list[Path]:

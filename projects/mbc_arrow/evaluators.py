@@ -17,6 +17,7 @@ from typing import Any
 from datasets import Dataset
 
 from common.evaluation import generate, rouge_l
+from common.evaluation import pad_id as pad_token
 from common.lm_eval_bridge import evaluate_in_memory
 from projects.mbc_arrow.expert_model import MultiExpertModel
 from projects.mbc_arrow.tasks import (
@@ -70,7 +71,7 @@ def target_loss(
     from projects.mbc_arrow.train_expert import encode_example, mean_loss
 
     tok = model.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token(tok)
     per_task, total, count = {}, 0.0, 0
     for task in sorted(set(data["task"])):
         part = data.filter(lambda t, task=task: t == task, input_columns="task")

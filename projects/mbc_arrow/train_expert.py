@@ -9,6 +9,7 @@ checkpoint of its per-epoch validations; the weights before training are never a
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +24,9 @@ from torch import nn
 
 from common.adapters import lora_config, save_adapter
 from common.evaluation import IGNORE_INDEX
+from common.evaluation import pad_id as pad_token
 from common.io import load_tensors, read_json, save_tensors, tensors_metadata
+from common.lm_finetune import collate as lm_collate
 from common.tiny_world import resolve_base
 from common.training import TrainConfig, check_run_key, latest_checkpoint, train
 from projects.mbc_arrow.arrow import tie_groups
@@ -43,18 +46,8 @@ def encode_example(
 
 
 def collate(pad_id: int) -> Callable[[Sequence[Mapping[str, list[int]]]], dict[str, torch.Tensor]]:
-    def fn(batch: Sequence[Mapping[str, list[int]]]) -> dict[str, torch.Tensor]:
-        n = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), n), pad_id)
-        labels = torch.full((len(batch), n), IGNORE_INDEX)
-        mask = torch.zeros(len(batch), n, dtype=torch.long)
-        for i, b in enumerate(batch):
-            ids[i, : len(b["input_ids"])] = torch.tensor(b["input_ids"])
-            labels[i, : len(b["labels"])] = torch.tensor(b["labels"])
-            mask[i, : len(b["input_ids"])] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-    return fn
+    """A DataLoader collate_fn: `common.lm_finetune.collate` (right padding, -100 labels) with `pad_id` bound."""
+    return functools.partial(lm_collate, pad_id=pad_id)
 
 
 def tie_lora_a(model: nn.Module, tie_params: str | None) -> int:
@@ -157,7 +150,7 @@ def train_expert(cfg: Mapping[str, Any], library: ExpertLibrary, run_dir: str) -
     model, tok = load_base(
         cfg["base_model"], cfg["device"]
     )  # fp32 weights; bf16 autocast when precision=bf16
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token(tok)
     lcfg = lora_config(
         model.config.model_type,
         r=cfg["lora_rank"],

@@ -18,6 +18,7 @@ from typing import Any
 from common.cli import run_main
 from common.io import read_json, write_json, write_text
 from common.rundir import SCHEMA, markdown_table
+from common.seed_stats import format_pm
 
 ROW_NAMES = {
     "base": "Base model (no expert)",
@@ -28,13 +29,6 @@ ROW_NAMES = {
     "retrieval": "Retrieval",
     "phatgoose": "PHATGOOSE",
 }
-
-
-def _pm(values: list[float]) -> str:
-    if not values:
-        return "—"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.fmean(values):.1f} ± {100 * std:.1f}"
 
 
 def seed_results(root: Path) -> list[dict[str, Any]]:
@@ -57,15 +51,17 @@ def table(records: list[dict[str, Any]], balanced: bool = False) -> str:
         row = {"method": label}
         if balanced:
             for h in heldout:
-                row[h.lower()] = _pm([m[f"{h}/balanced"] for m in ms if f"{h}/balanced" in m])
-            row["mean balanced acc"] = _pm(
-                [m["mean_balanced_accuracy"] for m in ms if "mean_balanced_accuracy" in m]
+                row[h.lower()] = format_pm([m[f"{h}/balanced"] for m in ms if f"{h}/balanced" in m], 100)
+            row["mean balanced acc"] = format_pm(
+                [m["mean_balanced_accuracy"] for m in ms if "mean_balanced_accuracy" in m], 100
             )
         else:
             for h in heldout:
-                row[h.lower()] = _pm([m[h] for m in ms])
-            row["mean acc"] = _pm([m["mean_accuracy"] for m in ms])
-            row["mean EM (generation)"] = _pm([m["mean_exact_match"] for m in ms if "mean_exact_match" in m])
+                row[h.lower()] = format_pm([m[h] for m in ms], 100)
+            row["mean acc"] = format_pm([m["mean_accuracy"] for m in ms], 100)
+            row["mean EM (generation)"] = format_pm(
+                [m["mean_exact_match"] for m in ms if "mean_exact_match" in m], 100
+            )
         rows.append(row)
     return markdown_table(rows)
 
@@ -200,11 +196,9 @@ def real_results(leaderboard: Path, out: Path) -> str:
             continue
         row = {"method": ROW_NAMES.get(method, method) if method != "oracle" else "Oracle (own expert)"}
         for t in held_out:
-            row[t] = _pm([r["test"][t] for r in rs if t in r["test"]])
-        row["held-out mean"] = _pm([r["held_out"] for r in rs if r["held_out"] is not None])
-        row["in-distribution mean"] = _pm(
-            [r["in_distribution"] for r in rs if r["in_distribution"] is not None]
-        )
+            row[t] = format_pm([r["test"][t] for r in rs if t in r["test"]], 100)
+        row["held-out mean"] = format_pm([r["held_out"] for r in rs], 100)
+        row["in-distribution mean"] = format_pm([r["in_distribution"] for r in rs], 100)
         row["chosen"] = "; ".join(str(r["hparams"]) for r in rs if r["hparams"]) or "—"
         rows.append(row)
     return markdown_table(rows)

@@ -25,6 +25,7 @@ from common.cli import run_main
 from common.config import load_config
 from common.io import read_json, write_text
 from common.rundir import RunDir, markdown_table
+from common.seed_stats import format_pm
 from projects.smile import real_table
 from projects.smile.routing import own_expert_share
 
@@ -87,10 +88,8 @@ def _get(metrics: dict[str, Any], key: str) -> Any:
 
 
 def mean_std(values: Sequence[float], percent: bool = True, digits: int = 1) -> str:
-    scale = 100 if percent else 1
-    m = statistics.mean(values) * scale
-    s = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    """Mean ± std over seeds, x100 when `percent` (`common.seed_stats.format_pm`)."""
+    return format_pm(values, 100 if percent else 1, digits)
 
 
 def cell(runs: list[dict[str, Any]], key: str, percent: bool = True) -> str:

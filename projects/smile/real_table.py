@@ -21,6 +21,7 @@ from typing import Any
 
 from common.io import read_json
 from common.rundir import RunDir
+from common.seed_stats import format_pm, seed_summary
 
 ENTRY_ORDER = ("base", "oracle", "multitask", "smile", "smile_top8", "uniform", "task_arithmetic")
 ROUTING = "smile_routing"  # <leaderboard>/smile_routing/seed_<s>.json
@@ -92,13 +93,6 @@ def write_summaries(leaderboard: str | Path, runs: str | Path) -> list[Path]:
     return written
 
 
-def _mean_std(values: Sequence[float], scale: float = 100, digits: int = 1) -> str:
-    if not values:
-        return "—"
-    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values) * scale:.{digits}f} ± {std:.{digits}f}"
-
-
 def table(results: Mapping[int, Mapping[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
     """One row per entry: in-distribution / held-out test score (x100) and size, mean ± std over seeds."""
     names = sorted({n for entries in results.values() for n in entries}, key=_order)
@@ -109,11 +103,9 @@ def table(results: Mapping[int, Mapping[str, Mapping[str, Any]]]) -> list[dict[s
             {
                 "method": name,
                 "seeds": len(rs),
-                "in-distribution": _mean_std(
-                    [r["in_distribution"] for r in rs if r["in_distribution"] is not None]
-                ),
-                "held-out": _mean_std([r["held_out"] for r in rs if r["held_out"] is not None]),
-                "params (x base)": _mean_std([r["params_vs_base"] for r in rs], 1, 3),
+                "in-distribution": format_pm([r["in_distribution"] for r in rs], 100),
+                "held-out": format_pm([r["held_out"] for r in rs], 100),
+                "params (x base)": format_pm([r["params_vs_base"] for r in rs], 1, 3),
                 "chosen": "; ".join(str(r["hparams"]) for r in rs if r["hparams"]) or "—",
             }
         )
@@ -135,15 +127,15 @@ def plot_params_vs_accuracy(results: Mapping[int, Mapping[str, Mapping[str, Any]
     points = []
     for row in table(results):
         rs = [e[row["method"]] for e in results.values() if row["method"] in e]
-        scores = [r["in_distribution"] for r in rs if r["in_distribution"] is not None]
-        if scores:
+        stat = seed_summary(r["in_distribution"] for r in rs)
+        if stat:
             points.append(
                 {
                     "entry": row["method"],
                     "params_vs_base": statistics.fmean(r["params_vs_base"] for r in rs),
-                    "in_distribution": statistics.fmean(scores),
-                    "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-                    "seeds": len(scores),
+                    "in_distribution": stat[0],
+                    "std": stat[1],
+                    "seeds": stat[2],
                 }
             )
     fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -10,7 +10,7 @@ of a forward pass over a fixed batch, measured in the same run. Each (seed, entr
 `runs/leaderboard/<adapter>`, leaving RESULTS.md alone.
 
     python -m leaderboard.run --seeds 0 1 [--entries base oracle ...] [--out results/leaderboard]
-    python -m leaderboard.run --adapter ia3|full ...   # the (IA)^3 / full fine-tuning zoo (full: FULL_TASKS)
+    python -m leaderboard.run --adapter ia3|full ...   # the (IA)^3 / full fine-tuning zoo (on zoo.MERGE_TASKS)
 """
 
 from __future__ import annotations
@@ -36,7 +36,11 @@ from leaderboard.report import publish
 
 THROUGHPUT_BATCH = 16  # validation prompts of the first library task, one forward pass
 # --adapter -> (zoo settings, library tasks): full fine-tuning covers a subset (storage and time, common/zoo.py)
-ADAPTER_ZOOS = {"lora": (zoo.DEFAULT, LIBRARY), "ia3": (zoo.IA3, LIBRARY), "full": (zoo.FULL, zoo.FULL_TASKS)}
+ADAPTER_ZOOS = {
+    "lora": (zoo.DEFAULT, LIBRARY),
+    "ia3": (zoo.IA3, zoo.MERGE_TASKS),
+    "full": (zoo.FULL, zoo.MERGE_TASKS),
+}
 
 
 def context(seed: int, settings: zoo.ZooSettings = zoo.DEFAULT, library: Sequence[str] = LIBRARY) -> Context:
@@ -49,7 +53,8 @@ def context(seed: int, settings: zoo.ZooSettings = zoo.DEFAULT, library: Sequenc
         raise SystemExit(f"the zoo lacks seed {seed}'s experts for {missing}: run `{how}` first")
     base, tok = zoo.load_base(settings)
     experts = {t: zoo.expert(t, seed, settings) for t in library}
-    multitask = zoo.multitask(seed, settings) if zoo.is_cached(zoo.MULTITASK, seed, settings) else None
+    name = zoo.multitask_name(library)  # a subset's multitask model is the group expert of its tasks
+    multitask = zoo.expert(name, seed, settings) if zoo.is_cached(name, seed, settings) else None
     return Context(settings, seed, base, tok, experts, multitask)
 
 
@@ -197,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--adapter",
         choices=list(ADAPTER_ZOOS),
         default="lora",
-        help="which zoo: lora (default), ia3 (zoo.IA3) or full (zoo.FULL, on zoo.FULL_TASKS)",
+        help="which zoo: lora (default), ia3 (zoo.IA3) or full (zoo.FULL), both on zoo.MERGE_TASKS",
     )
     parser.add_argument(
         "--out", type=Path, help="default results/leaderboard (lora), runs/leaderboard/<adapter> (ia3, full)"

@@ -264,7 +264,12 @@ def test_mats_cg_starts_from_the_task_arithmetic_model_chosen_on_validation(lora
 
 
 def test_leaderboard_adapter_flag_picks_the_zoo(tmp_path):
-    assert run.ADAPTER_ZOOS["full"] == (zoo.FULL, zoo.FULL_TASKS)
+    assert run.ADAPTER_ZOOS["full"] == (zoo.FULL, zoo.MERGE_TASKS)
+    assert run.ADAPTER_ZOOS["ia3"] == (zoo.IA3, zoo.MERGE_TASKS)
+    # the subset's multitask upper bound: one expert trained on exactly those tasks
+    assert zoo.multitask_name(zoo.MERGE_TASKS) == zoo.group_name(zoo.MERGE_TASKS)
+    assert zoo.group_members(zoo.multitask_name(zoo.MERGE_TASKS)) == tuple(sorted(zoo.MERGE_TASKS))
+    assert zoo.multitask_name(list(reversed(zoo.LIBRARY))) == zoo.MULTITASK
     with pytest.raises(SystemExit, match=r"run `python -m common.zoo --adapter full` first"):
         run.main(["--adapter", "full", "--seeds", "7", "--entries", "base", "--out", str(tmp_path)])
 

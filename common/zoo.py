@@ -301,10 +301,14 @@ def multitask(seed: int, settings: ZooSettings = DEFAULT) -> Path:
     return expert(MULTITASK, seed, settings)
 
 
-def multitask_name(tasks: Sequence[str]) -> str:
-    """The zoo name of the multitask model over `tasks`: `multitask` (400 steps) for the whole library, a
-    group expert (100 steps per task) for a subset such as MERGE_TASKS."""
-    return MULTITASK if sorted(tasks) == sorted(LIBRARY) else group_name(tasks)
+def multitask_name(tasks: Sequence[str], settings: ZooSettings = DEFAULT) -> str:
+    """The zoo name of the multitask model that goes with the experts of `tasks`: the LoRA zoo's is always
+    `multitask` (the whole library, 400 steps; a leaderboard over some of its tasks scores it on those); an
+    (IA)^3 or full zoo on a subset such as MERGE_TASKS gets the group expert of exactly those tasks
+    (100 steps per task), as MaTS's multitask model is trained on the tasks it merges."""
+    if settings.adapter == "lora" or sorted(tasks) == sorted(LIBRARY):
+        return MULTITASK
+    return group_name(tasks)
 
 
 def group_expert(tasks: Sequence[str], seed: int, settings: ZooSettings = DEFAULT) -> Path:
@@ -471,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     if args.list:
         for seed in args.seeds:
-            for t in [*args.tasks, multitask_name(args.tasks)]:
+            for t in [*args.tasks, multitask_name(args.tasks, settings)]:
                 print(f"seed {seed} {t:24s} {'cached' if is_cached(t, seed, settings) else 'missing'}")
         return
     if args.sweep:
@@ -481,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for t in args.tasks:
             expert(t, seed, settings)
         if not args.no_multitask:
-            expert(multitask_name(args.tasks), seed, settings)
+            expert(multitask_name(args.tasks, settings), seed, settings)
 
 
 if __name__ == "__main__":

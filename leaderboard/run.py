@@ -53,7 +53,7 @@ def context(seed: int, settings: zoo.ZooSettings = zoo.DEFAULT, library: Sequenc
         raise SystemExit(f"the zoo lacks seed {seed}'s experts for {missing}: run `{how}` first")
     base, tok = zoo.load_base(settings)
     experts = {t: zoo.expert(t, seed, settings) for t in library}
-    name = zoo.multitask_name(library)  # a subset's multitask model is the group expert of its tasks
+    name = zoo.multitask_name(library, settings)  # (IA)^3 / full: the group expert of their tasks
     multitask = zoo.expert(name, seed, settings) if zoo.is_cached(name, seed, settings) else None
     return Context(settings, seed, base, tok, experts, multitask)
 

@@ -267,9 +267,13 @@ def test_leaderboard_adapter_flag_picks_the_zoo(tmp_path):
     assert run.ADAPTER_ZOOS["full"] == (zoo.FULL, zoo.MERGE_TASKS)
     assert run.ADAPTER_ZOOS["ia3"] == (zoo.IA3, zoo.MERGE_TASKS)
     # the subset's multitask upper bound: one expert trained on exactly those tasks
-    assert zoo.multitask_name(zoo.MERGE_TASKS) == zoo.group_name(zoo.MERGE_TASKS)
-    assert zoo.group_members(zoo.multitask_name(zoo.MERGE_TASKS)) == tuple(sorted(zoo.MERGE_TASKS))
-    assert zoo.multitask_name(list(reversed(zoo.LIBRARY))) == zoo.MULTITASK
+    for settings in (zoo.IA3, zoo.FULL):
+        assert zoo.multitask_name(zoo.MERGE_TASKS, settings) == zoo.group_name(zoo.MERGE_TASKS)
+        assert zoo.group_members(zoo.multitask_name(zoo.MERGE_TASKS, settings)) == tuple(
+            sorted(zoo.MERGE_TASKS)
+        )
+        assert zoo.multitask_name(list(reversed(zoo.LIBRARY)), settings) == zoo.MULTITASK
+    assert zoo.multitask_name(zoo.MERGE_TASKS, zoo.DEFAULT) == zoo.MULTITASK  # the LoRA zoo's, whole library
     with pytest.raises(SystemExit, match=r"run `python -m common.zoo --adapter full` first"):
         run.main(["--adapter", "full", "--seeds", "7", "--entries", "base", "--out", str(tmp_path)])
 

@@ -3,7 +3,7 @@ params-vs-accuracy plot and the per-layer routing heat map, from what the leader
 
 Inputs (nothing is computed on a model here): `<leaderboard>/seed_<s>/<entry>.json` of
 `python -m leaderboard.run` (fields: in_distribution, held_out, params_vs_base, hparams, search, test) and
-`<leaderboard>/smile_routing/seed_<s>.json` of `python -m leaderboard.smile` (own_share_by_layer, chance).
+`<leaderboard>/smile_routing/seed_<s>.json` of `python -m leaderboard.smile_routing` (own_share_by_layer, chance).
 Per seed a `summary/results.json` (experiment `real_zoo`, read by RESULTS.md and `paper.yaml`'s claims):
 
     <entry>.in_distribution, <entry>.held_out, <entry>.params_vs_base
@@ -162,7 +162,7 @@ def own_share_matrix(routings: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """{"tasks", "layers", "share": [task][layer] own-expert share (mean over seeds), "chance", "seeds"}."""
     if not routings:
         raise ValueError(
-            "no smile_routing/seed_*.json: run `python -m leaderboard.smile` after the leaderboard"
+            "no smile_routing/seed_*.json: run `python -m leaderboard.smile_routing` after the leaderboard"
         )
     tasks = list(routings[0]["own_share_by_layer"])
     n_layers = len(routings[0]["own_share_by_layer"][tasks[0]])

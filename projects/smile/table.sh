@@ -47,7 +47,7 @@ if [ "$SCALE" = real ]; then
     # table, claims' metrics and plots (runs/smile/real/table/real_zoo/).
     LB=${LEADERBOARD_OUT:-results/leaderboard}
     $PY -m leaderboard.run --entries smile smile_top8 uniform task_arithmetic oracle --seeds 0 1 --out "$LB"
-    $PY -m leaderboard.smile --seeds 0 1 --out "$LB"
+    $PY -m leaderboard.smile_routing --seeds 0 1 --out "$LB"
     $PY -m projects.smile.analyze runs=runs/smile/real out=runs/smile/real/table leaderboard="$LB"
     exit 0
 fi

@@ -9,7 +9,7 @@ import torch
 from common.adapters import load_adapter, lora_factors_from_state
 from common.io import read_json, write_json
 from common.results_md import aggregate, check_claim, load_results
-from leaderboard import entries, run
+from leaderboard import entries, run, smile_routing
 from leaderboard import smile as lb_smile
 from projects.smile import analyze, real_table
 from projects.smile.mistral import TARGETS
@@ -130,7 +130,7 @@ def test_smile_entries_run_in_the_leaderboard(ctx):
 
 
 def test_routing_shares_sum_to_one_per_layer(ctx, ctx_one):
-    out = lb_smile.smile_routing(ctx, {"gate_k": 8, "k": 4, "top_k": 1}, n=2)
+    out = smile_routing.smile_routing(ctx, {"gate_k": 8, "k": 4, "top_k": 1}, n=2)
     assert out["experts"] == list(LIBRARY) and out["chance"] == 0.5
     for task in LIBRARY:
         layers = out["routing"][task]["by_layer"]
@@ -139,7 +139,7 @@ def test_routing_shares_sum_to_one_per_layer(ctx, ctx_one):
         assert out["own_share_by_layer"][task] == [layers["0"][LIBRARY.index(task)]]
     # one layer: the per-layer shares are the all-layer shares
     assert out["routing"][LIBRARY[0]]["by_layer"]["0"] == pytest.approx(out["routing"][LIBRARY[0]]["all"])
-    single = lb_smile.smile_routing(ctx_one, {"gate_k": 2, "k": 2, "top_k": 1}, n=2)
+    single = smile_routing.smile_routing(ctx_one, {"gate_k": 2, "k": 2, "top_k": 1}, n=2)
     assert single["own_share_by_layer"] == {LIBRARY[0]: [1.0]}  # one expert gets every token
 
 
@@ -230,19 +230,38 @@ def test_claims_without_their_run_are_not_graded(tmp_path):
 
 def test_routing_command_reads_the_chosen_hparams_and_is_reused(ctx, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"smile.json is missing.*leaderboard.run --entries smile"):
-        lb_smile.write_routing([0], tmp_path, 2, MICRO, LIBRARY)
+        smile_routing.write_routing([0], tmp_path, 2, MICRO, LIBRARY)
     write_json(
         tmp_path / "seed_0" / "smile.json", {"entry": "smile", "hparams": {"gate_k": 8, "k": 4, "top_k": 2}}
     )
-    [path] = lb_smile.write_routing([0], tmp_path, 2, MICRO, LIBRARY)
+    [path] = smile_routing.write_routing([0], tmp_path, 2, MICRO, LIBRARY)
     written = read_json(path)
     assert written["hparams"] == {"gate_k": 8, "k": 4, "top_k": 2} and written["seed"] == 0
     assert set(written["own_share_by_layer"]) == set(LIBRARY)
     from leaderboard import report
 
     assert [r["entry"] for r in report.load(tmp_path)] == ["smile"]  # the routing file is not a result
-    monkeypatch.setattr(lb_smile, "smile_routing", lambda *a, **k: pytest.fail("recomputed"))
-    assert lb_smile.write_routing([0], tmp_path, 2, MICRO, LIBRARY) == [path]
+    monkeypatch.setattr(smile_routing, "smile_routing", lambda *a, **k: pytest.fail("recomputed"))
+    assert smile_routing.write_routing([0], tmp_path, 2, MICRO, LIBRARY) == [path]
+
+
+def test_routing_command_runs_as_a_script(tmp_path):
+    """`python -m leaderboard.smile_routing` imports the leaderboard's entries (run as `-m leaderboard.smile`,
+    the entries module was imported a second time and 'smile' registered twice); with no leaderboard result
+    it stops with the one-line message."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-m", "leaderboard.smile_routing", "--seeds", "0", "--out", str(tmp_path)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0
+    assert "smile.json is missing" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_table_sh_real_branch_runs_the_leaderboard_then_routing_then_analysis(tmp_path):
@@ -259,7 +278,7 @@ def test_table_sh_real_branch_runs_the_leaderboard_then_routing_then_analysis(tm
     subprocess.run(["bash", "projects/smile/table.sh"], cwd=root, env=env, check=True)
     assert log.read_text().splitlines() == [
         "-m leaderboard.run --entries smile smile_top8 uniform task_arithmetic oracle --seeds 0 1 --out lb",
-        "-m leaderboard.smile --seeds 0 1 --out lb",
+        "-m leaderboard.smile_routing --seeds 0 1 --out lb",
         "-m projects.smile.analyze runs=runs/smile/real out=runs/smile/real/table leaderboard=lb",
     ]
 

@@ -1,8 +1,9 @@
 """Gather every `results.json` under a runs folder into RESULTS.md: per paper, our figures
 (mean ± std over seeds) beside the paper's, and for each of the paper's claims whether our runs show it.
 
-The file is updated per project: a project with no results under the runs folder keeps its section of
-the existing RESULTS.md, and with no results at all the file is left alone (an error says so).
+The file is updated per project and experiment: a project with no results under the runs folder keeps its
+section of the existing RESULTS.md, an experiment with none keeps its table and its claims' grades, and
+with no results at all the file is left alone (an error says so).
 
 Each project states its paper's numbers and claims as data in `projects/<name>/paper.yaml`:
 
@@ -99,26 +100,58 @@ def _pm(stat: tuple[float, float, int] | None) -> str:
     return f"{mean:.4g} ± {std:.2g} (n={n})"
 
 
-def render_project(project: str, spec: Mapping[str, Any], stats: Mapping[tuple[str, str], Any]) -> str:
-    """One project's section: a table per experiment (ours beside the paper's) and its claims."""
+def _previous_parts(section: str) -> tuple[dict[str, str], dict[str, str]]:
+    """A project section of an earlier RESULTS.md: its experiment tables by `### ` title, and its claims'
+    grades by claim text."""
+    tables: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in section.splitlines():
+        if line.startswith("### "):
+            current = tables.setdefault(line[4:].strip(), [])
+        elif line.startswith("## "):
+            current = None
+        if current is not None:
+            current.append(line)
+    grades = {}
+    for line in tables.pop("Claims", []):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0] not in ("claim", "---"):
+            grades[cells[0]] = cells[1]
+    return {title: "\n".join(lines).rstrip("\n") for title, lines in tables.items()}, grades
+
+
+def render_project(
+    project: str,
+    spec: Mapping[str, Any],
+    stats: Mapping[tuple[str, str], Any],
+    previous: str | None = None,
+) -> str:
+    """One project's section: a table per experiment (ours beside the paper's) and its claims. An experiment
+    with no results in `stats` keeps its table and its claims' grades from `previous` (the project's section
+    of the file as committed), so runs of one arm of a project do not wipe the others'."""
+    old_tables, old_grades = _previous_parts(previous or "")
     parts = [f"## {project}: {spec.get('paper', '')}", ""]
     for exp, info in (spec.get("experiments") or {}).items():
+        title = info.get("title", exp)
         ours = stats.get((project, exp), {})
+        if not ours and title in old_tables:
+            parts += [old_tables[title], ""]
+            continue
         paper = info.get("paper") or {}
         rows = [
             {"metric": m, "ours": _pm(ours.get(m)), "paper": paper.get(m, "—")}
             for m in dict.fromkeys([*paper, *ours])
         ]
-        parts += [f"### {info.get('title', exp)}", "", markdown_table(rows), ""]
+        parts += [f"### {title}", "", markdown_table(rows), ""]
     claims = spec.get("claims") or []
     if claims:
-        rows = [
-            {
-                "claim": c["text"],
-                "shown by our runs": check_claim(c, stats.get((project, c["experiment"]), {})),
-            }
-            for c in claims
-        ]
+        rows = []
+        for c in claims:
+            ours = stats.get((project, c["experiment"]), {})
+            grade = check_claim(c, ours)
+            if not ours and c["text"] in old_grades:
+                grade = old_grades[c["text"]]
+            rows.append({"claim": c["text"], "shown by our runs": grade})
         parts += ["### Claims", "", markdown_table(rows), ""]
     return "\n".join(parts)
 
@@ -158,7 +191,7 @@ def render(
             parts.append(kept[project])
             continue
         spec = yaml.safe_load(paper_file.read_text()) or {}
-        parts.append(render_project(project, spec, stats))
+        parts.append(render_project(project, spec, stats, kept.get(project)))
     return "\n".join(parts)
 
 

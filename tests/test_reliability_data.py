@@ -153,6 +153,42 @@ def test_results_md_with_one_projects_runs_keeps_the_other_sections(tmp_path):
     assert "0.123 ± 0 (n=1)" in after["mats"] and after["mats"] != before["mats"]
 
 
+def test_results_md_with_one_experiments_runs_keeps_the_projects_other_tables_and_grades(tmp_path):
+    """Runs of one arm (here mats' tiny_full_model) redraw that experiment's table and the claims on it;
+    the project's other tables and the other claims' grades stay as committed."""
+    import yaml
+
+    from common.results_md import main, sections
+    from common.rundir import RunDir
+
+    out = tmp_path / "RESULTS.md"
+    committed = (REPO / "RESULTS.md").read_text()
+    out.write_text(committed)
+    RunDir(
+        tmp_path / "runs" / "a", project="mats", experiment="tiny_full_model", scale="tiny", seed=0, config={}
+    ).write_results({"ties": 0.123})
+    main(["--runs", str(tmp_path / "runs"), "--out", str(out)])
+    before, after = sections(committed)["mats"], sections(out.read_text())["mats"]
+    spec = yaml.safe_load((REPO / "projects" / "mats" / "paper.yaml").read_text())
+    titles = {e: info.get("title", e) for e, info in spec["experiments"].items()}
+
+    def table(section: str, title: str) -> str:
+        return section.split(f"### {title}\n", 1)[1].split("\n### ", 1)[0]
+
+    for exp, title in titles.items():
+        if exp != "tiny_full_model":
+            assert table(after, title) == table(before, title), exp
+    assert "0.123 ± 0 (n=1)" in table(after, titles["tiny_full_model"])
+    claims_before = table(before, "Claims").strip().splitlines()
+    claims_after = table(after, "Claims").strip().splitlines()
+    assert len(claims_after) == len(claims_before)
+    for c, old, new in zip(spec["claims"], claims_before[2:], claims_after[2:], strict=False):
+        if c["experiment"] != "tiny_full_model":
+            assert new == old, c["text"]
+        else:  # graded on the new runs: only 'ties' exists, so every claim on the arm reads "not run"
+            assert new.endswith("| not run |"), new
+
+
 # --- 4. a failed re-run leaves the folder's config.yaml alone ---------------------------------------
 
 

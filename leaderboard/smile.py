@@ -10,7 +10,11 @@ Where the chosen model routes each task's tokens: `leaderboard.smile_routing`.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
 
+import torch
 from torch import nn
 
 from leaderboard.registry import Candidate, Context, count, expert_states, lora_deltas, register
@@ -98,3 +102,68 @@ def smile_entry(ctx: Context, gate_k: int = 8, k: int = 8, top_k: int = 1) -> Ca
 def smile_top8_entry(ctx: Context, gate_k: int = 8, k: int = 8) -> Candidate:
     """The paper's top_k ablation: every token to 8 experts (the paper finds top-1 ≥ top-8)."""
     return _candidate(ctx, gate_k, k, 8)
+
+
+@torch.no_grad()
+def smile_votes(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int = 256) -> list[int]:
+    """One expert per text: the SMILE routers' probabilities softmax_i ‖V_i[:, :gate_k]ᵀ x‖ averaged over the
+    text's tokens in each SMILE layer, then over the layers; the argmax. (A probe of SMILE's zero-shot
+    routers, not the paper's method, which routes each token in each layer.)"""
+    from projects.smile.upscale import SmileMoELinear
+
+    layers = [m for m in model.modules() if isinstance(m, SmileMoELinear)]
+    if not layers:
+        raise ValueError("a SMILE vote needs a model with SMILE layers (SmileMoELinear)")
+    pooled: list[torch.Tensor] = []
+
+    def hook(layer: SmileMoELinear, args: tuple, _out: Any) -> None:
+        x = args[0].reshape(-1, layer.in_features)
+        pooled.append(torch.softmax(layer.gate(x).float(), dim=-1).mean(0))
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    votes = []
+    try:
+        for text in texts:
+            pooled.clear()
+            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
+            model(input_ids=ids)
+            votes.append(int(torch.stack(pooled).mean(0).argmax()))
+    finally:
+        for h in handles:
+            h.remove()
+    return votes
+
+
+@register("smile_vote", {"gate_k": (8,)})
+def smile_vote_entry(ctx: Context, gate_k: int = 8) -> Candidate:
+    """Probe of the per-token mixing hypothesis (projects/smile/README.md): each example, whole, to the one
+    expert its SMILE routers vote for (`smile_votes`), the LoRA expert then applied alone, as Retrieval sends
+    an example whole. The routers depend on gate_k only (k sets the experts' rank), so k = 4 is upscaled."""
+    from projects.phatgoose import zoo_routing
+
+    if getattr(ctx.settings, "adapter", "lora") != "lora":
+        raise ValueError(
+            f"smile_vote applies the zoo's LoRA experts; this zoo's adapter is {ctx.settings.adapter!r}"
+        )
+    smile = smile_model(ctx, gate_k, min(4, ctx.settings.rank), 1)
+    experts = zoo_routing.zoo_experts(ctx.experts)
+    max_length = ctx.settings.max_length
+
+    def pick(texts: Sequence[str]) -> list[int]:
+        return smile_votes(smile, ctx.tokenizer, texts, max_length)
+
+    @lru_cache(maxsize=1)
+    def model_for(task: str) -> nn.Module:
+        from common import zoo
+
+        queries = [r for split in ("validation", "test") for r in zoo.splits(task, ctx.settings)[split]]
+        return zoo_routing.example_model(ctx.base, ctx.tokenizer, experts, pick, queries)
+
+    from projects.smile.upscale import SmileMoELinear
+
+    # the base, the LoRA experts it applies, and the routers that vote (the upscaled experts are not kept)
+    gates = sum(m.gate.weight.numel() for m in smile.modules() if isinstance(m, SmileMoELinear))
+    adapters = sum(t.numel() for ex in experts for d in (ex.A, ex.B) for t in d.values())
+    return Candidate(
+        model_for, count(ctx.base) + adapters + gates, f"SMILE routers' vote per example, gate_k={gate_k}"
+    )

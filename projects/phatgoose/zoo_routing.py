@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +216,28 @@ def _cache_length(past: Any) -> int:
     return int(past[0][0].shape[-2]) if past else 0
 
 
+def example_model(
+    base: nn.Module,
+    tokenizer: Any,
+    experts: Sequence[Expert],
+    pick: Callable[[Sequence[str]], Sequence[int]],
+    queries: Sequence[Mapping[str, Any]],
+    query_text: Callable[[Mapping[str, Any]], str] | None = None,
+) -> nn.Module:
+    """A copy of `base` holding `experts`, each forward row sent, whole, to the expert that `pick` chooses
+    for its query (`pick(texts)` -> one expert index per text, in `experts`' order; the texts are
+    `query_text(q)`, default the source). Rows that match no known query are picked on their decoded text."""
+    model = copy.deepcopy(base)
+    attach_experts(model, experts)
+    query_text = query_text or (lambda q: q["source"])
+    picks = list(pick([query_text(q) for q in queries])) if queries else []
+    lookup = [(tokenizer.encode(q["source"]), int(e)) for q, e in zip(queries, picks, strict=True)]
+    model.example_router = ExampleRouter(
+        model, lookup, pick, tokenizer
+    )  # kept with the model: its hook lives
+    return model.eval()
+
+
 def retrieval_model(
     base: nn.Module,
     tokenizer: Any,
@@ -229,16 +251,14 @@ def retrieval_model(
         raise ValueError(
             f"the retriever's experts {retriever.names} differ from {[ex.name for ex in experts]}"
         )
-    model = copy.deepcopy(base)
-    attach_experts(model, experts)
-    picks = (
-        retriever.retrieve([retrieval_text(q, bool(q.get("choices"))) for q in queries]) if queries else []
+    return example_model(
+        base,
+        tokenizer,
+        experts,
+        lambda texts: retriever.retrieve(list(texts)),
+        queries,
+        lambda q: retrieval_text(q, bool(q.get("choices"))),
     )
-    lookup = [(tokenizer.encode(q["source"]), int(e)) for q, e in zip(queries, picks)]
-    model.example_router = ExampleRouter(  # kept on the model so that the hook lives as long as it
-        model, lookup, lambda texts: retriever.retrieve(texts), tokenizer
-    )
-    return model.eval()
 
 
 # --- Merged Experts ----------------------------------------------------------------------------------

@@ -245,6 +245,60 @@ def test_routing_command_reads_the_chosen_hparams_and_is_reused(ctx, tmp_path, m
     assert smile_routing.write_routing([0], tmp_path, 2, MICRO, LIBRARY) == [path]
 
 
+def test_smile_votes_pick_the_argmax_of_the_pooled_router_probabilities(ctx):
+    """The vote by hand: softmax of each SMILE layer's router logits, averaged over the text's tokens, then
+    over the layers; its argmax."""
+    from projects.smile.upscale import SmileMoELinear
+
+    smile = lb_smile.smile_model(ctx, gate_k=RANK, k=RANK, top_k=1)
+    text = "The tumour is 12.5 mm wide"
+    inputs: list[torch.Tensor] = []
+    layers = [m for m in smile.modules() if isinstance(m, SmileMoELinear)]
+    handles = [m.register_forward_hook(lambda m, a, o: inputs.append((m, a[0]))) for m in layers]
+    with torch.no_grad():
+        smile(**ctx.tokenizer(text, return_tensors="pt"))
+    for h in handles:
+        h.remove()
+    probs = [torch.softmax(m.gate(x.reshape(-1, m.in_features)).float(), -1).mean(0) for m, x in inputs]
+    expected = int(torch.stack(probs).mean(0).argmax())
+    assert lb_smile.smile_votes(smile, ctx.tokenizer, [text, text]) == [expected, expected]
+    # a model with one layer's routers forced to expert 1 by a large margin: the vote follows when it
+    # outweighs the rest (every layer forced: the vote must be 1)
+    with torch.no_grad():
+        for m in layers:
+            w = m.gate.weight.view(m.num_experts, m.gate_k, -1)
+            w[0].zero_()
+            w[1].mul_(1e3)
+    assert lb_smile.smile_votes(smile, ctx.tokenizer, [text]) == [1]
+    ctx.cache.pop("smile", None)
+
+
+def test_smile_vote_entry_sends_each_example_to_its_voted_expert(ctx, monkeypatch):
+    """The entry scores each example with the one LoRA expert its vote names: forcing the vote to the own
+    expert gives the oracle's scores, forcing it to the other expert gives that expert's."""
+    ctx.cache.pop("smile", None)
+    result = run.run_entry(ctx, "smile_vote", ())
+    assert [s["hparams"] for s in result["search"]] == [{"gate_k": 8}]
+    assert set(result["test"]) == set(LIBRARY) and result["params_vs_base"] > 1.0
+    oracle = run.run_entry(ctx, "oracle", ())
+    for expect in ("own", "other"):
+        for task in LIBRARY:
+            vote = LIBRARY.index(task) if expect == "own" else 1 - LIBRARY.index(task)
+            monkeypatch.setattr(lb_smile, "smile_votes", lambda *a, _e=vote, **k: [_e] * len(a[2]))
+            candidate = entries.ENTRIES["smile_vote"][0](ctx)
+            model = candidate.model_for(task)
+            from common import zoo
+
+            records = zoo.splits(task, ctx.settings)["test"]
+            got = zoo.score(model, ctx.tokenizer, records, ctx.settings.max_new_tokens)
+            if expect == "own":
+                assert got == pytest.approx(oracle["test"][task], abs=1e-6), task
+            else:
+                other = entries.with_adapter(ctx, ctx.experts[LIBRARY[1 - LIBRARY.index(task)]])
+                ref = zoo.score(other, ctx.tokenizer, records, ctx.settings.max_new_tokens)
+                assert got == pytest.approx(ref, abs=1e-6), task
+
+
 def test_routing_command_runs_as_a_script(tmp_path):
     """`python -m leaderboard.smile_routing` imports the leaderboard's entries (run as `-m leaderboard.smile`,
     the entries module was imported a second time and 'smile' registered twice); with no leaderboard result

@@ -26,7 +26,7 @@ import argparse
 import math
 import operator
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -100,18 +100,23 @@ def _pm(stat: tuple[float, float, int] | None) -> str:
     return f"{mean:.4g} ± {std:.2g} (n={n})"
 
 
+def _headed_blocks(text: str, marker: str, key: Callable[[str], str] = str.strip) -> dict[str, list[str]]:
+    """The lines of `text` from each line starting with `marker` up to the next such line, by `key(heading)`
+    (lines before the first heading are dropped; blocks with the same key are joined)."""
+    found: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith(marker):
+            current = found.setdefault(key(line[len(marker) :]), [])
+        if current is not None:
+            current.append(line)
+    return found
+
+
 def _previous_parts(section: str) -> tuple[dict[str, str], dict[str, str]]:
     """A project section of an earlier RESULTS.md: its experiment tables by `### ` title, and its claims'
     grades by claim text."""
-    tables: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for line in section.splitlines():
-        if line.startswith("### "):
-            current = tables.setdefault(line[4:].strip(), [])
-        elif line.startswith("## "):
-            current = None
-        if current is not None:
-            current.append(line)
+    tables = _headed_blocks(section, "### ")
     grades = {}
     for line in tables.pop("Claims", []):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -158,13 +163,7 @@ def render_project(
 
 def sections(text: str) -> dict[str, str]:
     """An existing RESULTS.md's sections by project (`## <project>: <paper>` up to the next `## `)."""
-    found: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for line in text.splitlines():
-        if line.startswith("## "):
-            current = found.setdefault(line[3:].partition(":")[0].strip(), [])
-        if current is not None:
-            current.append(line)
+    found = _headed_blocks(text, "## ", lambda heading: heading.partition(":")[0].strip())
     return {project: "\n".join(lines).rstrip("\n") + "\n" for project, lines in found.items()}
 
 

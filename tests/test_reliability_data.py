@@ -135,8 +135,9 @@ def test_results_md_without_runs_leaves_the_committed_file(tmp_path):
     assert out.read_text() == committed
 
 
-def test_results_md_with_one_projects_runs_keeps_the_other_sections(tmp_path):
-    from common.results_md import main, sections
+def _results_md_after_one_mats_run(tmp_path) -> tuple[str, str]:
+    """(the committed RESULTS.md, the file after `results_md` read one run of mats' tiny_full_model)."""
+    from common.results_md import main
     from common.rundir import RunDir
 
     out = tmp_path / "RESULTS.md"
@@ -146,7 +147,14 @@ def test_results_md_with_one_projects_runs_keeps_the_other_sections(tmp_path):
         tmp_path / "runs" / "a", project="mats", experiment="tiny_full_model", scale="tiny", seed=0, config={}
     ).write_results({"ties": 0.123})
     main(["--runs", str(tmp_path / "runs"), "--out", str(out)])
-    before, after = sections(committed), sections(out.read_text())
+    return committed, out.read_text()
+
+
+def test_results_md_with_one_projects_runs_keeps_the_other_sections(tmp_path):
+    from common.results_md import sections
+
+    committed, new = _results_md_after_one_mats_run(tmp_path)
+    before, after = sections(committed), sections(new)
     assert set(after) == set(before) and {"mats", "smile", "leaderboard"} <= set(before)
     for project in set(before) - {"mats"}:  # untouched, byte for byte
         assert after[project] == before[project], project
@@ -158,17 +166,10 @@ def test_results_md_with_one_experiments_runs_keeps_the_projects_other_tables_an
     the project's other tables and the other claims' grades stay as committed."""
     import yaml
 
-    from common.results_md import main, sections
-    from common.rundir import RunDir
+    from common.results_md import sections
 
-    out = tmp_path / "RESULTS.md"
-    committed = (REPO / "RESULTS.md").read_text()
-    out.write_text(committed)
-    RunDir(
-        tmp_path / "runs" / "a", project="mats", experiment="tiny_full_model", scale="tiny", seed=0, config={}
-    ).write_results({"ties": 0.123})
-    main(["--runs", str(tmp_path / "runs"), "--out", str(out)])
-    before, after = sections(committed)["mats"], sections(out.read_text())["mats"]
+    committed, new = _results_md_after_one_mats_run(tmp_path)
+    before, after = sections(committed)["mats"], sections(new)["mats"]
     spec = yaml.safe_load((REPO / "projects" / "mats" / "paper.yaml").read_text())
     titles = {e: info.get("title", e) for e, info in spec["experiments"].items()}
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any
 
-import torch
 from torch import nn
 
 from leaderboard.registry import Candidate, Context, count, expert_states, lora_deltas, register
+from projects.smile.routing import smile_votes
 
 # The paper's LLM setting is gate_k = 8 with k from 8 to 512 (Mistral-7B, full fine-tunes). The zoo's experts
 # are rank-8 LoRA, so every ΔW_i has rank ≤ 8 and any k ≥ 8 computes what k = 8 does, with more parameters:
@@ -104,42 +103,13 @@ def smile_top8_entry(ctx: Context, gate_k: int = 8, k: int = 8) -> Candidate:
     return _candidate(ctx, gate_k, k, 8)
 
 
-@torch.no_grad()
-def smile_votes(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int = 256) -> list[int]:
-    """One expert per text: the SMILE routers' probabilities softmax_i ‖V_i[:, :gate_k]ᵀ x‖ averaged over the
-    text's tokens in each SMILE layer, then over the layers; the argmax. (A probe of SMILE's zero-shot
-    routers, not the paper's method, which routes each token in each layer.)"""
-    from projects.smile.upscale import SmileMoELinear
-
-    layers = [m for m in model.modules() if isinstance(m, SmileMoELinear)]
-    if not layers:
-        raise ValueError("a SMILE vote needs a model with SMILE layers (SmileMoELinear)")
-    pooled: list[torch.Tensor] = []
-
-    def hook(layer: SmileMoELinear, args: tuple, _out: Any) -> None:
-        x = args[0].reshape(-1, layer.in_features)
-        pooled.append(torch.softmax(layer.gate(x).float(), dim=-1).mean(0))
-
-    handles = [m.register_forward_hook(hook) for m in layers]
-    votes = []
-    try:
-        for text in texts:
-            pooled.clear()
-            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
-            model(input_ids=ids)
-            votes.append(int(torch.stack(pooled).mean(0).argmax()))
-    finally:
-        for h in handles:
-            h.remove()
-    return votes
-
-
 @register("smile_vote", {"gate_k": (8,)})
 def smile_vote_entry(ctx: Context, gate_k: int = 8) -> Candidate:
     """Probe of the per-token mixing hypothesis (projects/smile/README.md): each example, whole, to the one
     expert its SMILE routers vote for (`smile_votes`), the LoRA expert then applied alone, as Retrieval sends
     an example whole. The routers depend on gate_k only (k sets the experts' rank), so k = 4 is upscaled."""
     from projects.phatgoose import zoo_routing
+    from projects.smile.upscale import SmileMoELinear
 
     if getattr(ctx.settings, "adapter", "lora") != "lora":
         raise ValueError(
@@ -158,8 +128,6 @@ def smile_vote_entry(ctx: Context, gate_k: int = 8) -> Candidate:
 
         queries = [r for split in ("validation", "test") for r in zoo.splits(task, ctx.settings)[split]]
         return zoo_routing.example_model(ctx.base, ctx.tokenizer, experts, pick, queries)
-
-    from projects.smile.upscale import SmileMoELinear
 
     # the base, the LoRA experts it applies, and the routers that vote (the upscaled experts are not kept)
     gates = sum(m.gate.weight.numel() for m in smile.modules() if isinstance(m, SmileMoELinear))

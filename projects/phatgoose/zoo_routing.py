@@ -232,9 +232,8 @@ def example_model(
     query_text = query_text or (lambda q: q["source"])
     picks = list(pick([query_text(q) for q in queries])) if queries else []
     lookup = [(tokenizer.encode(q["source"]), int(e)) for q, e in zip(queries, picks, strict=True)]
-    model.example_router = ExampleRouter(
-        model, lookup, pick, tokenizer
-    )  # kept with the model: its hook lives
+    # kept on the model so that the hook lives as long as it
+    model.example_router = ExampleRouter(model, lookup, pick, tokenizer)
     return model.eval()
 
 

@@ -15,7 +15,7 @@ state; "decoder", the decoder's other layers at the first step; an upscaled lm_h
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,49 +24,85 @@ from torch import nn
 from projects.smile.upscale import SmileMoELinear
 
 
+def _smile_layers(model: nn.Module) -> dict[str, SmileMoELinear]:
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SmileMoELinear)}
+    if not layers:
+        raise ValueError("routing needs a model with SMILE layers (SmileMoELinear)")
+    return layers
+
+
 @torch.no_grad()
+def _read_texts(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int,
+    on_layer: Callable[[str, SmileMoELinear, torch.Tensor], None],
+) -> Iterator[int]:
+    """Feed `texts` to `model` one at a time (no padding tokens), each cut to `max_length` tokens, calling
+    `on_layer(name, layer, x)` with every SMILE layer's input x (N, d_in); yields each text's token count once
+    its forward is done. An encoder-decoder reads the text with the encoder and takes the first decoding step.
+    Raises if the model has no SMILE layer."""
+    layers = _smile_layers(model)
+
+    def hook(name: str):
+        def fn(layer: SmileMoELinear, args: tuple, _out: Any) -> None:
+            on_layer(name, layer, args[0].reshape(-1, layer.in_features))
+
+        return fn
+
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
+            if encoder_decoder:
+                start = torch.tensor([[model.config.decoder_start_token_id]])
+                model(input_ids=ids, decoder_input_ids=start)
+            else:
+                model(input_ids=ids)
+            yield ids.shape[1]
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def route_counts(
     model: nn.Module, tokenizer: Any, texts: Mapping[str, Sequence[str]], max_length: int = 256
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]:
     """({domain: {SMILE layer name: top-1 choices per expert (float64, (T,))}}, {domain: tokens read}),
     texts one at a time (no padding tokens), each cut to `max_length` tokens; an encoder-decoder reads
     each text with the encoder and takes the first decoding step. Raises if the model has no SMILE layer."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, SmileMoELinear)}
-    if not layers:
-        raise ValueError("routing needs a model with SMILE layers (SmileMoELinear)")
+    layers = _smile_layers(model)
     n_exp = next(iter(layers.values())).num_experts
-    counts: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def fn(layer: SmileMoELinear, args: tuple, _out: Any) -> None:
-            top1 = layer.route(args[0].reshape(-1, layer.in_features))[1][:, 0]  # the layer's own choice
-            counts[name] += torch.bincount(top1, minlength=n_exp).double()
-
-        return fn
-
-    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
     by_domain: dict[str, dict[str, torch.Tensor]] = {}
     tokens: dict[str, int] = {}
-    try:
-        for domain, domain_texts in texts.items():
-            counts = {n: torch.zeros(n_exp, dtype=torch.float64) for n in layers}
-            tokens[domain] = 0
-            for text in domain_texts:
-                ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)[
-                    "input_ids"
-                ]
-                if encoder_decoder:
-                    start = torch.tensor([[model.config.decoder_start_token_id]])
-                    model(input_ids=ids, decoder_input_ids=start)
-                else:
-                    model(input_ids=ids)
-                tokens[domain] += ids.shape[1]
-            by_domain[domain] = counts
-    finally:
-        for h in handles:
-            h.remove()
+    for domain, domain_texts in texts.items():
+        counts = {n: torch.zeros(n_exp, dtype=torch.float64) for n in layers}
+
+        def count(name: str, layer: SmileMoELinear, x: torch.Tensor, counts=counts) -> None:
+            top1 = layer.route(x)[1][:, 0]  # the layer's own choice
+            counts[name] += torch.bincount(top1, minlength=n_exp).double()
+
+        tokens[domain] = sum(_read_texts(model, tokenizer, domain_texts, max_length, count))
+        by_domain[domain] = counts
     return by_domain, tokens
+
+
+def smile_votes(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int = 256) -> list[int]:
+    """One expert per text: the SMILE routers' probabilities softmax_i ‖V_i[:, :gate_k]ᵀ x‖ averaged over the
+    text's tokens in each SMILE layer, then over the layers; the argmax. (A probe of SMILE's zero-shot
+    routers, not the paper's method, which routes each token in each layer.)"""
+    pooled: list[torch.Tensor] = []
+
+    def pool(_name: str, layer: SmileMoELinear, x: torch.Tensor) -> None:
+        pooled.append(torch.softmax(layer.gate(x).float(), dim=-1).mean(0))
+
+    votes = []
+    for _ in _read_texts(model, tokenizer, texts, max_length, pool):
+        votes.append(int(torch.stack(pooled).mean(0).argmax()))
+        pooled.clear()
+    return votes
 
 
 def routing_by_domain(

@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from common import zoo
+from common import zoo, zoo_tasks
 from leaderboard import entries, mats, run
 from leaderboard.registry import expert_states, with_adapter, with_state
 from projects.mats.model import encode, example_log_probs
@@ -264,8 +264,9 @@ def test_mats_cg_starts_from_the_task_arithmetic_model_chosen_on_validation(lora
 
 
 def test_leaderboard_adapter_flag_picks_the_zoo(tmp_path):
-    assert run.ADAPTER_ZOOS["full"] == (zoo.FULL, zoo.MERGE_TASKS)
-    assert run.ADAPTER_ZOOS["ia3"] == (zoo.IA3, zoo.MERGE_TASKS)
+    assert run.ADAPTER_ZOOS["full"] == (zoo.FULL, zoo.MERGE_TASKS, ())
+    assert run.ADAPTER_ZOOS["ia3"] == (zoo.IA3, zoo.MERGE_TASKS, ())  # in-distribution only, as the paper
+    assert run.ADAPTER_ZOOS["lora"] == (zoo.DEFAULT, zoo.LIBRARY, zoo_tasks.HELD_OUT)
     # the subset's multitask upper bound: one expert trained on exactly those tasks
     for settings in (zoo.IA3, zoo.FULL):
         assert zoo.multitask_name(zoo.MERGE_TASKS, settings) == zoo.group_name(zoo.MERGE_TASKS)

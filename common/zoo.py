@@ -17,6 +17,8 @@ private experts' steps per task): MBC's cluster experts.
 `ZooSettings.adapter` picks the parameterisation: "lora" (the zoo), "ia3" ((IA)^3 vectors, T-Few's
 targets) or "full" (every weight fine-tuned; the folder is a `save_pretrained` model, loadable with
 `AutoModelForCausalLM.from_pretrained`). `IA3` and `FULL` are the settings MaTS merges.
+`ZooSettings.init` seeds a LoRA adapter's initial weights: "seed" (the zoo: every expert of a seed starts
+from the same A, as mttl's library) or "task" (from (seed, task): each expert its own A; Arrow's probe).
 
     python -m common.zoo --seeds 0 1            # every library expert and the multitask model
     python -m common.zoo --sweep                # the short learning-rate sweep on validation
@@ -29,6 +31,7 @@ import argparse
 import json
 import random
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
@@ -70,15 +73,25 @@ class ZooSettings:
     sizes: dict[str, int] = field(default_factory=lambda: {"validation": 60, "test": 100})
     max_new_tokens: int = 48
     adapter: str = "lora"  # a key of ADAPTERS
+    init: str = "seed"  # a key of INITS: what seeds a LoRA adapter's initial weights (`init_seed`)
 
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
             raise ValueError(f"ZooSettings.adapter must be one of {list(ADAPTERS)}, got {self.adapter!r}")
+        if self.init not in INITS:
+            raise ValueError(f"ZooSettings.init must be one of {list(INITS)}, got {self.init!r}")
+        if self.init != "seed" and self.adapter != "lora":
+            raise ValueError(
+                f"ZooSettings.init={self.init!r} seeds LoRA's A; the {self.adapter!r} adapter starts from "
+                "fixed weights (keep init='seed')"
+            )
 
     def key(self) -> dict[str, Any]:
         key = json.loads(json.dumps(asdict(self)))
         if key["adapter"] == "lora":  # the zoo's experts were keyed before adapter kinds existed
             del key["adapter"]
+        if key["init"] == "seed":  # ... and before the initialisation could be chosen
+            del key["init"]
         return key
 
 
@@ -86,6 +99,8 @@ class ZooSettings:
 # (LoRA: the fastest step, benchmarks/lora_step.py); "master-fp32" keeps fp32 weights under bf16 autocast,
 # because (IA)^3 vectors near 1.0 and full-model updates of ~1e-5 are below bf16's resolution there.
 ADAPTERS = {"lora": "bf16", "ia3": "master-fp32", "full": "master-fp32"}
+# init -> what seeds the adapter's initial weights: the zoo seed alone, or (zoo seed, task)
+INITS = {"seed": "every expert of a seed starts from the same LoRA A", "task": "each (seed, task) its own A"}
 
 DEFAULT = ZooSettings()
 # The parameterisations MaTS merges. Learning rates: (IA)^3 T-Few's 3e-3; full fine-tuning 5e-5, the
@@ -316,6 +331,14 @@ def group_expert(tasks: Sequence[str], seed: int, settings: ZooSettings = DEFAUL
     return expert(group_name(tasks), seed, settings)
 
 
+def init_seed(task: str, seed: int, settings: ZooSettings = DEFAULT) -> int:
+    """The torch seed of `task`'s adapter initialisation: the zoo seed (init="seed"), or a stable hash of
+    (seed, task) (init="task"; crc32, not Python's per-process salted `hash`)."""
+    if settings.init == "task":
+        return zlib.crc32(f"{seed}:{task}".encode())
+    return seed
+
+
 def _train(task: str, seed: int, settings: ZooSettings, key: Mapping[str, Any], out: Path) -> None:
     from common.adapters import add_adapter, save_adapter
     from common.rundir import provenance
@@ -326,9 +349,10 @@ def _train(task: str, seed: int, settings: ZooSettings, key: Mapping[str, Any], 
     print(f"zoo: training the {task} {settings.adapter} expert (seed {seed}, {steps} steps)", flush=True)
     model, tok = load_base(settings, dtype="float32")
     full = settings.adapter == "full"
-    # The adapter's initial weights come from the zoo seed alone, not from whatever ran before in this
-    # process: every expert of a seed starts from the same LoRA A (as mttl's library, trained with one seed).
-    torch.manual_seed(seed)
+    # The adapter's initial weights come from the zoo seed alone (init="seed"), not from whatever ran before
+    # in this process: every expert of a seed starts from the same LoRA A (as mttl's library, trained with one
+    # seed). init="task" seeds them from (seed, task) instead: each expert starts from its own A.
+    torch.manual_seed(init_seed(task, seed, settings))
     if not full:
         model = add_adapter(model, lora_for(settings))
         model.peft_config["default"].base_model_name_or_path = HUB_IDS.get(settings.base, base_path(settings))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zlib
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,7 @@ def test_expert_key_changes_with_every_setting():
         "sizes": {"validation": 4, "test": 3},
         "max_new_tokens": 5,
         "adapter": "ia3",
+        "init": "task",
     }
     assert set(changed) == {f.name for f in dataclasses.fields(zoo.ZooSettings)}
     for name, value in changed.items():
@@ -174,12 +176,38 @@ def test_expert_key_changes_with_every_setting():
         zoo.group_name(["breast_cancer", "language_id_union"])
     with pytest.raises(ValueError, match="adapter must be one of"):
         dataclasses.replace(MICRO, adapter="prefix")
+    with pytest.raises(ValueError, match="init must be one of"):
+        dataclasses.replace(MICRO, init="module")
+    with pytest.raises(ValueError, match="seeds LoRA's A"):
+        dataclasses.replace(MICRO, adapter="ia3", init="task")
 
 
 def test_lora_settings_key_as_before_adapter_kinds_existed():
     # The zoo's cached LoRA experts were keyed without an `adapter` field: their keys must not move.
     assert "adapter" not in zoo.DEFAULT.key() and "adapter" not in MICRO.key()
     assert zoo.IA3.key()["adapter"] == "ia3" and zoo.FULL.key()["adapter"] == "full"
+
+
+def test_cached_experts_keep_their_keys_whatever_init_adds():
+    # Written out by hand: the keys of the zoo's cached LoRA and (IA)^3 experts before `init` existed.
+    lora = {
+        "base": "real:smollm2-135m",
+        "rank": 8,
+        "alpha": 16.0,
+        "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "lr": 0.001,
+        "steps": 100,
+        "batch_size": 8,
+        "warmup_steps": 10,
+        "max_length": 256,
+        "dtype": "bfloat16",
+        "multitask_steps": 400,
+        "sizes": {"validation": 60, "test": 100},
+        "max_new_tokens": 48,
+    }
+    assert zoo.DEFAULT.key() == lora
+    assert zoo.IA3.key() == {**lora, "lr": 0.003, "adapter": "ia3"}
+    assert dataclasses.replace(zoo.DEFAULT, init="task").key() == {**lora, "init": "task"}
 
 
 def test_expert_is_a_peft_folder_trained_once(monkeypatch):
@@ -237,6 +265,32 @@ def test_experts_of_a_seed_start_from_the_same_lora_a_whatever_ran_before():
     a_keys = [k for k in first if "lora_A" in k]
     assert a_keys and all(torch.equal(first[k], second[k]) for k in a_keys)
     assert not all(torch.equal(first[k], other_seed[k]) for k in a_keys)
+
+
+def test_init_task_gives_each_task_its_own_lora_a_and_the_same_one_every_run(monkeypatch, tmp_path):
+    from common.adapters import load_adapter
+
+    # lr 0: the saved adapter is its initialisation
+    settings = dataclasses.replace(MICRO, lr=0.0, init="task")
+
+    def a_of(task, seed=0):
+        state = load_adapter(zoo.expert(task, seed, settings)).state
+        return {k: v for k, v in state.items() if "lora_A" in k}
+
+    first, other_task = a_of("breast_cancer"), a_of("champ_category")
+    shared = load_adapter(zoo.expert("breast_cancer", 0, dataclasses.replace(MICRO, lr=0.0))).state
+    assert first and first.keys() == other_task.keys()
+    assert not any(torch.equal(first[k], other_task[k]) for k in first)
+    assert not any(torch.equal(first[k], shared[k]) for k in first)  # not the seed's shared A either
+    assert not any(torch.equal(first[k], a_of("breast_cancer", 1)[k]) for k in first)
+    # a second run, in a fresh cache and after other work moved the global RNG, starts from the same A
+    monkeypatch.setenv("MOERGING_CACHE", str(tmp_path / "cache"))
+    torch.rand(1000)
+    again = a_of("breast_cancer")
+    assert zoo.expert("breast_cancer", 0, settings).is_relative_to(tmp_path)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert zoo.init_seed("breast_cancer", 0, settings) == zlib.crc32(b"0:breast_cancer")
+    assert zoo.init_seed("breast_cancer", 3, MICRO) == 3
 
 
 def _logits(model, tok):

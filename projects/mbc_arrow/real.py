@@ -1,12 +1,14 @@
 """The notebook's real arm on the expert zoo (SmolLM2-135M LoRA experts, `common/zoo.py`).
 
     python -m projects.mbc_arrow.real clusters --seeds 0 1 [--dry-run]   # MBC clusters + one expert each
+    python -m projects.mbc_arrow.real probe --seed 1 --variant init_task [--train]   # a routing probe
 
 The private library is the zoo's experts; the MBC library holds one expert per MBC cluster of them
 (`zoo.group_expert`: the cluster's tasks drawn uniformly, the private experts' steps per member; a
 one-task cluster keeps its private expert). Arrow routes each token in each adapted linear among either
 library (`arrow_model`). The methods are leaderboard entries (`leaderboard/mbc_arrow.py`) scored by
 `python -m leaderboard.run`; `analyze --real` writes the table, results.json and the routing heat maps.
+`probe` measures Arrow's routing on a few tasks' experts changed in one respect (`arrow_probe`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ MBC = {"sparsity_threshold": 0.2, "n_components": 64, "seed": 42, "similarity": 
 SIMILARITIES = ("factors", "delta")
 EXPERTS_PER_CLUSTER = 4
 GKS = ("none", "mean", "multitask")  # GenKnowSub's general expert: none, the experts' mean, the multitask
+LIBRARIES = ("private", "mbc")  # the libraries `routing_report` routes among
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -73,6 +76,24 @@ def genknowsub(
     return out
 
 
+def arrow_factors(
+    experts: Mapping[str, str | Path], gks: str = "none", general: str | Path | None = None
+) -> dict[str, dict[str, LoraFactors]]:
+    """Expert -> module -> the factors Arrow uses: the adapters' own (gks="none"), or after GenKnowSub of
+    the experts' mean factors (gks="mean") or of the `general` expert's (gks="multitask")."""
+    if gks not in GKS:
+        raise UserError(f"gks={gks!r}: choose one of {list(GKS)}")
+    names = list(experts)
+    factors = [zoo_factors(experts[n]) for n in names]
+    if gks == "mean":
+        factors = genknowsub(factors, factors)
+    elif gks == "multitask":
+        if general is None:
+            raise SystemExit("GenKnowSub with the multitask expert: the zoo has none (run `make zoo`)")
+        factors = genknowsub(factors, [zoo_factors(general)])
+    return dict(zip(names, factors))
+
+
 def arrow_model(
     base: nn.Module,
     tokenizer: Any,
@@ -87,19 +108,9 @@ def arrow_model(
     """A copy of `base` routing each token, in each adapted linear, among `experts` (name -> adapter folder)
     by Arrow (|x·p_e|, top_k, softmax over the kept; mttl's parameter mixing). `tasks`: each expert's tasks.
     gks="mean" subtracts the experts' mean factors first, gks="multitask" the `general` expert's."""
-    if gks not in GKS:
-        raise UserError(f"gks={gks!r}: choose one of {list(GKS)}")
-    names = list(experts)
-    factors = [zoo_factors(experts[n]) for n in names]
-    if gks == "mean":
-        factors = genknowsub(factors, factors)
-    elif gks == "multitask":
-        if general is None:
-            raise SystemExit("GenKnowSub with the multitask expert: the zoo has none (run `make zoo`)")
-        factors = genknowsub(factors, [zoo_factors(general)])
     model = MultiExpertModel.from_factors(
         (copy.deepcopy(base), tokenizer),
-        dict(zip(names, factors)),
+        arrow_factors(experts, gks, general),
         tasks,
         {"name": "arrow", "top_k": top_k},
         base_model=base_model,
@@ -197,16 +208,22 @@ def routing_report(
     *,
     split: str = "validation",
     gks: str = "none",
+    libraries: Sequence[str] = LIBRARIES,
 ) -> dict[str, Any]:
     """Arrow's top-1 routing of each library task's `split` tokens, per layer depth: for the private library
     the share reaching the task's own expert and its own MBC cluster's experts, for the MBC library the share
-    reaching its cluster's expert; beside chance (1/E, cluster size/E). Shares per depth sum to 1 over experts."""
+    reaching its cluster's expert; beside chance (1/E, cluster size/E). Shares per depth sum to 1 over experts.
+    `libraries`: which of LIBRARIES to route; without "mbc" there are no clusters (clusters None, and the
+    private rows hold the own expert only)."""
     from projects.mbc_arrow.routing_analysis import layer_routing, layer_shares, own_share
 
+    unknown = [lib for lib in libraries if lib not in LIBRARIES]
+    if unknown or not libraries:
+        raise UserError(f"routing_report: libraries {list(libraries)}: choose among {list(LIBRARIES)}")
     base, tok = zoo.load_base(settings)
     private = library_experts(seed, settings, tasks)
-    clusters = zoo_clusters(private)
-    cluster_of = {t: c for c, ms in clusters.items() for t in ms}
+    clusters = zoo_clusters(private) if "mbc" in libraries else None
+    cluster_of = {t: c for c, ms in (clusters or {}).items() for t in ms}
     examples = [r for t in tasks for r in zoo.splits(t, settings)[split]]
     general = (
         zoo.multitask(seed, settings)
@@ -214,11 +231,12 @@ def routing_report(
         else None
     )
     report: dict[str, Any] = {"seed": seed, "split": split, "gks": gks, "clusters": clusters, "libraries": {}}
-    libraries = {
-        "private": (private, {t: [t] for t in private}),
-        "mbc": (cluster_experts(clusters, seed, settings), clusters),
-    }
-    for lib, (experts, members) in libraries.items():
+    chosen = {}
+    if "private" in libraries:
+        chosen["private"] = (private, {t: [t] for t in private})
+    if clusters is not None:
+        chosen["mbc"] = (cluster_experts(clusters, seed, settings), clusters)
+    for lib, (experts, members) in chosen.items():
         model = arrow_model(
             base, tok, experts, members, top_k=1, gks=gks, general=general, base_model=settings.base
         )
@@ -227,13 +245,13 @@ def routing_report(
         per_task = {}
         for t in tasks:
             shares = layer_shares(counts[t])
-            if lib == "private":  # the experts of the task's cluster, and the task's own
-                own = [i for i, n in enumerate(names) if cluster_of[n] == cluster_of[t]]
+            if lib == "private":  # the task's own expert, and the experts of its cluster
                 row = {"own_expert": own_share(shares, [names.index(t)]), "chance_own_expert": 1 / len(names)}
+                own = [i for i, n in enumerate(names) if cluster_of[n] == cluster_of[t]] if clusters else []
             else:  # the cluster's expert
-                own = [names.index(cluster_of[t])]
-                row = {}
-            row |= {"own_cluster": own_share(shares, own), "chance_own_cluster": len(own) / len(names)}
+                row, own = {}, [names.index(cluster_of[t])]
+            if own:
+                row |= {"own_cluster": own_share(shares, own), "chance_own_cluster": len(own) / len(names)}
             per_task[t] = {"shares": shares.tolist(), **row}
         report["libraries"][lib] = {"experts": names, "tasks": per_task}
         del model
@@ -241,6 +259,8 @@ def routing_report(
 
 
 def main(argv: list[str] | None = None) -> None:
+    from projects.mbc_arrow import arrow_probe
+
     parser = argparse.ArgumentParser(
         prog="python -m projects.mbc_arrow.real", description=__doc__.split("\n\n")[0]
     )
@@ -259,10 +279,32 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="with --dry-run: preview another MBC similarity (the entries use MBC['similarity'] in real.py)",
     )
+    p = sub.add_parser(
+        "probe",
+        help="Arrow's top-1 routing over a few tasks' private experts changed in one respect (arrow_probe)",
+    )
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--variant",
+        required=True,
+        help=f"one of {', '.join(arrow_probe.VARIANTS)} (projects/mbc_arrow/arrow_probe.py)",
+    )
+    p.add_argument("--tasks", nargs="+", default=list(arrow_probe.PROBE_TASKS), help="library tasks")
+    p.add_argument(
+        "--out", type=Path, default=arrow_probe.OUT, help="writes seed_<s>/<variant>.json, probes.md"
+    )
+    p.add_argument("--train", action="store_true", help="train the variant's missing experts (else refused)")
     args = parser.parse_args(argv)
     unknown = [t for t in args.tasks if t not in LIBRARY]
     if unknown:
         raise UserError(f"--tasks {unknown} are not library tasks of the zoo; choose from {list(LIBRARY)}")
+    if args.command == "probe":
+        record = arrow_probe.run_probe(args.seed, args.variant, args.tasks, args.out, train=args.train)
+        share, chance = (f"{100 * record[k]:.1f}%" for k in ("own_expert_mean", "chance"))
+        print(
+            f"{args.variant} (seed {args.seed}): own expert {share} (chance {chance}); {args.out}/probes.md"
+        )
+        return
     if args.similarity not in (None, MBC["similarity"]) and not args.dry_run:
         raise UserError(
             f"--similarity {args.similarity} without --dry-run would train cluster experts the leaderboard "

@@ -3,6 +3,7 @@ zoo experts, the leaderboard entries end to end, the routing report per layer de
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -303,3 +304,143 @@ def test_real_cli_previews_another_similarity_only_without_training(capsys):
 
     assert run_main(real.main, ["clusters", "--seeds", "0", "--similarity", "factors"]) == 2
     assert "--dry-run" in capsys.readouterr().err
+
+
+# --- the routing probes (arrow_probe) --------------------------------------------------------------
+
+PROBE = ("breast_cancer", "champ_category", "sentiment_airline")
+
+
+def test_a_cosine_by_hand():
+    from projects.mbc_arrow.arrow_probe import a_cosine
+
+    def expert(*rows):
+        return {"m": LoraFactors(torch.tensor(rows), torch.ones(2, len(rows)), 1.0)}
+
+    same, turned = expert([1.0, 0.0, 0.0]), expert([0.0, -2.0, 0.0])
+    assert a_cosine([same, same]) == pytest.approx(1.0)
+    assert a_cosine([same, expert([-3.0, 0.0, 0.0])]) == pytest.approx(1.0)  # |cos|: the sign is free
+    assert a_cosine([same, turned]) == pytest.approx(0.0)
+    # pairs (0.5 each): cos(e1, e1+e2) = 1/√2, cos(e1, -2e2) = 0, cos(e1+e2, -2e2) = 1/√2
+    assert a_cosine([same, expert([1.0, 1.0, 0.0]), turned]) == pytest.approx(2**0.5 / 3)
+    # two-row A flattened, and the mean over modules
+    two = [{"m": f["m"], "n": expert([1.0, 0.0, 0.0], [0.0, 1.0, 0.0])["m"]} for f in (same, turned)]
+    two[1]["n"] = expert([0.0, 1.0, 0.0], [1.0, 0.0, 0.0])["m"]  # rows swapped: flattened, orthogonal
+    assert a_cosine(two) == pytest.approx(0.0)
+    two[1]["n"] = two[0]["n"]
+    assert a_cosine(two) == pytest.approx(0.5)  # module m: 0, module n: 1
+
+
+def test_probe_variants_each_change_one_thing():
+    from common.cli import UserError
+    from projects.mbc_arrow.arrow_probe import variant_settings
+
+    assert variant_settings("base", MICRO) == (MICRO, "none")
+    assert variant_settings("init_task", MICRO) == (dataclasses.replace(MICRO, init="task"), "none")
+    assert variant_settings("steps_300", MICRO) == (dataclasses.replace(MICRO, steps=300), "none")
+    assert variant_settings("gks_mean", MICRO) == (MICRO, "mean")
+    assert variant_settings("gks_multitask", MICRO) == (MICRO, "multitask")
+    for bad in ("steps_0", "steps_x", "init_seed", "gks_none"):
+        with pytest.raises(UserError, match="choose one of"):
+            variant_settings(bad, MICRO)
+
+
+def test_probe_refuses_missing_experts_with_the_command(tmp_path):
+    from projects.mbc_arrow import arrow_probe
+
+    settings = dataclasses.replace(MICRO, init="task")
+    with pytest.raises(SystemExit, match=r"real probe --seed 7 --variant init_task --tasks breast_cancer "):
+        arrow_probe.run_probe(7, "init_task", PROBE, tmp_path, settings=MICRO)
+    assert not any(zoo.is_cached(t, 7, settings) for t in PROBE)  # nothing was trained
+    with pytest.raises(SystemExit, match=r"\['multitask'\] of seed 7 .* --variant gks_multitask"):
+        for t in PROBE:  # the experts alone do not do for GenKnowSub against the multitask expert
+            zoo.expert(t, 7, MICRO)
+        arrow_probe.run_probe(7, "gks_multitask", PROBE, tmp_path, settings=MICRO)
+    assert not list(tmp_path.iterdir())
+
+
+def test_probe_cli_refuses_untrained_real_experts_and_unknown_variants(tmp_path, capsys):
+    from common.cli import run_main
+
+    with pytest.raises(SystemExit, match=r"real probe --seed 1 --variant steps_300 --out .* --train"):
+        run_main(real.main, ["probe", "--seed", "1", "--variant", "steps_300", "--out", str(tmp_path)])
+    assert run_main(real.main, ["probe", "--variant", "init_random", "--out", str(tmp_path)]) == 2
+    assert "init_random" in capsys.readouterr().err
+
+
+def _own_share_by_hand(task_experts, tasks, own, settings):
+    """Per depth, the share of `own`'s validation tokens whose |x·v_e| is largest for its own expert, with
+    v_e the top right singular vector of the dense ΔW_e (SVD) and x each adapted linear's input in the
+    routed model: an independent count of what the probe reports."""
+    base, tok = zoo.load_base(settings)
+    model = real.arrow_model(
+        base, tok, task_experts, {t: [t] for t in tasks}, top_k=1, base_model=settings.base
+    )
+    factors = [real.zoo_factors(task_experts[t]) for t in tasks]
+    layers = model.layers()
+    n_depth = 1 + max(int(name.split(".")[2]) for name in layers)
+    picks = torch.zeros(n_depth, len(tasks), dtype=torch.float64)
+    margins = []
+
+    def hook(name):
+        protos = torch.stack([torch.linalg.svd(f[name].delta().double())[2][0] for f in factors])
+
+        def record(_layer, args, _out):
+            score = (args[0].double().reshape(-1, protos.shape[1]) @ protos.T).abs()
+            top = score.topk(2, dim=-1).values
+            margins.append(float((top[:, 0] - top[:, 1]).min()))
+            picks[int(name.split(".")[2])] += torch.bincount(score.argmax(-1), minlength=len(tasks)).double()
+
+        return record
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    with torch.no_grad():
+        for ex in zoo.splits(own, settings)["validation"]:
+            model.model(
+                **tok(ex["source"], return_tensors="pt", truncation=True, max_length=settings.max_length)
+            )
+    for h in handles:
+        h.remove()
+    return (picks[:, tasks.index(own)] / picks.sum(-1)).tolist(), min(margins)
+
+
+def test_probe_end_to_end_on_a_micro_zoo(tmp_path, monkeypatch):
+    from projects.mbc_arrow import arrow_probe
+
+    records = {
+        v: arrow_probe.run_probe(0, v, PROBE, tmp_path, settings=MICRO, train=True)
+        for v in ("init_task", "base", "gks_mean")
+    }
+    record = json.loads((tmp_path / "seed_0" / "init_task.json").read_text())
+    assert record == json.loads(json.dumps(records["init_task"]))
+    n_depth = zoo.load_base(MICRO)[0].config.num_hidden_layers
+    assert record["experts"] == list(PROBE) and record["chance"] == pytest.approx(1 / 3)
+    for task, row in record["routing"].items():
+        shares = torch.tensor(row["shares"])
+        assert shares.shape == (n_depth, len(PROBE)) and "own_cluster" not in row  # private library only
+        assert torch.allclose(shares.sum(-1), torch.ones(n_depth, dtype=shares.dtype))
+        assert row["own_expert"] == [s[PROBE.index(task)] for s in row["shares"]]
+        assert record["own_expert"][task] == pytest.approx(sum(row["own_expert"]) / n_depth)
+    # the own share counted independently (dense-SVD prototypes, hooks on the routed model's inputs)
+    settings = dataclasses.replace(MICRO, init="task")
+    experts = {t: zoo.expert(t, 0, settings) for t in PROBE}
+    by_hand, margin = _own_share_by_hand(experts, list(PROBE), "champ_category", settings)
+    assert margin > 1e-6  # no near-tie that float rounding could flip
+    assert record["routing"]["champ_category"]["own_expert"] == pytest.approx(by_hand, abs=1e-12)
+    # what "competent" is judged by: the experts' own validation scores, from their expert.json
+    info = json.loads((experts["breast_cancer"] / "expert.json").read_text())
+    assert record["validation"]["breast_cancer"]["expert"] == info["validation"]["breast_cancer"]
+    assert record["validation"]["breast_cancer"]["steps"] == MICRO.steps
+    # one A per (seed, task) against the seed's shared A: the A cosine tells them apart
+    assert records["base"]["a_cosine"] > 0.99 > 0.5 > records["init_task"]["a_cosine"]
+    assert records["gks_mean"]["a_cosine"] == records["base"]["a_cosine"]  # the experts' own A
+    assert records["gks_mean"]["key"]["gks"] == "mean" and records["gks_mean"]["experts"] == list(PROBE)
+    table = (tmp_path / "probes.md").read_text()
+    assert [line.split("|")[2].strip() for line in table.splitlines() if line.startswith("| 0 ")] == [
+        "base",
+        "init_task",
+        "gks_mean",
+    ]
+    # a second run with the same experts reads the JSON back
+    monkeypatch.setattr(real, "routing_report", lambda *a, **k: pytest.fail("routed again"))
+    assert arrow_probe.run_probe(0, "init_task", PROBE, tmp_path, settings=MICRO) == record

@@ -1,7 +1,9 @@
 """The paper's tables from the sweep summaries (mean ± std over seeds), beside the paper's numbers:
 methods vs individual experts, the (gate_k, k) grid with parameter ratios (and a plot of accuracy against
 size), the top_k ablation, and singular projection merging (Space I / II / II+III); for each arm found
-under `runs` (tiny CLIP in seed_*/, tiny T5 in t5_full/seed_*/ and t5_lora/seed_*/). With `leaderboard=`,
+under `runs` (tiny CLIP in seed_*/, tiny T5 in t5_full/seed_*/ and t5_lora/seed_*/); the routing of the tiny
+T5 (t5_full/routing/) and of the distinct-domain CLIP (clip_distinct/routing/: a table and a task × encoder
+layer heat map of the own-expert share, `clip_distinct_routing_own_share.png` + JSON). With `leaderboard=`,
 also the real arm (SMILE over the SmolLM2 expert zoo, `real_table.py`): its table, claims' metrics,
 params-vs-accuracy plot and per-layer routing heat map from the leaderboard's results.
 
@@ -27,7 +29,7 @@ from common.io import read_json, write_text
 from common.rundir import RunDir, markdown_table
 from common.seed_stats import format_pm
 from projects.smile import real_table
-from projects.smile.routing import own_expert_share
+from projects.smile.routing import own_expert_by_layer, own_expert_share
 
 PAPER = Path(__file__).parent / "paper.yaml"
 DEFAULTS = {"runs": "runs/smile/tiny", "out": "runs/smile/tiny/table", "leaderboard": None}
@@ -273,6 +275,66 @@ def t5_routing_table(runs: str | Path, arm: str = "t5_full") -> list[dict[str, A
     return rows
 
 
+def clip_routings(runs: str | Path, arm: str = "clip_distinct") -> list[dict[str, Any]]:
+    """Per seed, where a tiny CLIP SMILE model routes each task's validation images (`<arm>/routing/*/
+    results.json`: runs of `main.py ... +taskpool.routing=N`, `image_routing`): {"seed", "hparams",
+    "experts", "chance" (1/T), "accuracy" {task: validation accuracy}, "own_share" {task: all layers},
+    "own_share_by_layer" {task: [per encoder layer]}, "favourite" {task: [expert, share]}}, in seed order."""
+    out = []
+    for path in sorted((Path(runs) / arm / "routing").glob("*/results.json")):
+        record = read_json(path)
+        report = record["metrics"]
+        if "routing" not in report:
+            continue
+        smile = report["model_info"]["smile"]
+        experts, routing = smile["experts"], report["routing"]
+        favourite = {}
+        for task, r in routing.items():
+            j = max(range(len(experts)), key=r["all"].__getitem__)
+            favourite[task] = [experts[j], r["all"][j]]
+        out.append(
+            {
+                "seed": record["seed"],
+                "hparams": {key: smile[key] for key in ("gate_k", "k", "top_k")},
+                "experts": experts,
+                "chance": 1 / len(experts),
+                "accuracy": {t: report[t]["accuracy"] for t in routing if t in report},
+                "own_share": own_expert_share(routing, experts),
+                "own_share_by_layer": own_expert_by_layer(routing, experts),
+                "favourite": favourite,
+            }
+        )
+    return sorted(out, key=lambda r: r["seed"])
+
+
+def clip_routing_table(routings: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`clip_routings` as rows: per task, its validation accuracy, its own expert's share over all layers and
+    per encoder layer (mean ± std over seeds), and the expert each seed sends most of its tokens to; then
+    the mean over tasks."""
+    tasks = list(routings[0]["own_share"])
+    n_layers = len(routings[0]["own_share_by_layer"][tasks[0]])
+
+    def row(name: str, pick: Any) -> dict[str, Any]:
+        out = {
+            "task": name,
+            "accuracy (%)": mean_std([pick(r["accuracy"]) for r in routings]),
+            "own expert, all layers (%)": mean_std([pick(r["own_share"]) for r in routings]),
+        }
+        for i in range(n_layers):
+            by_layer = [{t: v[i] for t, v in r["own_share_by_layer"].items()} for r in routings]
+            out[f"layer {i} (%)"] = mean_std([pick(b) for b in by_layer])
+        return out
+
+    rows = []
+    for task in tasks:
+        favourites = ", ".join(
+            f"{r['favourite'][task][0]} {100 * r['favourite'][task][1]:.0f}%" for r in routings
+        )
+        rows.append(row(task, lambda d, t=task: d[t]) | {"most chosen expert, per seed": favourites})
+    rows.append(row("mean over tasks", lambda d: statistics.fmean(d[t] for t in tasks)))
+    return rows
+
+
 def _model_order(name: str) -> tuple[int, str, int]:
     # M0, M_math, M_code, then smile_<experts>_k<k> by experts and k
     if not name.startswith("smile_"):
@@ -342,7 +404,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     found = {arm: summaries(cfg["runs"], arm.folder) for arm in ARMS}
     real = real_table.write(cfg["leaderboard"], cfg["runs"], cfg["out"], cfg) if cfg["leaderboard"] else ""
-    if not any(found.values()) and not real:
+    clip_routing = clip_routings(cfg["runs"])
+    if not any(found.values()) and not real and not clip_routing:
         where = f"{cfg['runs']}" + (
             f" nor leaderboard results under {cfg['leaderboard']}" if cfg["leaderboard"] else ""
         )
@@ -368,6 +431,19 @@ def main(argv: list[str] | None = None) -> None:
         lm = lm_table(cfg["runs"], arm)
         if lm:
             out.append(f"## {title}, lm-eval bits per byte (lower is better)\n\n{markdown_table(lm)}\n")
+    if clip_routing:
+        chance = clip_routing[0]["chance"]
+        g, k = clip_routing[0]["hparams"]["gate_k"], clip_routing[0]["hparams"]["k"]
+        data = real_table.own_share_matrix(clip_routing) | {
+            "own_share_by_seed": {r["seed"]: r["own_share"] for r in clip_routing}
+        }
+        title = f"tiny CLIP, distinct domains, SMILE ({g}, {k}): own-expert share (chance {chance:.3f})"
+        real_table.plot_own_share(data, rd, "clip_distinct_routing_own_share", title, "encoder layer")
+        out.append(
+            f"## Tiny CLIP, eight distinct domains, SMILE (gate_k {g}, k {k}): routing of every validation image "
+            f"token, {len(clip_routing)} seeds (chance {100 * chance:.1f}%)\n\n"
+            f"{markdown_table(clip_routing_table(clip_routing))}\n"
+        )
     routing = t5_routing_table(cfg["runs"])
     if routing:
         out.append(

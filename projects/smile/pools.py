@@ -21,7 +21,7 @@ from common.io import check_finite
 from common.models import load_model
 from common.registry import lookup
 from common.tiny_world import resolve_base
-from projects.smile.routing import routing_report
+from projects.smile.routing import has_smile_layers, image_routing, routing_report
 
 PRETRAINED = "_pretrained_"  # the reserved name of the base model in a pool, as in fusion_bench
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -170,7 +170,9 @@ def task_data(task: str, source: str, split: str, image_size: int, max_examples:
 
 
 class CLIPTaskPool:
-    """The CLIP-ViT classification tasks: evaluate(vision tower) -> {task: {accuracy, loss}, average}."""
+    """The CLIP-ViT classification tasks: evaluate(vision tower) -> {task: {accuracy, loss}, average}; with
+    `routing: N`, a SMILE tower's routing of N evenly spaced images of each task (`projects.smile.routing.
+    image_routing`: every image token, per encoder layer) in the report under "routing"."""
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         from transformers import AutoTokenizer
@@ -212,6 +214,10 @@ class CLIPTaskPool:
         report["average"] = {
             key: sum(report[t][key] for t in self.data) / len(self.data) for key in ("accuracy", "loss")
         }
+        n = self.cfg.get("routing")
+        if n and has_smile_layers(vision):  # `image_routing` over N evenly spaced images of each task
+            images = {t: pixels[_spread(len(pixels), int(n))] for t, (pixels, _) in self.data.items()}
+            report["routing"] = image_routing(vision, images, batch)
         return report
 
 

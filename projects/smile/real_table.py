@@ -183,20 +183,28 @@ def own_share_matrix(routings: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def plot_routing(routings: Sequence[Mapping[str, Any]], rd: RunDir) -> Path:
     """Heat map: per library task (rows) and decoder layer (columns), the share of the task's tokens that the
     layer's routers send to the task's own expert (chance 1/T marked in the colour bar)."""
+    data = own_share_matrix(routings)
+    title = f"SMILE: own-expert share of each task's tokens (chance {data['chance']:.2f})"
+    return plot_own_share(data, rd, "real_routing_own_share", title, "decoder layer")
+
+
+def plot_own_share(data: Mapping[str, Any], rd: RunDir, name: str, title: str, xlabel: str) -> Path:
+    """`own_share_matrix`'s data (or a superset) as a task × layer heat map, saved as `name`.png + .json."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    data = own_share_matrix(routings)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.25 * len(data["layers"]) + 2), 0.3 * len(data["tasks"]) + 1.5))
     image = ax.imshow(data["share"], vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_yticks(range(len(data["tasks"])), data["tasks"], fontsize=7)
-    ax.set_xlabel("decoder layer")
-    ax.set_title(f"SMILE: own-expert share of each task's tokens (chance {data['chance']:.2f})", fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers, not 0.5 steps (a 3-layer tower)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
     bar = fig.colorbar(image, ax=ax)
     bar.ax.axhline(data["chance"], color="w", lw=1)
-    path = rd.save_plot(fig, "real_routing_own_share", data)
+    path = rd.save_plot(fig, name, data)
     plt.close(fig)
     return path
 

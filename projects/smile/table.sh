@@ -69,6 +69,15 @@ for seed in $SEEDS; do
         seed=$seed out=$OUT/clip_distinct/experts/seed_$seed
     $PY -m projects.smile.sweep --config projects/smile/configs/tiny_sweep_distinct.yaml \
         seed=$seed expert_root=$OUT/clip_distinct/experts/seed_$seed out=$OUT/clip_distinct/seed_$seed
+    # where SMILE at the seed's validation-chosen (gate_k, k) (the sweep's smile_selected_config) routes 200
+    # validation images of each task, every token, per encoder layer (analyze.py: clip_routing_table, heat map)
+    read -r GK K < <($PY -c "import json, sys; c = json.load(open(sys.argv[1]))['metrics']['smile_selected_config']; print(c['gate_k'], c['k'])" \
+        "$OUT/clip_distinct/seed_$seed/summary/results.json")
+    $PY -m projects.smile.main method=smile_upscaling/smile_upscaling method.gate_k=$GK method.k=$K \
+        modelpool=CLIPVisionModelPool/tiny_clip_distinct8 modelpool.expert_root=$OUT/clip_distinct/experts/seed_$seed \
+        taskpool=CLIPVisionModelTaskPool/tiny_clip_distinct8 taskpool.split=validation +taskpool.routing=200 \
+        experiment=tiny_clip_distinct_routing seed=$seed \
+        report_save_path=$OUT/clip_distinct/routing/seed_${seed}_gate_k=${GK}_k=${K}.json
 done
 # Flan-T5 arms: eight tiny T5 experts per seed (full fine-tunes; LoRA adapters merged into full deltas), then
 # the seed's sweep (individual, simple average, task arithmetic, SMILE over the (gate_k, k) grid).

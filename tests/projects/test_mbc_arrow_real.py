@@ -18,7 +18,7 @@ from common.adapters import LoraFactors
 from common.cache import cache_root
 from leaderboard import entries, run
 from leaderboard import mbc_arrow as lb_mbc_arrow
-from projects.mbc_arrow import analyze, real
+from projects.mbc_arrow import analyze, arrow_probe, real
 from projects.mbc_arrow.expert_model import MultiExpertModel
 from projects.mbc_arrow.routing_analysis import depth_of, layer_shares, own_share
 from tests.test_zoo import MICRO
@@ -230,6 +230,10 @@ def test_table_sh_real_branch_names_registered_entries_and_commands():
     listed = re.search(r"--entries ([\w ]+?) --seeds", branch).group(1).split()
     assert set(listed) <= set(entries.ENTRIES) and set(listed) <= set(analyze.REAL_ENTRIES)
     assert "projects.mbc_arrow.real clusters --seeds 0 1" in branch and "analyze --real" in branch
+    probed = re.search(r"for v in ([\w ]+?); do", branch).group(1).split()
+    for variant in probed:  # every probe variant the script runs is one the probe accepts
+        arrow_probe.variant_settings(variant)
+    assert {"base", "init_task", "gks_multitask"} <= set(probed) and "real probe --seed 1" in branch
 
 
 def test_real_cli_refuses_an_unknown_task(capsys):
@@ -346,7 +350,6 @@ def test_probe_variants_each_change_one_thing():
 
 
 def test_probe_refuses_missing_experts_with_the_command(tmp_path):
-    from projects.mbc_arrow import arrow_probe
 
     settings = dataclasses.replace(MICRO, init="task")
     with pytest.raises(SystemExit, match=r"real probe --seed 7 --variant init_task --tasks breast_cancer "):
@@ -405,7 +408,6 @@ def _own_share_by_hand(task_experts, tasks, own, settings):
 
 
 def test_probe_end_to_end_on_a_micro_zoo(tmp_path, monkeypatch):
-    from projects.mbc_arrow import arrow_probe
 
     records = {
         v: arrow_probe.run_probe(0, v, PROBE, tmp_path, settings=MICRO, train=True)

@@ -150,9 +150,10 @@ def test_inference_on_run_and_merged_model(world):
 
 
 def test_dry_run_paper_config():
+    # timeout: a hang guard; the dry run takes ~20 s alone, minutes on a core shared by three processes
     proc = run_cli([*MAIN, "train", "--dry_run", "-c", str(CONFIGS / "paper_t5_large.yaml"),
                     str(CONFIGS / "paper_ia3.yaml"), str(CONFIGS / "paper_individual_task_run_ia3.yaml"),
-                    "-td", "train_dataset=paws"])  # fmt: skip
+                    "-td", "train_dataset=paws"], timeout=600)  # fmt: skip
     assert "783432704 parameters, 282624 merged (ia3)" in proc.stdout
     # The data plan, offline: paws's 11 P3 configs in promptsource's order, validation = last 1000 of train.
     plan = next(line for line in proc.stdout.splitlines() if line.startswith("data paws: "))

@@ -79,13 +79,6 @@ def _text_inputs(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_len
         yield kwargs, ids.shape[1]
 
 
-def _read_texts(
-    model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int, on_layer: OnLayer
-) -> Iterator[int]:
-    """`_read_inputs` over `_text_inputs`: yields each text's token count once its forward is done."""
-    return _read_inputs(model, _text_inputs(model, tokenizer, texts, max_length), on_layer)
-
-
 def _image_inputs(model: nn.Module, pixels: torch.Tensor, batch_size: int) -> Inputs:
     """A CLIP vision tower's input, `batch_size` images at a time, on the model's device and dtype. Tokens:
     per image, its (H / patch)·(W / patch) patches and the class token."""
@@ -144,7 +137,7 @@ def smile_votes(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_leng
         pooled.append(torch.softmax(layer.gate(x).float(), dim=-1).mean(0))
 
     votes = []
-    for _ in _read_texts(model, tokenizer, texts, max_length, pool):
+    for _ in _read_inputs(model, _text_inputs(model, tokenizer, texts, max_length), pool):
         votes.append(int(torch.stack(pooled).mean(0).argmax()))
         pooled.clear()
     return votes
@@ -158,12 +151,7 @@ def routing_by_domain(
     encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     out: dict[str, Any] = {}
     for domain, counts in by_domain.items():
-        out[domain] = {
-            "all": _shares(list(counts.values())),
-            "by_kind": _by_kind(counts),
-            "tokens": tokens[domain],
-            "decisions": int(torch.stack(list(counts.values())).sum()),  # tokens x upscaled layers
-        }
+        out[domain] = _domain_shares(counts, tokens[domain])
         if encoder_decoder:
             out[domain]["by_stack"] = {
                 s: _shares([c for n, c in counts.items() if _stack(n) == s])
@@ -202,14 +190,19 @@ def image_routing(
     `own_expert_by_layer` read it as they read `routing_by_layer`'s."""
     by_domain, tokens = route_counts_images(model, images, batch_size)
     return {
-        domain: {
-            "all": _shares(list(counts.values())),
-            "by_layer": _by_layer(counts),
-            "by_kind": _by_kind(counts),
-            "tokens": tokens[domain],
-            "decisions": int(torch.stack(list(counts.values())).sum()),
-        }
+        domain: _domain_shares(counts, tokens[domain]) | {"by_layer": _by_layer(counts)}
         for domain, counts in by_domain.items()
+    }
+
+
+def _domain_shares(counts: Mapping[str, torch.Tensor], tokens: int) -> dict[str, Any]:
+    """One domain's {"all": shares over every SMILE layer, "by_kind": `_by_kind`, "tokens": tokens read,
+    "decisions": tokens x SMILE layers} from its `_count_routes` counts."""
+    return {
+        "all": _shares(list(counts.values())),
+        "by_kind": _by_kind(counts),
+        "tokens": tokens,
+        "decisions": int(torch.stack(list(counts.values())).sum()),
     }
 
 

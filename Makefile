@@ -57,15 +57,21 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The real arm's expert zoo (SmolLM2-135M LoRA experts, common/zoo.py): hours on one core, cached and
-# resumable; a second run trains nothing. ZOO_SEEDS=0 for one seed.
+# The real arm's expert zoo (common/zoo.py): the SmolLM2-135M LoRA experts (routing and merging) and MaTS's
+# (IA)^3 and full fine-tuning zoos on zoo.MERGE_TASKS; hours on one core, cached and resumable; a second run
+# trains nothing. ZOO_SEEDS=0 for one seed; MERGE_ZOOS= for the LoRA zoo alone.
 ZOO_SEEDS ?= 0 1
+MERGE_ZOOS ?= ia3 full
 zoo: setup
-	$(OFFLINE_ENV) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m common.zoo --seeds $(ZOO_SEEDS)
+	@for a in lora $(MERGE_ZOOS); do \
+	  $(OFFLINE_ENV) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m common.zoo --adapter $$a --seeds $(ZOO_SEEDS) || exit 1; done
 
-# Every routing and merging method on the zoo (leaderboard/): needs `make zoo`; results/leaderboard/ (table, plot) and the leaderboard section of RESULTS.md.
+# Every routing and merging method on the zoo (leaderboard/): needs `make zoo`; results/leaderboard/ (table, plot)
+# and the leaderboard section of RESULTS.md. MaTS's merges on the (IA)^3 and full zoos first (results/leaderboard/
+# ia3, full), so that the section, written with the LoRA zoo's run, shows them.
 leaderboard: setup
-	$(OFFLINE_ENV) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m leaderboard.run --seeds $(ZOO_SEEDS)
+	@for a in $(MERGE_ZOOS) lora; do \
+	  $(OFFLINE_ENV) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m leaderboard.run --adapter $$a --seeds $(ZOO_SEEDS) || exit 1; done
 
 # The whole real arm in its order (each step cached and resumable; days on one core: README "The real scale").
 real: setup

@@ -3,7 +3,8 @@
 Reads `<out>/seed_<s>/<entry>.json` (written by `leaderboard.run`), and writes `<out>/table.md`,
 `<out>/leaderboard.png` with its data `<out>/leaderboard_plot.json` (test score against parameters
 stored relative to the base, mean ± std over seeds, in-distribution and held-out panels), and the
-`## leaderboard` section of RESULTS.md (the other sections are left as they are).
+`## leaderboard` section of RESULTS.md (the other sections are left as they are), which also shows MaTS's
+merges on the (IA)^3 and full fine-tuning zoos found in `<out>/ia3/` and `<out>/full/`.
 
     python -m leaderboard.report [--out results/leaderboard] [--results-md RESULTS.md]
 """
@@ -113,26 +114,49 @@ def replace_section(text: str, name: str, body: str) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def section(results: Sequence[Mapping[str, Any]], out: Path) -> str:
+# The zoos MaTS merges, kept in <out>/<adapter>/ (`leaderboard.run --adapter ia3|full`): each gets its own table
+# under the LoRA zoo's in RESULTS.md, in distribution only (their tasks are zoo.MERGE_TASKS).
+MERGE_ZOOS = {"ia3": "(IA)^3", "full": "full fine-tuning"}
+
+
+def section(
+    results: Sequence[Mapping[str, Any]],
+    out: Path,
+    zoos: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+) -> str:
+    """RESULTS.md's leaderboard section: the LoRA zoo's table, then one table per merge zoo with results."""
     seeds = sorted({r["seed"] for r in results})
-    return "\n".join(
-        [
-            f"## {TITLE}",
+    lines = [
+        f"## {TITLE}",
+        "",
+        f'`make leaderboard` (README "The real scale"); seeds {seeds}; test scores x100: accuracy for '
+        "classification, Rouge-L for generation, averaged over the 13 library tasks (in-distribution) "
+        "and the 4 held-out tasks; hyperparameters chosen on validation, test read once. Data: "
+        f"`{out}/`, plot `{out}/leaderboard.png`. tokens/s: one forward pass over 16 validation prompts "
+        "on one core of a shared machine; models of the base's shape (merges, multitask) differ from the "
+        "base only by that measurement's noise.",
+        "",
+        markdown_table(rows(results)),
+        "",
+    ]
+    for adapter, zoo_results in (zoos or {}).items():
+        tasks = sorted({t for r in zoo_results for t in r["test"]})
+        lines += [
+            f"### MaTS's merges on the {MERGE_ZOOS[adapter]} zoo",
             "",
-            f'`make leaderboard` (README "The real scale"); seeds {seeds}; test scores x100: accuracy for '
-            "classification, Rouge-L for generation, averaged over the 13 library tasks (in-distribution) "
-            "and the 4 held-out tasks; hyperparameters chosen on validation, test read once. Data: "
-            f"`{out}/`, plot `{out}/leaderboard.png`. tokens/s: one forward pass over 16 validation prompts "
-            "on one core of a shared machine; models of the base's shape (merges, multitask) differ from the "
-            "base only by that measurement's noise.",
+            f"`python -m leaderboard.run --adapter {adapter}`; seeds {sorted({r['seed'] for r in zoo_results})}; "
+            f"test accuracy x100 averaged over its {len(tasks)} tasks ({', '.join(tasks)}), in distribution "
+            f"only, as MaTS's table. Data: `{out / adapter}/`; the paper's comparison: projects/mats/README.md.",
             "",
-            markdown_table(rows(results)),
+            markdown_table([{k: v for k, v in row.items() if k != "held-out"} for row in rows(zoo_results)]),
             "",
         ]
-    )
+    return "\n".join(lines)
 
 
 def publish(out: Path, results_md: Path | None) -> str:
+    """Write `out`'s table, plot and plot data; with `results_md`, its leaderboard section (the merge zoos'
+    tables from `out/<adapter>/` included where they hold results). Returns the table."""
     results = load(out)
     if not results:
         raise SystemExit(f"no leaderboard results under {out}/seed_*/: run `make leaderboard` first")
@@ -142,8 +166,9 @@ def publish(out: Path, results_md: Path | None) -> str:
     write_json(out / "leaderboard_plot.json", data)
     plot(data, out / "leaderboard.png")
     if results_md is not None:
+        zoos = {a: found for a in MERGE_ZOOS if (found := load(out / a))}
         previous = results_md.read_text() if results_md.is_file() else "# Results\n"
-        write_text(results_md, replace_section(previous, SECTION, section(results, out)))
+        write_text(results_md, replace_section(previous, SECTION, section(results, out, zoos)))
     return table
 
 

@@ -6,8 +6,8 @@ tasks: zero-shot), the parameters stored to serve all tasks relative to the base
 of a forward pass over a fixed batch, measured in the same run. Each (seed, entry) is written to
 `<out>/seed_<s>/<entry>.json` with its provenance and reused by a later run with the same zoo settings;
 `leaderboard.report` then writes the table (mean ± std over seeds), the plot and RESULTS.md's section.
-`--adapter ia3|full` runs the entries on the (IA)^3 or full fine-tuning zoo (MaTS's table) into
-`runs/leaderboard/<adapter>`, leaving RESULTS.md alone.
+`--adapter ia3|full` runs MaTS's merges (MERGE_ENTRIES) on the (IA)^3 or full fine-tuning zoo into
+`results/leaderboard/<adapter>/`, which the LoRA zoo's RESULTS.md section then shows under its own table.
 
     python -m leaderboard.run --seeds 0 1 [--entries base oracle ...] [--out results/leaderboard]
     python -m leaderboard.run --adapter ia3|full ...   # the (IA)^3 / full fine-tuning zoo (on zoo.MERGE_TASKS)
@@ -34,6 +34,7 @@ from common.zoo_tasks import HELD_OUT, LIBRARY
 from leaderboard.entries import ENTRIES, Candidate, Context, count
 from leaderboard.report import publish
 
+LEADERBOARD = Path("results/leaderboard")
 THROUGHPUT_BATCH = 16  # validation prompts of the first library task, one forward pass
 # --adapter -> (zoo settings, library tasks, held-out tasks). The MaTS zoos cover a subset (storage and time,
 # common/zoo.py) and score no held-out task: the paper's merging table is in-distribution only, and the
@@ -42,6 +43,18 @@ ADAPTER_ZOOS = {
     "lora": (zoo.DEFAULT, LIBRARY, HELD_OUT),
     "ia3": (zoo.IA3, zoo.MERGE_TASKS, ()),
     "full": (zoo.FULL, zoo.MERGE_TASKS, ()),
+}
+# The rows of MaTS's merging table: what `--adapter ia3|full` runs unless --entries says otherwise (routing
+# among the experts is the LoRA zoo's question). RegMean, closed form or as a CG objective, is not defined
+# for (IA)^3 vectors: the paper has no such row.
+MERGE_ENTRIES = (
+    *("oracle", "multitask", "base", "uniform", "task_arithmetic", "ties", "fisher_diag", "fisher_diag_true"),
+    *("regmean", "mats_cg", "cg_regmean", "cg_diagonal_fisher", "cg_average"),
+)
+ZOO_ENTRIES = {
+    "lora": tuple(ENTRIES),
+    "ia3": tuple(e for e in MERGE_ENTRIES if "regmean" not in e),
+    "full": MERGE_ENTRIES,
 }
 
 
@@ -199,7 +212,12 @@ def run(
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m leaderboard.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--entries", nargs="+", default=list(ENTRIES), choices=list(ENTRIES))
+    parser.add_argument(
+        "--entries",
+        nargs="+",
+        choices=list(ENTRIES),
+        help="default: every entry (lora), MERGE_ENTRIES (ia3, full)",
+    )
     parser.add_argument(
         "--adapter",
         choices=list(ADAPTER_ZOOS),
@@ -207,7 +225,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="which zoo: lora (default), ia3 (zoo.IA3) or full (zoo.FULL), both on zoo.MERGE_TASKS",
     )
     parser.add_argument(
-        "--out", type=Path, help="default results/leaderboard (lora), runs/leaderboard/<adapter> (ia3, full)"
+        "--out",
+        type=Path,
+        help="default results/leaderboard (lora), results/leaderboard/<adapter> (ia3, full)",
     )
     parser.add_argument(
         "--results-md", default="RESULTS.md", help="'' to leave it alone (always left alone for ia3 and full)"
@@ -215,9 +235,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings, library, held_out = ADAPTER_ZOOS[args.adapter]
     lora = args.adapter == "lora"
-    args.out = args.out or (Path("results/leaderboard") if lora else Path("runs/leaderboard", args.adapter))
-    run(args.seeds, args.entries, args.out, settings, library, held_out)
-    # RESULTS.md's leaderboard section is the LoRA zoo's; (IA)^3 and full go to the MaTS table (analyze.py)
+    args.out = args.out or (LEADERBOARD if lora else LEADERBOARD / args.adapter)
+    run(args.seeds, args.entries or ZOO_ENTRIES[args.adapter], args.out, settings, library, held_out)
+    # RESULTS.md's leaderboard section is written with the LoRA zoo's results (and the (IA)^3 and full zoos'
+    # tables found in its <adapter>/ subfolders); a run on one of those zoos publishes its own folder
     print(publish(args.out, Path(args.results_md) if args.results_md and lora else None))
 
 

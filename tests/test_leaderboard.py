@@ -186,3 +186,35 @@ def test_results_md_keeps_the_leaderboard_section(tmp_path):
     previous = "# Results\n\n## leaderboard: zoo\n\nboard\n\n## mats: p\n\nold mats\n"
     text = results_md.render([], previous=previous)
     assert "## leaderboard: zoo\n\nboard" in text and "old mats" in text
+
+
+def test_the_merge_zoos_get_their_own_tables_in_the_leaderboard_section(tmp_path):
+    def result(folder, entry, seed, score, test):
+        (folder / f"seed_{seed}").mkdir(parents=True, exist_ok=True)
+        record = {
+            "entry": entry,
+            "seed": seed,
+            "in_distribution": score,
+            "held_out": None if test else 0.5,
+            "params_vs_base": 1.0,
+            "tokens_per_s": 5.0,
+            "hparams": {},
+            "test": test or {"a": score},
+        }
+        (folder / f"seed_{seed}" / f"{entry}.json").write_text(json.dumps(record))
+
+    out = tmp_path / "lb"
+    result(out, "uniform", 0, 0.5, None)
+    for seed, score in ((0, 0.8), (1, 0.6)):
+        result(out / "full", "mats_cg", seed, score, {"t1": score, "t2": score})
+    result(out / "full", "ties", 0, 0.65, {"t1": 0.6, "t2": 0.7})
+    md = tmp_path / "RESULTS.md"
+    report.publish(out, md)
+    report.publish(out, md)
+    text = md.read_text()
+    assert text.count("### MaTS's merges on the full fine-tuning zoo") == 1 and "(IA)^3 zoo" not in text
+    board, full = text.split("### MaTS's merges on the full fine-tuning zoo")
+    assert "| uniform | 1 | 50.0 | 50.0 |" in board and "mats_cg" not in board  # the LoRA zoo's table
+    assert "averaged over its 2 tasks (t1, t2)" in full and "held-out" not in full
+    assert full.index("| mats_cg | 2 | 70.0 ± 14.1 |") < full.index("| ties | 1 | 65.0 |")
+    assert not list(out.glob("seed_*/mats_cg.json"))  # the LoRA table does not read the subfolders

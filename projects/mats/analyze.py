@@ -5,7 +5,7 @@ against the merge's λ (`lambda_<format>.png`: model_lambda for RegMean, Fisher 
 factor for task arithmetic and TIES), each with its data as JSON beside it.
 
 At `--scale real` the per-seed results come from the leaderboard on the SmolLM2 zoos
-(`--leaderboard ia3=runs/leaderboard/ia3 full_model=runs/leaderboard/full`): `from_leaderboard` turns
+(`--leaderboard ia3=results/leaderboard/ia3 full_model=results/leaderboard/full`): `from_leaderboard` turns
 each `seed_<s>/<entry>.json` into `<runs>/real/<format>/seed<s>/results.json` (the mean test score over
 the library tasks: accuracy, or Rouge-L F for generative tasks) before the table is made."""
 
@@ -225,13 +225,13 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         default=[],
         metavar="FORMAT=DIR",
-        help="read each format's results from a leaderboard folder first (real scale), e.g. ia3=runs/leaderboard/ia3",
+        help="read each format's results from a leaderboard folder first (real scale), e.g. ia3=results/leaderboard/ia3",
     )
     a = ap.parse_args(argv)
     for item in a.leaderboard:
         fmt, sep, folder = item.partition("=")
         if not sep:
-            raise UserError(f"--leaderboard {item!r}: write FORMAT=DIR, e.g. ia3=runs/leaderboard/ia3")
+            raise UserError(f"--leaderboard {item!r}: write FORMAT=DIR, e.g. ia3=results/leaderboard/ia3")
         from_leaderboard(Path(folder), fmt, a.runs, a.scale)
     metric = (
         "test score (%; accuracy, Rouge-L F for generative tasks)" if a.leaderboard else "test accuracy (%)"

@@ -13,16 +13,13 @@ if [ "$SCALE" = "paper" ]; then
 fi
 if [ "$SCALE" = "real" ]; then
   SEEDS=${SEEDS:-0 1}
-  BASELINES="oracle multitask base uniform task_arithmetic"
   $PY -m common.zoo --adapter ia3 --seeds $SEEDS
   $PY -m common.zoo --adapter full --seeds $SEEDS
-  # RegMean (closed form and CG objective) is not defined for (IA)^3 vectors (the paper has no such row)
-  $PY -m leaderboard.run --adapter ia3 --seeds $SEEDS --out runs/leaderboard/ia3 --entries $BASELINES \
-    ties fisher_diag fisher_diag_true mats_cg cg_diagonal_fisher cg_average
-  $PY -m leaderboard.run --adapter full --seeds $SEEDS --out runs/leaderboard/full --entries $BASELINES \
-    ties fisher_diag fisher_diag_true regmean mats_cg cg_regmean cg_diagonal_fisher cg_average
+  # MaTS's merges on each zoo (leaderboard.run's MERGE_ENTRIES; RegMean is not defined for (IA)^3 vectors)
+  $PY -m leaderboard.run --adapter ia3 --seeds $SEEDS
+  $PY -m leaderboard.run --adapter full --seeds $SEEDS
   $PY -m projects.mats.analyze --runs runs/mats --scale real \
-    --leaderboard ia3=runs/leaderboard/ia3 full_model=runs/leaderboard/full
+    --leaderboard ia3=results/leaderboard/ia3 full_model=results/leaderboard/full
   exit 0
 fi
 # One process for the six cells: the data and tokenised questions are loaded once.

@@ -6,6 +6,7 @@ task-arithmetic model chosen on validation, and `leaderboard.run --adapter` pick
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,6 +280,22 @@ def test_leaderboard_adapter_flag_picks_the_zoo(tmp_path):
         run.main(["--adapter", "full", "--seeds", "7", "--entries", "base", "--out", str(tmp_path)])
 
 
+@pytest.mark.parametrize("adapter", ["lora", "ia3", "full"])
+def test_each_zoo_runs_its_own_entries_into_its_own_folder_by_default(adapter, monkeypatch):
+    calls = {}
+    monkeypatch.setattr(run, "run", lambda seeds, names, out, *a: calls.update(names=tuple(names), out=out))
+    monkeypatch.setattr(run, "publish", lambda out, md: calls.update(published=out, results_md=md) or "")
+    run.main(["--adapter", adapter, "--seeds", "0"])
+    assert calls["names"] == run.ZOO_ENTRIES[adapter]
+    expected = Path("results/leaderboard") if adapter == "lora" else Path("results/leaderboard", adapter)
+    assert calls["out"] == calls["published"] == expected
+    assert (calls["results_md"] is None) == (
+        adapter != "lora"
+    )  # RESULTS.md's section is written with the LoRA zoo's run
+    run.main(["--adapter", adapter, "--seeds", "0", "--entries", "base", "ties"])
+    assert calls["names"] == ("base", "ties")
+
+
 # --- SCALE=real: table.sh's commands and the table from the leaderboard's results --------------------------
 
 
@@ -327,13 +344,15 @@ def test_table_sh_real_runs_the_zoos_then_valid_leaderboard_entries(tmp_path):
         cwd=tmp_path,
     ).stdout.splitlines()
     assert out[:2] == ["-m common.zoo --adapter ia3 --seeds 0 1", "-m common.zoo --adapter full --seeds 0 1"]
-    boards = {}
-    for line in out[2:4]:
-        words = line.split()
-        assert words[:2] == ["-m", "leaderboard.run"]
-        names = words[words.index("--entries") + 1 :]
-        assert set(names) <= set(entries.ENTRIES)
-        boards[words[words.index("--adapter") + 1]] = set(names)
+    assert out[2:4] == [
+        "-m leaderboard.run --adapter ia3 --seeds 0 1",
+        "-m leaderboard.run --adapter full --seeds 0 1",
+    ]
+    # ... whose default entries are MaTS's table: every merge, RegMean only where it is defined
+    boards = {a: set(run.ZOO_ENTRIES[a]) for a in ("ia3", "full")}
+    assert all(b <= set(entries.ENTRIES) for b in boards.values())
     assert set(MATS_ENTRIES) - NOT_FOR_IA3 <= boards["ia3"] and not NOT_FOR_IA3 & boards["ia3"]
     assert set(MATS_ENTRIES) <= boards["full"] and {"oracle", "multitask", "uniform"} <= boards["full"]
+    assert not boards["full"] & {"arrow", "phatgoose", "smile"}  # routing is the LoRA zoo's question
+    assert run.ZOO_ENTRIES["lora"] == tuple(entries.ENTRIES)
     assert out[4].startswith("-m projects.mats.analyze --runs runs/mats --scale real --leaderboard")

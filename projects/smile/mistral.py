@@ -26,7 +26,7 @@ from transformers import (
 
 from common.device import resolve_device
 from projects.smile.smile_models import smile_model_from
-from projects.smile.upscale import SmileMoELinear, smile_shell, smile_upscale
+from projects.smile.upscale import SmileLoading, SmileMoELinear, smile_shell, smile_upscale
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -62,7 +62,7 @@ def _swap(model: nn.Module, config: Any) -> None:
     )
 
 
-class SmileMistralForCausalLM(MistralForCausalLM):
+class SmileMistralForCausalLM(SmileLoading, MistralForCausalLM):
     """MistralForCausalLM whose q/k/v/o and gate/up/down projections are SmileMoELinear layers."""
 
     config_class = SmileMistralConfig
@@ -72,7 +72,7 @@ class SmileMistralForCausalLM(MistralForCausalLM):
         _swap(self, config)
 
 
-class SmileLlamaForCausalLM(LlamaForCausalLM):
+class SmileLlamaForCausalLM(SmileLoading, LlamaForCausalLM):
     """LlamaForCausalLM whose q/k/v/o and gate/up/down projections are SmileMoELinear layers."""
 
     config_class = SmileLlamaConfig

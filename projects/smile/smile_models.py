@@ -29,7 +29,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from projects.smile.upscale import SmileMoELinear
+from projects.smile.upscale import SmileLoading, SmileMoELinear
 
 
 class _SmileFields:
@@ -86,7 +86,7 @@ class _UntiedSmileLayers:
         return {k: v for k, v in keys.items() if k.rpartition(".")[0] not in layers}
 
 
-class SmileCLIPVisionModel(_UntiedSmileLayers, CLIPVisionModel):
+class SmileCLIPVisionModel(SmileLoading, _UntiedSmileLayers, CLIPVisionModel):
     """CLIPVisionModel whose `smile_layers` are SmileMoELinear layers."""
 
     config_class = SmileCLIPVisionConfig
@@ -96,7 +96,7 @@ class SmileCLIPVisionModel(_UntiedSmileLayers, CLIPVisionModel):
         _swap(self, config)
 
 
-class SmileT5ForConditionalGeneration(_UntiedSmileLayers, T5ForConditionalGeneration):
+class SmileT5ForConditionalGeneration(SmileLoading, _UntiedSmileLayers, T5ForConditionalGeneration):
     """T5ForConditionalGeneration whose `smile_layers` are SmileMoELinear layers."""
 
     config_class = SmileT5Config

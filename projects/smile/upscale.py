@@ -152,6 +152,28 @@ class SmileMoELinear(nn.Module):
         return y.index_add_(0, order, parts)
 
 
+def restore_expert_layouts(model: nn.Module) -> nn.Module:
+    """Give every SmileMoELinear's B its `experts_b_rows` layout again. `from_pretrained` builds parameters
+    contiguous, and a different memory layout of the same values takes another GEMM path: the reloaded
+    model's outputs then differ from the saved one's in the last bits (measured on AMD EPYC) and every call
+    copies B. Same values, in place of the loaded parameter."""
+    for module in model.modules():
+        if isinstance(module, SmileMoELinear) and hasattr(module, "expert_u"):
+            u = module.expert_u
+            if u.stride() != experts_b_rows(u.detach()).stride():
+                module.expert_u = nn.Parameter(experts_b_rows(u.detach()), requires_grad=u.requires_grad)
+    return model
+
+
+class SmileLoading:
+    """Mixin for the SMILE model classes: `from_pretrained` returns B in the layout `smile_upscale` gives it
+    (`restore_expert_layouts`), so a saved model reloads to the same outputs bit for bit."""
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        return restore_expert_layouts(super().from_pretrained(*args, **kwargs))
+
+
 def added_parameters(layers: Sequence[tuple[int, int, bool]], num_experts: int, gate_k: int, k: int) -> int:
     """The spec's count: Σ_layers T·(gate_k·d_in + k·(d_in + d_out) + d_out·[bias]); k=-1: d_in·d_out."""
     total = 0

@@ -6,6 +6,7 @@ complete: it is built in a temp directory and renamed into place, so a killed bu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -27,6 +28,28 @@ def content_hash(key: Any, length: int = 16) -> str:
     """Stable hash of a JSON-able key (dict order does not matter)."""
     blob = json.dumps(key, sort_keys=True, default=str, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def weights_digest(folder: str | os.PathLike, length: int = 16) -> str:
+    """sha256 over the safetensors files of a model or adapter folder (names and bytes): what identifies
+    trained weights, where a cache key says only how they were to be trained (the same key trained on
+    another machine, or by older code, gives other weights). Memoised per file size and mtime."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {folder}")
+    stamps = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _digest(stamps)[:length]
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(stamps: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for name, _, _ in stamps:
+        h.update(Path(name).name.encode() + b"\0")
+        with open(name, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def cached_dir(

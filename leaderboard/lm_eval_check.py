@@ -27,7 +27,7 @@ from common.rundir import provenance
 from common.zoo_lm_eval import classification_tasks, lm_eval_accuracy
 from common.zoo_tasks import HELD_OUT, LIBRARY
 from leaderboard.entries import ENTRIES, Context
-from leaderboard.run import LEADERBOARD, context
+from leaderboard.run import LEADERBOARD, context, fingerprint, models_record
 
 
 def check_entry(ctx: Context, result: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -68,6 +68,13 @@ def run_checks(
             if results[name].get("zoo_settings") != settings.key():
                 raise SystemExit(f"{path} was made with other zoo settings than these; rerun the leaderboard")
         ctx = context(seed, settings, library)
+        current = models_record(ctx.experts, ctx.multitask)["fingerprint"]
+        stale = [name for name in names if fingerprint(results[name]) != current]
+        if stale:  # lm-eval would score other models than those the results were computed on
+            raise SystemExit(
+                f"seed {seed}'s results for {stale} were not computed on the cached experts: rerun "
+                f"`python -m leaderboard.run --seeds {seed} --entries {' '.join(stale)}` first"
+            )
         target = out / "lm_eval" / f"seed_{seed}.json"
         record = read_json(target) if target.is_file() else {"seed": seed, "entries": {}}
         for name in names:

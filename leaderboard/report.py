@@ -26,8 +26,30 @@ TITLE = "leaderboard: every routing and merging method on the SmolLM2-135M exper
 
 
 def load(out: Path) -> list[dict[str, Any]]:
-    """Every (seed, entry) result under `out`, by seed then entry name."""
-    return [read_json(p) for p in sorted(out.glob("seed_*/*.json"))]
+    """Every (seed, entry) result under `out`, by seed then entry name. The entries of one seed must have
+    been computed on the same expert weights (`leaderboard.run.models_record`): a table mixing them would
+    compare methods on different zoos, so it is refused with the command that recomputes the stale ones."""
+    paths = sorted(out.glob("seed_*/*.json"))
+    results = [read_json(p) for p in paths]
+    for folder in sorted({p.parent.name for p in paths}):
+        groups: dict[str | None, list[str]] = {}
+        here = [r for p, r in zip(paths, results) if p.parent.name == folder]
+        for r in here:
+            groups.setdefault((r.get("models") or {}).get("fingerprint"), []).append(r["entry"])
+        if len(groups) > 1:
+            said = "; ".join(
+                f"{', '.join(names)} on {fp or 'unrecorded weights (older results)'}"
+                for fp, names in groups.items()
+            )
+            names = " ".join(n for ns in groups.values() for n in ns)
+            adapter = (here[0].get("zoo_settings") or {}).get("adapter", "lora")
+            seed = folder.removeprefix("seed_")
+            raise SystemExit(
+                f"{out}: seed {seed}'s entries were computed on different expert weights ({said}); "
+                f"`python -m leaderboard.run --adapter {adapter} --seeds {seed} --entries {names} --out {out}` "
+                "recomputes those not made on the cached experts"
+            )
+    return results
 
 
 def _ranked(results: Sequence[Mapping[str, Any]]) -> list[str]:

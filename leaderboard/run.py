@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from common import zoo
+from common.cache import content_hash, weights_digest
 from common.io import read_json, write_json
 from common.rundir import provenance
 from common.zoo_tasks import HELD_OUT, LIBRARY
@@ -58,19 +59,42 @@ ZOO_ENTRIES = {
 }
 
 
-def context(seed: int, settings: zoo.ZooSettings = zoo.DEFAULT, library: Sequence[str] = LIBRARY) -> Context:
-    """The zoo's base (eval, the settings' dtype) and the cached experts of `seed`; nothing is trained here."""
+def zoo_models(
+    seed: int, settings: zoo.ZooSettings = zoo.DEFAULT, library: Sequence[str] = LIBRARY
+) -> tuple[dict[str, Path], Path | None]:
+    """The cached expert folders of `seed` (task -> folder) and its multitask model's (None if not trained);
+    nothing is trained here: missing experts are refused with the command that trains them."""
     missing = [t for t in library if not zoo.is_cached(t, seed, settings)]
     if missing:
         how = (
             "make zoo" if settings.adapter == "lora" else f"python -m common.zoo --adapter {settings.adapter}"
         )
         raise SystemExit(f"the zoo lacks seed {seed}'s experts for {missing}: run `{how}` first")
-    base, tok = zoo.load_base(settings)
     experts = {t: zoo.expert(t, seed, settings) for t in library}
     name = zoo.multitask_name(library, settings)  # (IA)^3 / full: the group expert of their tasks
     multitask = zoo.expert(name, seed, settings) if zoo.is_cached(name, seed, settings) else None
+    return experts, multitask
+
+
+def models_record(experts: Mapping[str, Path], multitask: Path | None) -> dict[str, Any]:
+    """Which weights a result was computed on: each expert's (and the multitask model's) `weights_digest`,
+    and one fingerprint over them. The zoo settings say how the experts were to be trained; this says what
+    training gave (retrained on another machine or by older code, the same settings give other weights)."""
+    digests = {t: weights_digest(p) for t, p in experts.items()}
+    mt = weights_digest(multitask) if multitask is not None else None
+    return {"fingerprint": content_hash([digests, mt]), "experts": digests, "multitask": mt}
+
+
+def context(seed: int, settings: zoo.ZooSettings = zoo.DEFAULT, library: Sequence[str] = LIBRARY) -> Context:
+    """The zoo's base (eval, the settings' dtype) and the cached experts of `seed`; nothing is trained here."""
+    experts, multitask = zoo_models(seed, settings, library)
+    base, tok = zoo.load_base(settings)
     return Context(settings, seed, base, tok, experts, multitask)
+
+
+def fingerprint(result: Mapping[str, Any]) -> str | None:
+    """The expert-weights fingerprint a result was computed on (None: written before they were recorded)."""
+    return (result.get("models") or {}).get("fingerprint")
 
 
 class Progress:
@@ -150,7 +174,16 @@ def run_entry(
     started = time.time()
     fn, grid = ENTRIES[name]
     library = list(ctx.experts)
-    progress = Progress(progress_path, {"entry": name, "seed": ctx.seed, "zoo_settings": ctx.settings.key()})
+    models = models_record(ctx.experts, ctx.multitask)
+    progress = Progress(
+        progress_path,
+        {
+            "entry": name,
+            "seed": ctx.seed,
+            "zoo_settings": ctx.settings.key(),
+            "models": models["fingerprint"],
+        },
+    )
     search = []
     for combo in itertools.product(*grid.values()):
         hparams = dict(zip(grid, combo))
@@ -177,6 +210,7 @@ def run_entry(
         "tokens_per_s": tokens_per_second(ctx, model) if model is not None else None,
         "note": candidate.note,
         "zoo_settings": ctx.settings.key(),
+        "models": models,
         "provenance": provenance(ctx.seed, started),
     }
 
@@ -189,15 +223,20 @@ def run(
     library: Sequence[str] = LIBRARY,
     held_out: Sequence[str] = HELD_OUT,
 ) -> list[dict[str, Any]]:
-    """Every (seed, entry) result, computed where missing or made with other zoo settings."""
+    """Every (seed, entry) result, computed where missing, made with other zoo settings, or made on other
+    expert weights than the cached ones (or before results recorded them: `models_record`)."""
     results = []
     for seed in seeds:
         ctx = None
+        current = models_record(*zoo_models(seed, settings, library))["fingerprint"]
         for name in entries:
             path = out / f"seed_{seed}" / f"{name}.json"
-            if path.is_file() and read_json(path).get("zoo_settings") == settings.key():
-                results.append(read_json(path))
+            saved = read_json(path) if path.is_file() else None
+            if saved and saved.get("zoo_settings") == settings.key() and fingerprint(saved) == current:
+                results.append(saved)
                 continue
+            if saved:
+                print(f"leaderboard: seed {seed} {name}: {path} was made on other experts; recomputing")
             ctx = ctx or context(seed, settings, library)
             print(f"leaderboard: seed {seed} {name}", flush=True)
             partial = (

@@ -218,3 +218,54 @@ def test_the_merge_zoos_get_their_own_tables_in_the_leaderboard_section(tmp_path
     assert "averaged over its 2 tasks (t1, t2)" in full and "held-out" not in full
     assert full.index("| mats_cg | 2 | 70.0 ± 14.1 |") < full.index("| ties | 1 | 65.0 |")
     assert not list(out.glob("seed_*/mats_cg.json"))  # the LoRA table does not read the subfolders
+
+
+def test_results_record_the_expert_weights_and_are_recomputed_on_other_ones(ctx, tmp_path, monkeypatch):
+    """A result names the weights it was computed on (a cache key says only how they were to be trained);
+    one made on other weights, or before they were recorded, is recomputed, not mixed in."""
+    import hashlib
+
+    first = run.run([0], ["base"], tmp_path, MICRO, LIBRARY, HELD_OUT)[0]
+    assert set(first["models"]["experts"]) == set(LIBRARY)
+    for task, folder in ctx.experts.items():  # sha256 over each safetensors file's name and bytes, by hand
+        h = hashlib.sha256()
+        for f in sorted(folder.glob("*.safetensors")):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+        assert first["models"]["experts"][task] == h.hexdigest()[:16]
+    assert run.fingerprint(first) == run.models_record(ctx.experts, ctx.multitask)["fingerprint"]
+    recomputed = []
+    real_entry = run.run_entry
+    monkeypatch.setattr(run, "run_entry", lambda *a, **k: recomputed.append(a[1]) or real_entry(*a, **k))
+    run.run([0], ["base"], tmp_path, MICRO, LIBRARY, HELD_OUT)
+    assert recomputed == []  # the same weights: reused
+    digest = run.weights_digest
+    retrained = ctx.experts["champ_category"]  # as if retrained to other weights
+    monkeypatch.setattr(run, "weights_digest", lambda p: "0" * 16 if p == retrained else digest(p))
+    again = run.run([0], ["base"], tmp_path, MICRO, LIBRARY, HELD_OUT)[0]
+    assert recomputed == ["base"] and again["models"]["experts"]["champ_category"] == "0" * 16
+    monkeypatch.setattr(run, "weights_digest", digest)
+    legacy = {k: v for k, v in again.items() if k != "models"}  # written before results recorded weights
+    (tmp_path / "seed_0" / "base.json").write_text(json.dumps(legacy))
+    run.run([0], ["base"], tmp_path, MICRO, LIBRARY, HELD_OUT)
+    assert recomputed == ["base", "base"]
+
+
+def test_a_table_mixing_expert_weights_within_a_seed_is_refused(tmp_path):
+    def write(seed, entry, models):
+        (tmp_path / f"seed_{seed}").mkdir(exist_ok=True)
+        record = {"entry": entry, "seed": seed, "zoo_settings": {"adapter": "full"}, **models}
+        (tmp_path / f"seed_{seed}" / f"{entry}.json").write_text(json.dumps(record))
+
+    write(0, "uniform", {"models": {"fingerprint": "aa"}})
+    write(0, "ties", {"models": {"fingerprint": "aa"}})
+    write(1, "uniform", {"models": {"fingerprint": "bb"}})  # seeds differ: each its own experts
+    write(2, "uniform", {})
+    write(2, "ties", {})  # results from before weights were recorded, all alike: kept
+    assert len(report.load(tmp_path)) == 5
+    write(0, "arrow", {})
+    with pytest.raises(SystemExit) as refused:
+        report.load(tmp_path)
+    message = str(refused.value)
+    assert "seed 0's entries were computed on different expert weights" in message
+    assert "arrow on unrecorded weights (older results); ties, uniform on aa" in message
+    assert "leaderboard.run --adapter full --seeds 0 --entries arrow ties uniform --out" in message

@@ -4,6 +4,7 @@ gets from lm-eval the held-out accuracy the leaderboard wrote."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -34,6 +35,10 @@ def test_lm_eval_reads_the_same_held_out_accuracy_for_each_entry(tmp_path):
         assert rows["language_id_union"]["lm_eval"] == pytest.approx(rows["language_id_union"]["ours"])
     assert record["max_abs_difference"] == pytest.approx(0.0)
     assert record["entries"]["task_arithmetic"]["provenance"]["seed"] == 0
+    stale = {k: v for k, v in results["base"].items() if k != "models"}  # not known to be on these experts
+    (tmp_path / "seed_0" / "base.json").write_text(json.dumps(stale))
+    with pytest.raises(SystemExit, match=r"results for \['base'\] were not computed on the cached experts"):
+        lm_eval_check.run_checks([0], ["base"], tmp_path, HELD_OUT, SETTINGS, LIBRARY)
 
 
 def test_a_missing_or_stale_result_is_refused_with_the_command(tmp_path):

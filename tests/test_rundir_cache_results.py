@@ -102,3 +102,22 @@ def test_check_same_config_refuses_a_folder_made_with_another_config(tmp_path):
         check_same_config(tmp_path, {**cfg, "new_key": 1})
     # where logs go changes no result: a folder made before `log_backend` existed is still reused
     check_same_config(tmp_path, {**cfg, "train": {"steps": 5, "log_backend": "tensorboard"}})
+
+
+def test_weights_digest_is_over_the_safetensors_bytes_and_follows_a_rewrite(tmp_path):
+    import hashlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    from common.cache import weights_digest
+
+    with pytest.raises(FileNotFoundError, match=r"no \.safetensors weights"):
+        weights_digest(tmp_path)
+    save_file({"w": torch.ones(3)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")  # not weights: not hashed
+    blob = (tmp_path / "model.safetensors").read_bytes()
+    assert weights_digest(tmp_path) == hashlib.sha256(b"model.safetensors\0" + blob).hexdigest()[:16]
+    before = weights_digest(tmp_path)
+    save_file({"w": torch.full((3,), 2.0)}, tmp_path / "model.safetensors")  # retrained: other bytes
+    assert weights_digest(tmp_path) != before

@@ -273,6 +273,26 @@ def score(
     raise ValueError(f"score: records mix kinds {sorted(kinds)}")
 
 
+def target_loss(model: torch.nn.Module, tokenizer: Any, records: Sequence[Mapping[str, Any]]) -> float:
+    """Mean per-token loss of the reference targets, −Σ log p(" " + target + EOS | source) / #tokens (the
+    fine-tuning format, `encode_example`), by the shared scoring path (`sequence_logprobs`): a graded measure
+    where accuracy or Rouge-L cannot tell models apart."""
+    from common.evaluation import sequence_logprobs
+
+    if not records:
+        raise ValueError("target_loss: no records")
+    scores = sequence_logprobs(
+        model,
+        tokenizer,
+        [r["source"] for r in records],
+        [" " + r["target"] for r in records],
+        append_eos=True,
+        batch_size=16,
+        disable=True,
+    )
+    return -sum(s.logprob for s in scores) / sum(s.n_tokens for s in scores)
+
+
 def base_score(task: str, settings: ZooSettings = DEFAULT, split: str = "validation") -> float:
     """The base model's score on a zoo task's `split` (cached per task)."""
     settings = replace(settings, adapter="lora", lr=DEFAULT.lr)  # the base's score depends on neither

@@ -274,19 +274,19 @@ def task_arithmetic_init(ctx: Context) -> tuple[dict[str, Any], dict[str, torch.
     splits (the original initialises CG from the task-arithmetic model chosen on validation)."""
     if "mats_ta_init" not in ctx.cache:
         from leaderboard.registry import ENTRIES
-        from leaderboard.run import mean_score
+        from leaderboard.run import choose, mean_score
         from projects.mats.methods import METHODS
 
         fn, grid = ENTRIES["task_arithmetic"]
-        best = None
+        search = []
         for lam in grid["model_lambda"]:
             scores = mean_score(ctx, fn(ctx, model_lambda=lam), list(ctx.experts), "validation")
-            value = statistics.fmean(scores.values())
-            if best is None or value > best[1]:
-                best = (lam, value)
+            search.append({"hparams": {"model_lambda": lam}, "validation": statistics.fmean(scores.values())})
+        chosen, _ = choose(ctx, "task_arithmetic", search)  # as the entry chooses, ties included
         base, models = expert_states(ctx)
-        merged = METHODS["task_arithmetic"](base, models, model_lambda=best[0])
-        ctx.cache["mats_ta_init"] = ({"model_lambda": best[0], "validation": best[1]}, merged)
+        merged = METHODS["task_arithmetic"](base, models, **chosen)
+        value = next(s["validation"] for s in search if s["hparams"] == chosen)
+        ctx.cache["mats_ta_init"] = ({**chosen, "validation": value}, merged)
     return ctx.cache["mats_ta_init"]
 
 

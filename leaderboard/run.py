@@ -130,10 +130,14 @@ def task_scores(
     split: str,
     progress: Progress | None = None,
     stage: str = "",
+    metric: Callable[[torch.nn.Module, Any, Sequence[Mapping[str, Any]]], float] | None = None,
 ) -> dict[str, float]:
     """Per-task score on `split` (tasks the candidate has no model for are left out). The candidate is
-    built by `make` only if some task still needs scoring (`progress` holds those already scored)."""
+    built by `make` only if some task still needs scoring (`progress` holds those already scored).
+    `metric(model, tokenizer, records)`: default `zoo.score` (accuracy or Rouge-L F)."""
     progress = progress or Progress(None, {})
+    metric = metric or functools.partial(zoo.score, max_new_tokens=ctx.settings.max_new_tokens)
+
     out, candidate = {}, None
     for task in tasks:
         score = progress.get(stage, task)
@@ -142,8 +146,7 @@ def task_scores(
             model = candidate.model_for(task)
             score = None
             if model is not None:
-                records = zoo.splits(task, ctx.settings)[split]
-                score = zoo.score(model, ctx.tokenizer, records, ctx.settings.max_new_tokens)
+                score = metric(model, ctx.tokenizer, zoo.splits(task, ctx.settings)[split])
             progress.put(stage, task, score)
         if score is not None:
             out[task] = score
@@ -164,6 +167,28 @@ def tokens_per_second(ctx: Context, model: torch.nn.Module) -> float:
         start = time.perf_counter()
         model(**batch)
     return n / (time.perf_counter() - start)
+
+
+def choose(
+    ctx: Context, name: str, search: list[dict[str, Any]], progress: Progress | None = None
+) -> tuple[dict[str, Any], str]:
+    """The grid point with the best mean validation score; where several share it (the scores are flat, as
+    Rouge-L often is across Arrow's top_k), the one with the lowest mean validation target loss
+    (`zoo.target_loss`, written into those points' `search` rows). Returns (hparams, what decided)."""
+    if not search:
+        return {}, "no hyperparameters"
+    best = max(s["validation"] for s in search)
+    tied = [s for s in search if s["validation"] == best]
+    if len(tied) == 1:
+        return tied[0]["hparams"], "validation score"
+    fn = ENTRIES[name][0]
+    for s in tied:
+        make = functools.partial(fn, ctx, **s["hparams"])
+        stage = f"validation loss {json.dumps(s['hparams'])}"
+        losses = task_scores(ctx, make, list(ctx.experts), "validation", progress, stage, zoo.target_loss)
+        s["validation_loss"] = statistics.fmean(losses.values())
+    winner = min(tied, key=lambda s: s["validation_loss"])
+    return winner["hparams"], "validation loss (tied validation scores)"
 
 
 def run_entry(
@@ -192,7 +217,7 @@ def run_entry(
         search.append(
             {"hparams": hparams, "validation": statistics.fmean(scores.values()), "per_task": scores}
         )
-    chosen = max(search, key=lambda s: s["validation"])["hparams"] if search else {}
+    chosen, chosen_by = choose(ctx, name, search, progress)
     candidate = fn(ctx, **chosen)
     test = task_scores(ctx, lambda: candidate, [*library, *held_out], "test", progress, "test")
     in_dist = [test[t] for t in library if t in test]
@@ -202,6 +227,7 @@ def run_entry(
         "entry": name,
         "seed": ctx.seed,
         "hparams": chosen,
+        "chosen_by": chosen_by,
         "search": search,
         "test": test,
         "in_distribution": statistics.fmean(in_dist) if in_dist else None,

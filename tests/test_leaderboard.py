@@ -22,6 +22,15 @@ def ctx():
     return micro_context(LIBRARY, MICRO)
 
 
+def expected_hparams(search):
+    """The rule `run.choose` follows, read off a result's search rows: the best mean validation score, ties
+    broken by the lowest validation loss (which the run writes into the tied rows)."""
+    best = max(s["validation"] for s in search)
+    return min((s for s in search if s["validation"] == best), key=lambda s: s.get("validation_loss", 0))[
+        "hparams"
+    ]
+
+
 def _merged_expert(ctx, task):
     return dict(entries.with_adapter(ctx, ctx.experts[task]).named_parameters())
 
@@ -59,8 +68,7 @@ def test_entry_chooses_on_validation_and_reads_test_once(ctx, monkeypatch):
 
     monkeypatch.setattr(zoo, "score", counting)
     result = run.run_entry(ctx, "task_arithmetic", HELD_OUT)
-    best = max(result["search"], key=lambda s: s["validation"])
-    assert result["hparams"] == best["hparams"]
+    assert result["hparams"] == expected_hparams(result["search"])
     assert [s["hparams"]["model_lambda"] for s in result["search"]] == list(
         entries.ENTRIES["task_arithmetic"][1]["model_lambda"]
     )
@@ -269,3 +277,47 @@ def test_a_table_mixing_expert_weights_within_a_seed_is_refused(tmp_path):
     assert "seed 0's entries were computed on different expert weights" in message
     assert "arrow on unrecorded weights (older results); ties, uniform on aa" in message
     assert "leaderboard.run --adapter full --seeds 0 --entries arrow ties uniform --out" in message
+
+
+def test_zoo_target_loss_is_the_fine_tuning_loss_of_the_references(ctx):
+    """zoo.target_loss (the shared scoring path) against the training loss of `encode_example`'s format
+    (HF's mean cross-entropy over the label tokens), token-weighted over records of different lengths."""
+    from common.lm_finetune import collate, encode_example
+
+    model = entries.with_adapter(ctx, ctx.experts["breast_cancer"])
+    records = (
+        zoo.splits("breast_cancer", MICRO)["validation"] + zoo.splits("champ_category", MICRO)["validation"]
+    )
+    total = count = 0
+    limit = model.config.max_position_embeddings  # both paths cut long sources on the left to fit
+    with torch.no_grad():
+        for r in records:
+            example = encode_example(ctx.tokenizer, r["source"], r["target"], limit)
+            n = sum(t != -100 for t in example["labels"])
+            total += float(model(**collate([example], 0)).loss) * n
+            count += n
+    assert zoo.target_loss(model, ctx.tokenizer, records) == pytest.approx(total / count, rel=1e-4)
+
+
+def test_tied_validation_scores_are_broken_by_validation_loss(ctx, monkeypatch):
+    """Where every grid point scores the same on validation (flat, as Rouge-L across Arrow's top_k), the
+    lowest mean validation target loss chooses; otherwise the score does and no loss is computed."""
+    monkeypatch.setattr(zoo, "score", lambda *a, **k: 0.5)
+    result = run.run_entry(ctx, "task_arithmetic", HELD_OUT)
+    grid = entries.ENTRIES["task_arithmetic"][1]["model_lambda"]
+    losses = {}
+    for lam in grid:
+        merged = entries.ENTRIES["task_arithmetic"][0](ctx, model_lambda=lam)
+        losses[lam] = sum(
+            zoo.target_loss(merged.model_for(t), ctx.tokenizer, zoo.splits(t, MICRO)["validation"])
+            for t in LIBRARY
+        ) / len(LIBRARY)
+    assert [s["validation_loss"] for s in result["search"]] == pytest.approx([losses[lam] for lam in grid])
+    assert result["hparams"] == {"model_lambda": min(grid, key=losses.get)}
+    assert result["chosen_by"] == "validation loss (tied validation scores)"
+    assert len(set(losses.values())) == len(grid)  # the losses do separate the grid points
+    scores = iter([i / 100 for i in range(100)])  # every grid point its own mean
+    monkeypatch.setattr(zoo, "score", lambda *a, **k: next(scores))
+    monkeypatch.setattr(zoo, "target_loss", lambda *a, **k: pytest.fail("no tie: no loss needed"))
+    result = run.run_entry(ctx, "task_arithmetic", HELD_OUT)
+    assert result["chosen_by"] == "validation score" and "validation_loss" not in result["search"][0]

@@ -121,3 +121,27 @@ def test_weights_digest_is_over_the_safetensors_bytes_and_follows_a_rewrite(tmp_
     before = weights_digest(tmp_path)
     save_file({"w": torch.full((3,), 2.0)}, tmp_path / "model.safetensors")  # retrained: other bytes
     assert weights_digest(tmp_path) != before
+
+
+def test_a_scale_with_tables_of_its_own_does_not_overwrite_the_others(tmp_path):
+    """The real arm runs the tiny arm's experiments under the same names: paper.yaml tables that name an
+    experiment and a scale take those runs, and the experiment's own table keeps the other scales'."""
+    for scale, value in (("tiny", 5.0), ("real", 2.0)):
+        RunDir(
+            tmp_path / "runs" / scale, project="demo", experiment="e1", scale=scale, seed=0, config={}
+        ).write_results({"moe": value})
+    proj = tmp_path / "projects" / "demo"
+    proj.mkdir(parents=True)
+    (proj / "paper.yaml").write_text(
+        "paper: Demo\nexperiments:\n  e1:\n    title: Tiny table\n"
+        "  real_e1:\n    title: Real table\n    experiment: e1\n    scale: real\n"
+        "claims:\n  - {text: tiny claim, experiment: e1, lhs: moe, op: '<', rhs: 3}\n"
+        "  - {text: real claim, experiment: real_e1, lhs: moe, op: '<', rhs: 3}\n"
+    )
+    both = render(load_results(tmp_path / "runs", scale=None), tmp_path / "projects")
+    tiny_part, real_part = both.split("### Real table")
+    assert "| moe | 5 ± 0 (n=1) |" in tiny_part and "| moe | 2 ± 0 (n=1) |" in real_part
+    assert "| tiny claim | no |" in both and "| real claim | yes |" in both
+    # the real runs alone: the tiny table and its grade stay as the file had them
+    real_only = render(load_results(tmp_path / "runs", scale="real"), tmp_path / "projects", previous=both)
+    assert real_only == both

@@ -201,30 +201,41 @@ def _mean_curve(records: list[Mapping[str, Any]], key: str, split: str) -> tuple
 
 
 def _figures(root: Path, runs: Mapping[str, list[dict[str, Any]]]) -> None:
-    """activation.png (interpolation early vs later), multi_layer.png and cka.png, each with its data."""
-    split = runs["interpolation"][0]["config"]["data"]["test_split"]
+    """activation.png (interpolation early vs later), multi_layer.png and cka.png, each with its data; a
+    figure whose experiment has no runs yet (a seed still running) is left out."""
+    if runs.get("interpolation"):
+        _activation_figure(root, runs["interpolation"])
+    if runs.get("multi_layer"):
+        _multi_layer_figure(root, runs["multi_layer"])
+    if runs.get("cka"):
+        xs, ys = _mean_curve([{"c": {"x": r["curve"]}} for r in runs["cka"]], "c", "x")
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(xs, ys, marker="o")
+        ax.set(xlabel="fine-tuning step", ylabel="CKA (code vs math)")
+        _save(fig, root / "cka", dict(zip(map(str, xs), ys, strict=True)))
+
+
+def _activation_figure(root: Path, interpolation: list[dict[str, Any]]) -> None:
+    split = interpolation[0]["config"]["data"]["test_split"]
     data: dict[str, Any] = {}
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for stage in ("early", "later"):
-        xs, ys = _mean_curve([{"c": r["curves"][stage]} for r in runs["interpolation"]], "c", split)
+        xs, ys = _mean_curve([{"c": r["curves"][stage]} for r in interpolation], "c", split)
         ax.plot(xs, ys, marker="o", label=stage)
         data[stage] = dict(zip(map(str, xs), ys, strict=True))
     ax.set(xlabel="α (1 = code model, 0 = math model)", ylabel=f"target {split} loss")
     ax.legend()
     _save(fig, root / "activation", data)
 
-    Ls = sorted(int(k[1:]) for k in runs["multi_layer"][0]["metrics"] if k.startswith("L"))
-    ys = [statistics.mean(r["metrics"][f"L{L}"] for r in runs["multi_layer"]) for L in Ls]
+
+def _multi_layer_figure(root: Path, multi_layer: list[dict[str, Any]]) -> None:
+    split = multi_layer[0]["config"]["data"]["test_split"]
+    Ls = sorted(int(k[1:]) for k in multi_layer[0]["metrics"] if k.startswith("L"))
+    ys = [statistics.mean(r["metrics"][f"L{L}"] for r in multi_layer) for L in Ls]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(Ls, ys, marker="o")
     ax.set(xlabel="L (layers per expert set)", ylabel=f"target {split} loss", xticks=Ls)
     _save(fig, root / "multi_layer", dict(zip(map(str, Ls), ys, strict=True)))
-
-    xs, ys = _mean_curve([{"c": {"x": r["curve"]}} for r in runs["cka"]], "c", "x")
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(xs, ys, marker="o")
-    ax.set(xlabel="fine-tuning step", ylabel="CKA (code vs math)")
-    _save(fig, root / "cka", dict(zip(map(str, xs), ys, strict=True)))
 
 
 def _save(fig: Any, stem: Path, data: Mapping[str, Any]) -> None:

@@ -1,5 +1,6 @@
 """The README's commands, run as a user would, on the micro config (a random 4-layer GPT-2)."""
 
+import json
 import re
 
 import pytest
@@ -132,3 +133,43 @@ def test_paper_dry_run_builds_gpt2_on_meta():
     assert "mlp_parameters: 56669184" in proc.stdout  # 12 × (768·3072·2 + 3072 + 768)
     assert "router_parameters: 73728" in proc.stdout  # 12 layers × (8 experts × 768)
     assert "finetune_steps: 8750" in proc.stdout and "routing_steps: 1739" in proc.stdout
+
+
+def test_table_of_a_seed_still_running_shows_what_has_finished(tmp_path):
+    """A real seed takes hours: the table and the figures of the finished experiments are written while the
+    later ones (here multi-layer routing and CKA) have no results yet, and their rows stay empty."""
+    from common.rundir import RunDir
+    from projects.compatible_specialization import analyze
+
+    cfg = {"data": {"test_split": "test"}}
+
+    def write(experiment, metrics, **extra):
+        run = RunDir(
+            tmp_path / "seed_0" / experiment,
+            project="compatible_specialization",
+            experiment=experiment,
+            scale="real",
+            seed=0,
+            config=cfg,
+        )
+        run.write_results(metrics, **extra)
+
+    write("specialists", {"code_early": 2.1, "math_early": 2.3, "code_later": 2.0, "math_later": 3.5})
+    curve = {"0.0": 3.0, "0.5": 2.5, "1.0": 2.8}
+    write(
+        "interpolation",
+        {"early_best": 2.5, "later_best": 2.9, "early_best_alpha": 0.5, "later_best_alpha": 0.5},
+        curves={"early": {"test": curve}, "later": {"test": {a: v + 0.4 for a, v in curve.items()}}},
+    )
+    write(
+        "routing",
+        {"routed_early": 2.6, "interp_best_early": 2.5, "routed_later": 2.9, "interp_best_later": 2.9},
+    )
+    text = analyze.table(tmp_path)
+    assert "| interpolation early: loss at best α | 2.500 | 1.625 |" in text
+    assert "| MoE routing later (k=2 of 2) | 2.900 |" in text
+    assert "| CKA code vs math, last snapshot | — |" in text and "multi-layer routing" not in text
+    data = json.loads((tmp_path / "activation.json").read_text())  # the plot's data: the curves as written
+    assert data["early"] == curve and data["later"] == pytest.approx({a: v + 0.4 for a, v in curve.items()})
+    assert (tmp_path / "activation.png").stat().st_size > 0
+    assert not (tmp_path / "multi_layer.png").exists() and not (tmp_path / "cka.png").exists()

@@ -189,3 +189,39 @@ def test_real_table_script_runs_every_experiment_and_writes_the_table(tmp_path):
         assert selection.exists()  # the original's best-router selection ran on the real path
     for name in ("table.md", "activation.png", "multi_layer.png", "cka.png"):
         assert (tmp_path / name).exists()
+
+
+def test_router_probe_trains_longer_routers_on_the_seeds_own_specialists(tmp_path):
+    """The probe reuses the finished seed's specialists (no fine-tuning step runs), trains the k = 2 routers
+    on `factor` times the tokens, and writes their test loss beside the seed's interpolation and 1x routers."""
+    from common.io import read_json
+    from projects.compatible_specialization import pipeline, router_probe
+
+    cfg = resolve(None, str(MICRO_REAL), [], {"seed": 0})
+    with pytest.raises(
+        router_probe.UserError, match=r"lacks .*interpolation/results\.json.*pipeline --seed 0"
+    ):
+        router_probe.run_probe(cfg, 0, tmp_path, 3)
+    pipeline.run_seed(cfg, 0, tmp_path)
+    seed = tmp_path / "seed_0"
+    trained = {p: p.stat().st_mtime_ns for p in seed.glob("finetune_*/**/*.safetensors")}
+    metrics = router_probe.run_probe(cfg, 0, tmp_path, 3)
+    assert trained and {p: p.stat().st_mtime_ns for p in seed.glob("finetune_*/**/*.safetensors")} == trained
+    routing = read_json(seed / "routing" / "results.json")["metrics"]
+    interp = read_json(seed / "interpolation" / "results.json")["metrics"]
+    for stage in ("early", "later"):
+        assert metrics[f"routed_{stage}_1x"] == routing[f"routed_{stage}"]
+        assert metrics[f"interp_best_{stage}"] == interp[f"{stage}_best"]
+        assert metrics[f"routed_{stage}"] > 0
+        steps = [
+            e[0] for e in read_json(seed / f"router_probe_x3_{stage}" / "router_selection.json")["evals"]
+        ]
+        one_x = [e[0] for e in read_json(seed / f"routing_{stage}" / "router_selection.json")["evals"]]
+        assert (
+            max(steps) > max(one_x) and metrics[f"best_step_{stage}"] in steps
+        )  # 3x the steps, chosen alike
+    written = read_json(seed / "router_probe_x3" / "results.json")
+    assert written["experiment"] == "router_probe" and written["metrics"] == metrics
+    assert written["config"]["routing"]["train_tokens"] == 3 * cfg["routing"]["train_tokens"]
+    with pytest.raises(router_probe.UserError, match="--factor"):
+        router_probe.probe_config(cfg, 0)

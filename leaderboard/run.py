@@ -262,7 +262,12 @@ def run(
                 results.append(saved)
                 continue
             if saved:
-                print(f"leaderboard: seed {seed} {name}: {path} was made on other experts; recomputing")
+                why = (
+                    "other zoo settings"
+                    if saved.get("zoo_settings") != settings.key()
+                    else "other expert weights"
+                )
+                print(f"leaderboard: seed {seed} {name}: {path} was made with {why}; recomputing")
             ctx = ctx or context(seed, settings, library)
             print(f"leaderboard: seed {seed} {name}", flush=True)
             partial = (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.metadata
+import json
 import numbers
 import os
 import platform
@@ -28,7 +29,7 @@ import yaml
 
 from common.cli import UserError
 from common.config import dump_config, read_config_file
-from common.io import check_writable, write_json, write_text
+from common.io import check_writable, read_json, write_json, write_text
 
 SCHEMA = "moerging.results/v1"
 SCALES = ("micro", "tiny", "real", "paper")
@@ -182,6 +183,22 @@ def check_same_config(
             f"{path} holds a run made with another config (key: saved, now): {changed}; "
             "use a new output folder or remove this one"
         )
+
+
+def finished_results(path: str | os.PathLike, config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The metrics of the finished run in `path` if its `results.json` was made with `config`, else None.
+
+    A pipeline re-run after a kill reuses its finished stages with this instead of recomputing them; a
+    stage finished under another config (outside `RESULT_NEUTRAL_KEYS`) is recomputed.
+    """
+    saved_path = Path(path) / "results.json"
+    if not saved_path.is_file():
+        return None
+    saved = read_json(saved_path)
+    now = json.loads(json.dumps(dict(config), default=str))  # as `write_results` wrote it
+    if _without_neutral(saved.get("config")) != _without_neutral(now):
+        return None
+    return dict(saved["metrics"])
 
 
 class RunDir:

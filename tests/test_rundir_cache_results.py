@@ -145,3 +145,21 @@ def test_a_scale_with_tables_of_its_own_does_not_overwrite_the_others(tmp_path):
     # the real runs alone: the tiny table and its grade stay as the file had them
     real_only = render(load_results(tmp_path / "runs", scale="real"), tmp_path / "projects", previous=both)
     assert real_only == both
+
+
+def test_finished_results_are_reused_only_under_the_same_config(tmp_path):
+    from common.rundir import finished_results
+
+    cfg = {"lr": 0.1, "tasks": ("a", "b"), "train": {"steps": 5}}
+    assert finished_results(tmp_path, cfg) is None  # nothing written
+    run = RunDir(tmp_path, project="p", experiment="e", scale="micro", seed=0, config=cfg)
+    assert finished_results(tmp_path, cfg) is None  # config written, no results yet (a killed run)
+    run.write_results({"loss": 1.5})
+    assert finished_results(tmp_path, dict(cfg)) == {
+        "loss": 1.5
+    }  # the tuple as results.json holds it (a list)
+    assert finished_results(tmp_path, {**cfg, "train": {"steps": 5, "log_backend": "tensorboard"}}) == {
+        "loss": 1.5
+    }  # a result-neutral key
+    assert finished_results(tmp_path, {**cfg, "train": {"steps": 6}}) is None
+    assert finished_results(tmp_path, {**cfg, "new_key": 1}) is None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.cli import run_main
-from common.rundir import RunDir, seed_everything
+from common.rundir import RunDir, finished_results, seed_everything
 from projects.compatible_specialization import experiments
 from projects.compatible_specialization.checkpoints import load_base, load_specialist
 from projects.compatible_specialization.config import SCALES, resolve
@@ -27,7 +27,11 @@ STAGES = ("early", "later")
 
 
 def run_seed(cfg: dict[str, Any], seed: int, out: Path) -> dict[str, dict[str, Any]]:
-    """All experiments for one seed; returns {experiment: metrics}."""
+    """All experiments for one seed; returns {experiment: metrics}.
+
+    A re-run (after a kill) reuses every experiment whose `results.json` was written under this config and
+    resumes the rest from their training checkpoints, so only unfinished work is redone.
+    """
     seed_everything(seed)
     base, tokenizer = load_base(cfg["model"], cfg["scale"], cfg["device"])
     experiments.check_context(cfg, base)
@@ -41,8 +45,12 @@ def run_seed(cfg: dict[str, Any], seed: int, out: Path) -> dict[str, dict[str, A
             root / name, project=PROJECT, experiment=name, scale=cfg["scale"], seed=seed, config=cfg
         )
 
+    def finished(name: str) -> dict[str, Any] | None:
+        return finished_results(root / name, cfg)
+
     # Specialists: MLP-only fine-tuning on code and on math, snapshots at the early and later steps.
-    spec_run = rundir("specialists")  # created first so that its wall time covers the experiment
+    spec_metrics = finished("specialists")
+    spec_run = None if spec_metrics else rundir("specialists")  # created first: its wall time covers it all
     snaps = {}
     for domain in ("code", "math"):
         _, snaps[domain] = experiments.finetune_specialist(
@@ -54,73 +62,91 @@ def run_seed(cfg: dict[str, Any], seed: int, out: Path) -> dict[str, dict[str, A
         for stage in STAGES
     }
     test, select = data["test_split"], data["select_split"]
-    spec_metrics = {
-        f"{domain}_{stage}": experiments.evaluate(cfg, models[domain, stage], corpus.windows(domain, test))
-        for domain, stage in models
-    }
     target = {s: corpus.windows("target", s) for s in dict.fromkeys([select, test])}
-    spec_metrics |= {
-        f"{name}_on_target": experiments.evaluate(cfg, model, target[test], "float32")
-        for name, model in [("base", base), *((f"{d}_{s}", m) for (d, s), m in models.items())]
-    }
-    spec_run.write_results(spec_metrics, split=split)
+    if spec_run is not None:
+        spec_metrics = {
+            f"{domain}_{stage}": experiments.evaluate(
+                cfg, models[domain, stage], corpus.windows(domain, test)
+            )
+            for domain, stage in models
+        }
+        spec_metrics |= {
+            f"{name}_on_target": experiments.evaluate(cfg, model, target[test], "float32")
+            for name, model in [("base", base), *((f"{d}_{s}", m) for (d, s), m in models.items())]
+        }
+        spec_run.write_results(spec_metrics, split=split)
 
     # Activation interpolation on the target: α = 1 is the code model, α = 0 the math model.
-    interp_run, interp = rundir("interpolation"), {}
-    curves = {}
-    for stage in STAGES:
-        curves[stage] = experiments.interpolation_sweep(
-            cfg, base, models["code", stage], models["math", stage], target
+    interp = finished("interpolation")
+    if interp is None:
+        interp_run, interp = rundir("interpolation"), {}
+        curves = {}
+        for stage in STAGES:
+            curves[stage] = experiments.interpolation_sweep(
+                cfg, base, models["code", stage], models["math", stage], target
+            )
+            best = experiments.best_alpha(curves[stage], select, test)
+            ends = (curves[stage][test][0.0] + curves[stage][test][1.0]) / 2
+            interp |= {f"{stage}_best_alpha": best["alpha"], f"{stage}_best": best["test_loss"]}
+            interp |= {f"{stage}_min": best["test_min"], f"{stage}_sharpness": ends - best["test_min"]}
+            interp |= {f"{stage}_alpha_{a:.1f}": loss for a, loss in curves[stage][test].items()}
+        interp_run.write_results(
+            interp,
+            curves={
+                s: {k: {str(a): v for a, v in c.items()} for k, c in cs.items()} for s, cs in curves.items()
+            },
+            split=split,
         )
-        best = experiments.best_alpha(curves[stage], select, test)
-        ends = (curves[stage][test][0.0] + curves[stage][test][1.0]) / 2
-        interp |= {f"{stage}_best_alpha": best["alpha"], f"{stage}_best": best["test_loss"]}
-        interp |= {f"{stage}_min": best["test_min"], f"{stage}_sharpness": ends - best["test_min"]}
-        interp |= {f"{stage}_alpha_{a:.1f}": loss for a, loss in curves[stage][test].items()}
-    interp_run.write_results(
-        interp,
-        curves={s: {k: {str(a): v for a, v in c.items()} for k, c in cs.items()} for s, cs in curves.items()},
-        split=split,
-    )
 
     # MoE routing (N = 2 experts per layer, k = 2) early and later; multi-layer routing on the later models.
-    routing_run, routing = rundir("routing"), {}
-    for stage in STAGES:
-        model, _ = experiments.train_routed(
-            cfg, base, [models["code", stage], models["math", stage]], corpus, root / f"routing_{stage}", seed
-        )
-        routing[f"routed_{stage}"] = experiments.evaluate(cfg, model, target[test])
-        routing[f"interp_best_{stage}"] = interp[f"{stage}_best"]
-    routing_run.write_results(routing, split=split)
+    routing = finished("routing")
+    if routing is None:
+        routing_run, routing = rundir("routing"), {}
+        for stage in STAGES:
+            model, _ = experiments.train_routed(
+                cfg,
+                base,
+                [models["code", stage], models["math", stage]],
+                corpus,
+                root / f"routing_{stage}",
+                seed,
+            )
+            routing[f"routed_{stage}"] = experiments.evaluate(cfg, model, target[test])
+            routing[f"interp_best_{stage}"] = interp[f"{stage}_best"]
+        routing_run.write_results(routing, split=split)
 
-    multi_run = rundir("multi_layer")
-    multi: dict[str, Any] = {"L1": routing["routed_later"]}  # L = 1 is standard routing (same run)
-    for L in cfg["routing"]["multi_layer"]:
-        if L == 1 or L > len(decoder_blocks(base)):
-            continue
-        model, _ = experiments.train_routed(
-            cfg, base, [models["code", "later"], models["math", "later"]], corpus,
-            root / f"multi_layer_L{L}", seed, num_multi_layer_experts=L, top_k=2 * L,
-        )  # fmt: skip
-        multi[f"L{L}"] = experiments.evaluate(cfg, model, target[test])
-    Ls = sorted(int(k[1:]) for k in multi)
-    if len(Ls) >= 3:  # saturation: the first added layer helps more than the last
-        multi["gain_first"] = multi[f"L{Ls[0]}"] - multi[f"L{Ls[1]}"]
-        multi["gain_last"] = multi[f"L{Ls[-2]}"] - multi[f"L{Ls[-1]}"]
-    multi_run.write_results(multi, split=split)
+    multi = finished("multi_layer")
+    if multi is None:
+        multi_run = rundir("multi_layer")
+        multi = {"L1": routing["routed_later"]}  # L = 1 is standard routing (same run)
+        for L in cfg["routing"]["multi_layer"]:
+            if L == 1 or L > len(decoder_blocks(base)):
+                continue
+            model, _ = experiments.train_routed(
+                cfg, base, [models["code", "later"], models["math", "later"]], corpus,
+                root / f"multi_layer_L{L}", seed, num_multi_layer_experts=L, top_k=2 * L,
+            )  # fmt: skip
+            multi[f"L{L}"] = experiments.evaluate(cfg, model, target[test])
+        Ls = sorted(int(k[1:]) for k in multi)
+        if len(Ls) >= 3:  # saturation: the first added layer helps more than the last
+            multi["gain_first"] = multi[f"L{Ls[0]}"] - multi[f"L{Ls[1]}"]
+            multi["gain_last"] = multi[f"L{Ls[-2]}"] - multi[f"L{Ls[-1]}"]
+        multi_run.write_results(multi, split=split)
 
     # CKA between the code and math models' block outputs over fine-tuning.
-    cka_run = rundir("cka")
-    cka = experiments.cka_curve(cfg, base, snaps["code"], snaps["math"], target[select])
-    steps = sorted(cka)
-    first = next(s for s in steps if s > 0)
-    cka_metrics = {
-        "cka_first": cka[first],
-        "cka_last": cka[steps[-1]],
-        "first_step": first,
-        "last_step": steps[-1],
-    }
-    cka_run.write_results(cka_metrics, curve={str(s): v for s, v in cka.items()}, split=split)
+    cka_metrics = finished("cka")
+    if cka_metrics is None:
+        cka_run = rundir("cka")
+        cka = experiments.cka_curve(cfg, base, snaps["code"], snaps["math"], target[select])
+        steps = sorted(cka)
+        first = next(s for s in steps if s > 0)
+        cka_metrics = {
+            "cka_first": cka[first],
+            "cka_last": cka[steps[-1]],
+            "first_step": first,
+            "last_step": steps[-1],
+        }
+        cka_run.write_results(cka_metrics, curve={str(s): v for s, v in cka.items()}, split=split)
     return {
         "specialists": spec_metrics,
         "interpolation": interp,

@@ -225,3 +225,39 @@ def test_router_probe_trains_longer_routers_on_the_seeds_own_specialists(tmp_pat
     assert written["config"]["routing"]["train_tokens"] == 3 * cfg["routing"]["train_tokens"]
     with pytest.raises(router_probe.UserError, match="--factor"):
         router_probe.probe_config(cfg, 0)
+
+
+def test_a_rerun_seed_reuses_its_finished_experiments_and_redoes_only_the_rest(tmp_path, monkeypatch):
+    """After a kill, `run_seed` again must not recompute a finished experiment (on the real arm each costs
+    20-60 minutes): it returns the saved metrics; an experiment without results, or with results made under
+    another config, is recomputed."""
+    from common.io import read_json, write_json
+    from projects.compatible_specialization import experiments, pipeline
+
+    cfg = resolve(None, str(MICRO_REAL), [], {"seed": 0})
+    first = pipeline.run_seed(cfg, 0, tmp_path)
+    seed = tmp_path / "seed_0"
+    written = {p: p.stat().st_mtime_ns for p in seed.glob("*/results.json")}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished experiment was recomputed")
+
+    for name in ("evaluate", "interpolation_sweep", "cka_curve"):
+        monkeypatch.setattr(experiments, name, refuse)
+    assert pipeline.run_seed(cfg, 0, tmp_path) == first
+    assert {p: p.stat().st_mtime_ns for p in seed.glob("*/results.json")} == written
+    monkeypatch.undo()
+
+    (seed / "multi_layer" / "results.json").unlink()  # killed during multi-layer routing
+    stale = read_json(seed / "cka" / "results.json")
+    write_json(seed / "cka" / "results.json", {**stale, "config": {**stale["config"], "seed": 99}})
+    calls = []
+    real_sweep, real_cka = experiments.interpolation_sweep, experiments.cka_curve
+    monkeypatch.setattr(
+        experiments, "interpolation_sweep", lambda *a, **k: calls.append("interp") or real_sweep(*a, **k)
+    )
+    monkeypatch.setattr(experiments, "cka_curve", lambda *a, **k: calls.append("cka") or real_cka(*a, **k))
+    again = pipeline.run_seed(cfg, 0, tmp_path)
+    assert calls == ["cka"]  # interpolation reused; multi-layer has no sweep; CKA recomputed (other config)
+    assert again["multi_layer"] == first["multi_layer"]  # routers resumed from their finished checkpoints
+    assert again["cka"] == first["cka"] and read_json(seed / "cka" / "results.json")["config"]["seed"] == 0

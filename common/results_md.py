@@ -80,7 +80,8 @@ def aggregate(
 
 def check_claim(claim: Mapping[str, Any], stats: Mapping[str, tuple[float, float, int]]) -> str:
     """'yes' / 'no' / 'not run' for one claim, compared on means; qualified with ", within the seed
-    spread" when the two means differ by less than the larger of their standard deviations over seeds."""
+    spread" when the two means differ by less than the larger of their standard deviations over seeds, and
+    with ", one seed" when a side has a single seed (no spread to compare with yet)."""
     op = lookup(OPS, claim["op"], "comparison")
     lhs = stats.get(claim["lhs"])
     rhs = claim["rhs"]
@@ -93,6 +94,9 @@ def check_claim(claim: Mapping[str, Any], stats: Mapping[str, tuple[float, float
     verdict = "yes" if op(lhs[0], rhs_value) else "no"
     if abs(lhs[0] - rhs_value) < max(lhs[1], rhs_std):
         verdict += ", within the seed spread"
+    seeds = [lhs[2]] + ([] if isinstance(rhs, (int, float)) else [stats[rhs][2]])
+    if min(seeds) == 1:
+        verdict += ", one seed"
     return verdict
 
 
@@ -118,7 +122,7 @@ def _pm(stat: tuple[float, float, int] | None) -> str:
     if stat is None:
         return "—"
     mean, std, n = stat
-    return f"{mean:.4g} ± {std:.2g} (n={n})"
+    return f"{mean:.4g} ± {std:.2g} (n={n})" if n > 1 else f"{mean:.4g} (n=1)"  # one seed: no spread
 
 
 def _headed_blocks(text: str, marker: str, key: Callable[[str], str] = str.strip) -> dict[str, list[str]]:

@@ -76,6 +76,11 @@ def test_results_md_aggregates_seeds_and_checks_claims(tmp_path):
     assert check_claim({"lhs": "moe", "op": "<", "rhs": 3.5}, stats) == "yes"
     assert check_claim({"lhs": "moe", "op": ">", "rhs": 3.5}, stats) == "no"
     assert check_claim({"lhs": "missing", "op": "<", "rhs": 1}, stats) == "not run"
+    # one seed on either side: no spread to judge the gap by, and the grade says so
+    one = {**stats, "solo": (1.0, 0.0, 1)}
+    assert check_claim({"lhs": "solo", "op": "<", "rhs": "moe"}, one) == "yes, one seed"
+    assert check_claim({"lhs": "moe", "op": "<", "rhs": "solo"}, one) == "no, one seed"
+    assert check_claim({"lhs": "solo", "op": "<", "rhs": 3.5}, one) == "yes, one seed"
     with pytest.raises(KeyError, match="unknown comparison"):
         check_claim({"lhs": "moe", "op": "=<", "rhs": 1}, stats)
     proj = tmp_path / "projects" / "demo"
@@ -140,8 +145,8 @@ def test_a_scale_with_tables_of_its_own_does_not_overwrite_the_others(tmp_path):
     )
     both = render(load_results(tmp_path / "runs", scale=None), tmp_path / "projects")
     tiny_part, real_part = both.split("### Real table")
-    assert "| moe | 5 ± 0 (n=1) |" in tiny_part and "| moe | 2 ± 0 (n=1) |" in real_part
-    assert "| tiny claim | no |" in both and "| real claim | yes |" in both
+    assert "| moe | 5 (n=1) |" in tiny_part and "| moe | 2 (n=1) |" in real_part
+    assert "| tiny claim | no, one seed |" in both and "| real claim | yes, one seed |" in both
     # the real runs alone: the tiny table and its grade stay as the file had them
     real_only = render(load_results(tmp_path / "runs", scale="real"), tmp_path / "projects", previous=both)
     assert real_only == both

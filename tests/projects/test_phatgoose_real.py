@@ -330,7 +330,7 @@ def test_probe_and_real_analysis_write_the_heat_map_table_and_results(ctx, gates
     assert record["metrics"]["merged_experts"]["held_out"] == merged["held_out"]
     assert record["metrics"]["merged_experts"]["language_id_union"] == merged["test"]["language_id_union"]
     section = render([record])  # RESULTS.md: the zoo experiment and its claims from paper.yaml
-    assert f"merged_experts.held_out | {merged['held_out']:.4g} ± 0 (n=1)" in section
+    assert f"merged_experts.held_out | {merged['held_out']:.4g} (n=1)" in section
     assert "| PHATGOOSE outperforms Merged Experts (the zoo) | not run |" in section  # no phatgoose row here
 
 

@@ -45,13 +45,6 @@ ADAPTER_ZOOS = {
     "ia3": (zoo.IA3, zoo.MERGE_TASKS, ()),
     "full": (zoo.FULL, zoo.MERGE_TASKS, ()),
 }
-# The rows of MaTS's merging table: what `--adapter ia3|full` runs unless --entries says otherwise (routing
-# among the experts is the LoRA zoo's question). RegMean, closed form or as a CG objective, is not defined
-# for (IA)^3 vectors: the paper has no such row.
-MERGE_ENTRIES = (
-    *("oracle", "multitask", "base", "uniform", "task_arithmetic", "ties", "fisher_diag", "fisher_diag_true"),
-    *("regmean", "mats_cg", "cg_regmean", "cg_diagonal_fisher", "cg_average"),
-)
 # MaTS's merges that need per-expert statistics (Fisher, Grams) or CG: the (IA)^3 and full zoos run them (the
 # paper's parameterisations, issue 18). On the 13-expert LoRA zoo they would add about 14 h per seed and 26 GB
 # of statistics (projects/mats/README.md, "The real scale"), so its default leaves them out; `--entries` runs
@@ -60,6 +53,10 @@ STATISTICS_MERGES = (
     *("fisher_diag", "fisher_diag_true", "regmean"),
     *("mats_cg", "cg_regmean", "cg_diagonal_fisher", "cg_average"),
 )
+# The rows of MaTS's merging table: what `--adapter ia3|full` runs unless --entries says otherwise (routing
+# among the experts is the LoRA zoo's question). RegMean, closed form or as a CG objective, is not defined
+# for (IA)^3 vectors: the paper has no such row.
+MERGE_ENTRIES = ("oracle", "multitask", "base", "uniform", "task_arithmetic", "ties", *STATISTICS_MERGES)
 ZOO_ENTRIES = {
     "lora": tuple(e for e in ENTRIES if e not in STATISTICS_MERGES),
     "ia3": tuple(e for e in MERGE_ENTRIES if "regmean" not in e),

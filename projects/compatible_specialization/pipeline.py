@@ -50,7 +50,7 @@ def run_seed(cfg: dict[str, Any], seed: int, out: Path) -> dict[str, dict[str, A
 
     # Specialists: MLP-only fine-tuning on code and on math, snapshots at the early and later steps.
     spec_metrics = finished("specialists")
-    spec_run = None if spec_metrics else rundir("specialists")  # created first: its wall time covers it all
+    spec_run = rundir("specialists") if spec_metrics is None else None  # first: its wall time covers it all
     snaps = {}
     for domain in ("code", "math"):
         _, snaps[domain] = experiments.finetune_specialist(
@@ -156,17 +156,29 @@ def run_seed(cfg: dict[str, Any], seed: int, out: Path) -> dict[str, dict[str, A
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def seed_parser(
+    description: str, out_help: str = "default: <out_dir>/<scale>_table"
+) -> argparse.ArgumentParser:
+    """The arguments of a command on one seed's table folder: --scale / --config, --seed, --out, overrides."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--scale", choices=SCALES, help="default: the --config file's scale, else tiny")
     p.add_argument("--config", help="a config file instead of the scale's (e.g. configs/micro_real.yaml)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="default: <out_dir>/<scale>_table")
+    p.add_argument("--out", default=None, help=out_help)
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    return p
+
+
+def resolve_seed_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
+    """(resolved config, table folder) of `seed_parser`'s arguments: flags over overrides over the file."""
     scale = args.scale or (None if args.config else "tiny")
     cfg = resolve(scale, args.config, args.overrides, {"seed": args.seed})
-    out = Path(args.out or Path(cfg["out_dir"]) / f"{cfg['scale']}_table")
+    return cfg, Path(args.out or Path(cfg["out_dir"]) / f"{cfg['scale']}_table")
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    args = seed_parser(__doc__.splitlines()[0]).parse_args(argv)
+    cfg, out = resolve_seed_args(args)
     results = run_seed(cfg, args.seed, out)
     for experiment, metrics in results.items():
         print(experiment, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})

@@ -16,7 +16,6 @@ the routers' runs under `router_probe_x<factor>_<stage>/` (resumable). Needs the
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -27,8 +26,7 @@ from common.io import read_json
 from common.rundir import RunDir, seed_everything
 from projects.compatible_specialization import experiments
 from projects.compatible_specialization.checkpoints import load_base, load_specialist
-from projects.compatible_specialization.config import SCALES, resolve
-from projects.compatible_specialization.pipeline import PROJECT, STAGES
+from projects.compatible_specialization.pipeline import PROJECT, STAGES, resolve_seed_args, seed_parser
 
 
 def probe_config(cfg: dict[str, Any], factor: int) -> dict[str, Any]:
@@ -86,19 +84,12 @@ def run_probe(cfg: dict[str, Any], seed: int, out: Path, factor: int) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scale", choices=SCALES, help="default: the --config file's scale, else tiny")
-    p.add_argument("--config", help="a config file instead of the scale's")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--factor", type=int, default=4, help="router training tokens x this (default 4)")
-    p.add_argument(
-        "--out", default=None, help="the seed's pipeline folder (default: <out_dir>/<scale>_table)"
+    p = seed_parser(
+        __doc__.splitlines()[0], out_help="the seed's pipeline folder (default: <out_dir>/<scale>_table)"
     )
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("--factor", type=int, default=4, help="router training tokens x this (default 4)")
     args = p.parse_args(argv)
-    scale = args.scale or (None if args.config else "tiny")
-    cfg = resolve(scale, args.config, args.overrides, {"seed": args.seed})
-    out = Path(args.out or Path(cfg["out_dir"]) / f"{cfg['scale']}_table")
+    cfg, out = resolve_seed_args(args)
     metrics = run_probe(cfg, args.seed, out, args.factor)
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
     return metrics

@@ -18,6 +18,9 @@ if [ "$SCALE" = "real" ]; then
   # MaTS's merges on each zoo (leaderboard.run's MERGE_ENTRIES; RegMean is not defined for (IA)^3 vectors)
   $PY -m leaderboard.run --adapter ia3 --seeds $SEEDS
   $PY -m leaderboard.run --adapter full --seeds $SEEDS
+  # each expert's share of the diagonal Fisher (why a Fisher merge can drop a task; cached statistics)
+  $PY -m leaderboard.fisher_mass --adapter ia3 --seeds $SEEDS
+  $PY -m leaderboard.fisher_mass --adapter full --seeds $SEEDS
   $PY -m projects.mats.analyze --runs runs/mats --scale real \
     --leaderboard ia3=results/leaderboard/ia3 full_model=results/leaderboard/full
   exit 0

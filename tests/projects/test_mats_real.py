@@ -359,4 +359,8 @@ def test_table_sh_real_runs_the_zoos_then_valid_leaderboard_entries(tmp_path):
     assert set(run.STATISTICS_MERGES) <= boards["full"] and {"ties", "task_arithmetic"} <= set(
         run.ZOO_ENTRIES["lora"]
     )
-    assert out[4].startswith("-m projects.mats.analyze --runs runs/mats --scale real --leaderboard")
+    assert out[4:6] == [
+        "-m leaderboard.fisher_mass --adapter ia3 --seeds 0 1",
+        "-m leaderboard.fisher_mass --adapter full --seeds 0 1",
+    ]
+    assert out[6].startswith("-m projects.mats.analyze --runs runs/mats --scale real --leaderboard")

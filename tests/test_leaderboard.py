@@ -321,3 +321,31 @@ def test_tied_validation_scores_are_broken_by_validation_loss(ctx, monkeypatch):
     monkeypatch.setattr(zoo, "target_loss", lambda *a, **k: pytest.fail("no tie: no loss needed"))
     result = run.run_entry(ctx, "task_arithmetic", HELD_OUT)
     assert result["chosen_by"] == "validation score" and "validation_loss" not in result["search"][0]
+
+
+def test_the_chosen_candidate_built_for_validation_is_reused_for_the_test_pass(ctx, monkeypatch):
+    """Each grid point is built once: the chosen one's validation candidate serves the test pass (a CG merge
+    of full fine-tunes takes ~40 min to build), with the same scores as a rebuilt one."""
+    builds, fn = [], entries.ENTRIES["task_arithmetic"][0]
+    grid = entries.ENTRIES["task_arithmetic"][1]
+    monkeypatch.setitem(
+        entries.ENTRIES, "task_arithmetic", (lambda c, **h: builds.append(h) or fn(c, **h), grid)
+    )
+    scores = iter([i / 100 for i in range(100)])  # every grid point its own mean: no tie, the last one best
+    monkeypatch.setattr(zoo, "score", lambda *a, **k: next(scores))
+    result = run.run_entry(ctx, "task_arithmetic", HELD_OUT)
+    assert builds == [{"model_lambda": lam} for lam in grid["model_lambda"]]  # no build for the test pass
+    assert result["hparams"] == {"model_lambda": grid["model_lambda"][-1]}
+    # an entry without hyperparameters (mats_cg, fisher_diag, ...) is built once, not twice
+    monkeypatch.setitem(
+        entries.ENTRIES, "uniform", (lambda c: builds.append("u") or fn(c, model_lambda=0.5), {})
+    )
+    builds.clear()
+    run.run_entry(ctx, "uniform", HELD_OUT)
+    assert builds == ["u"]
+    # where the validation scores tie, the loss may choose another point than the first best: rebuilt
+    monkeypatch.setattr(zoo, "score", lambda *a, **k: 0.5)
+    builds.clear()
+    result = run.run_entry(ctx, "task_arithmetic", HELD_OUT)
+    first = {"model_lambda": grid["model_lambda"][0]}
+    assert builds.count(result["hparams"]) == (1 if result["hparams"] == first else 2) + 1  # + its loss pass

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +45,17 @@ def fisher_mass(ctx: Context, kind: str) -> dict[str, dict[str, float]]:
     if kind not in KINDS:
         raise ValueError(f"fisher_mass reads a diagonal Fisher: kind is one of {KINDS}, not {kind!r}")
     tasks = list(ctx.experts)
-    files = [safe_open(str(stats_folder(ctx, t, kind) / "fisher.safetensors"), "pt") for t in tasks]
-    names = sorted(set.intersection(*(set(f.keys()) for f in files)))
     mass = torch.zeros(len(tasks), dtype=torch.float64)
     owned = torch.zeros(len(tasks), dtype=torch.float64)
     entries = 0
-    for name in names:
-        stacked = torch.stack([f.get_tensor(name).double().flatten() for f in files])
-        mass += stacked.sum(dim=1)
-        owned += torch.bincount(stacked.argmax(dim=0), minlength=len(tasks)).double()
-        entries += stacked.shape[1]
+    with ExitStack() as stack:
+        paths = [stats_folder(ctx, t, kind) / "fisher.safetensors" for t in tasks]
+        files = [stack.enter_context(safe_open(str(p), "pt")) for p in paths]
+        for name in sorted(set.intersection(*(set(f.keys()) for f in files))):
+            stacked = torch.stack([f.get_tensor(name).double().flatten() for f in files])
+            mass += stacked.sum(dim=1)
+            owned += torch.bincount(stacked.argmax(dim=0), minlength=len(tasks)).double()
+            entries += stacked.shape[1]
     total = float(mass.sum())
     return {
         t: {
@@ -69,11 +71,8 @@ def expert_scores(ctx: Context) -> dict[str, dict[str, float | None]]:
     """{task: {"validation": the expert's own validation score, "base": the base's}} from each zoo folder."""
     out = {}
     for task, folder in ctx.experts.items():
-        meta = read_json(Path(folder) / "expert.json") if (Path(folder) / "expert.json").is_file() else {}
-        out[task] = {
-            "validation": (meta.get("validation") or {}).get(task),
-            "base": (meta.get("base_validation") or {}).get(task),
-        }
+        meta = read_json(Path(folder) / "expert.json")  # every cached zoo expert has one (zoo.is_cached)
+        out[task] = {"validation": meta["validation"].get(task), "base": meta["base_validation"].get(task)}
     return out
 
 
@@ -88,11 +87,11 @@ def table(results: Sequence[dict[str, Any]]) -> str:
                 row[f"{kind} mass"] = f"{m['mass']:.3g}"
                 row[f"{kind} share %"] = f"{100 * m['share']:.3g}"
                 row[f"{kind} owned %"] = f"{100 * m['owned']:.3g}"
-            for name in ("validation", "base"):
-                value = scores[name]
-                row[f"{'expert' if name == 'validation' else 'base'} validation"] = (
-                    f"{value:.3f}" if value is not None else "—"
-                )
+            for column, value in (
+                ("expert validation", scores["validation"]),
+                ("base validation", scores["base"]),
+            ):
+                row[column] = f"{value:.3f}" if value is not None else "—"
             rows.append(row)
     return markdown_table(rows)
 

@@ -10,6 +10,7 @@ and cached per expert under `$MOERGING_CACHE/mats_stats/<hash>/`.
 | `fisher_diag`, `fisher_diag_true` | θ = Σ F̃i⊙θi / Σ F̃i, empirical / true diagonal Fisher | — |
 | `regmean` | Wᵀ = (Σ G̃i)⁻¹ Σ G̃i Wiᵀ (not for (IA)^3, as the paper) | off-diagonal shrink λ ∈ REGMEAN_LAMBDAS |
 | `mats_cg` | MaTS: CG on the paper's objective, K-FAC (LoRA, full) or blockwise Fisher ((IA)^3), from TA | — |
+| `mats_cg_from_regmean` | ablation: `mats_cg`'s K-FAC CG started from RegMean's closed form (LoRA, full) | — |
 | `cg_regmean` | CG on the RegMean objective from TA (full fine-tuning row of the paper) | — |
 | `cg_diagonal_fisher` | CG on the diagonal Fisher objective, x0 = 0 (as the original's README) | — |
 | `cg_average` | CG on the identity objective from the average | — |
@@ -22,9 +23,10 @@ chose on validation. `uniform` and `task_arithmetic` (the average and TA) are in
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -269,25 +271,45 @@ def regmean_entry(ctx: Context, model_lambda: float = 1.0) -> Candidate:
     return _candidate(ctx, merge_by_layer(ctx, "regmean", "grams", model_lambda=model_lambda))
 
 
+def validation_chosen_merge(
+    ctx: Context, entry: str, merge: Callable[..., dict[str, torch.Tensor]]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(hparams and their validation score, `merge(**hparams)`) for the grid point `entry`'s own search
+    chooses on the library's validation splits (ties broken as the entry breaks them); kept in `ctx.cache`."""
+    key = f"mats_init_{entry}"
+    if key not in ctx.cache:
+        from leaderboard.registry import ENTRIES
+        from leaderboard.run import choose, mean_score
+
+        fn, grid = ENTRIES[entry]
+        search = []
+        for combo in itertools.product(*grid.values()):
+            hparams = dict(zip(grid, combo))
+            scores = mean_score(ctx, fn(ctx, **hparams), list(ctx.experts), "validation")
+            search.append({"hparams": hparams, "validation": statistics.fmean(scores.values())})
+        chosen, _ = choose(ctx, entry, search)
+        value = next(s["validation"] for s in search if s["hparams"] == chosen)
+        ctx.cache[key] = ({**chosen, "validation": value}, merge(**chosen))
+    return ctx.cache[key]
+
+
 def task_arithmetic_init(ctx: Context) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(λ, θ0 + λ Σ τi) with λ chosen by the `task_arithmetic` entry's grid on the library's validation
     splits (the original initialises CG from the task-arithmetic model chosen on validation)."""
-    if "mats_ta_init" not in ctx.cache:
-        from leaderboard.registry import ENTRIES
-        from leaderboard.run import choose, mean_score
-        from projects.mats.methods import METHODS
+    from projects.mats.methods import METHODS
 
-        fn, grid = ENTRIES["task_arithmetic"]
-        search = []
-        for lam in grid["model_lambda"]:
-            scores = mean_score(ctx, fn(ctx, model_lambda=lam), list(ctx.experts), "validation")
-            search.append({"hparams": {"model_lambda": lam}, "validation": statistics.fmean(scores.values())})
-        chosen, _ = choose(ctx, "task_arithmetic", search)  # as the entry chooses, ties included
-        base, models = expert_states(ctx)
-        merged = METHODS["task_arithmetic"](base, models, **chosen)
-        value = next(s["validation"] for s in search if s["hparams"] == chosen)
-        ctx.cache["mats_ta_init"] = ({**chosen, "validation": value}, merged)
-    return ctx.cache["mats_ta_init"]
+    return validation_chosen_merge(
+        ctx, "task_arithmetic", lambda **hp: METHODS["task_arithmetic"](*expert_states(ctx), **hp)
+    )
+
+
+def regmean_init(ctx: Context) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """RegMean's closed form Wᵀ = (Σ G̃i)⁻¹ Σ G̃i Wiᵀ at the off-diagonal shrink λ its entry's grid chooses
+    on validation: the starting point of the `mats_cg_from_regmean` ablation."""
+    return validation_chosen_merge(ctx, "regmean", lambda **hp: merge_by_layer(ctx, "regmean", "grams", **hp))
+
+
+INITIALIZATIONS = {"task_arithmetic": task_arithmetic_init, "regmean": regmean_init}
 
 
 def _cg(ctx: Context, objective: str, initialization: str) -> Candidate:
@@ -300,9 +322,9 @@ def _cg(ctx: Context, objective: str, initialization: str) -> Candidate:
     }[objective]
     note = f"{objective} objective"
     init: str | dict[str, torch.Tensor] = initialization
-    if initialization == "task_arithmetic":
-        chosen, init = task_arithmetic_init(ctx)
-        note += f", from task arithmetic λ={chosen['model_lambda']}"
+    if initialization in INITIALIZATIONS:
+        chosen, init = INITIALIZATIONS[initialization](ctx)
+        note += f", from {initialization.replace('_', ' ')} λ={chosen['model_lambda']}"
     iterations = CG_ITERATIONS.get(objective, CG_DEFAULT_ITERATIONS)
     log: list[dict[str, Any]] = []
     merged = merge_by_layer(
@@ -327,6 +349,16 @@ def mats_cg_entry(ctx: Context) -> Candidate:
     LoRA experts' merged weights) or on the blockwise Fisher ((IA)^3)."""
     objective = "blockwise_fisher" if ctx.settings.adapter == "ia3" else "kfac"
     return _cg(ctx, objective, "task_arithmetic")
+
+
+@register("mats_cg_from_regmean")
+def mats_cg_from_regmean_entry(ctx: Context) -> Candidate:
+    """An initialisation ablation of MaTS (not a row of the paper): the same K-FAC CG as `mats_cg`, started
+    from RegMean's closed form instead of task arithmetic. Where `regmean` beats `mats_cg`, it tells the K-FAC
+    objective (CG moves away from RegMean's weights and loses accuracy) from its unconverged solve (CG
+    started there keeps or improves them)."""
+    _no_ia3(ctx, "CG from RegMean")
+    return _cg(ctx, "kfac", "regmean")
 
 
 @register("cg_regmean")

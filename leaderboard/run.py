@@ -51,7 +51,7 @@ ADAPTER_ZOOS = {
 # them there.
 STATISTICS_MERGES = (
     *("fisher_diag", "fisher_diag_true", "regmean"),
-    *("mats_cg", "cg_regmean", "cg_diagonal_fisher", "cg_average"),
+    *("mats_cg", "cg_regmean", "cg_diagonal_fisher", "cg_average", "mats_cg_from_regmean"),
 )
 # The rows of MaTS's merging table: what `--adapter ia3|full` runs unless --entries says otherwise (routing
 # among the experts is the LoRA zoo's question). RegMean, closed form or as a CG objective, is not defined

@@ -39,6 +39,7 @@ EXTRA_ROWS = (
     ("cg_regmean", "CG, RegMean objective"),
     ("cg_diagonal_fisher", "CG, diagonal Fisher objective"),
     ("cg_average", "CG, average objective"),
+    ("mats_from_regmean", "MaTS from RegMean (ablation)"),
 )
 # leaderboard entry -> table row (leaderboard/baselines.py, leaderboard/mats.py)
 LEADERBOARD_ROWS = {
@@ -55,6 +56,7 @@ LEADERBOARD_ROWS = {
     "cg_regmean": "cg_regmean",
     "cg_diagonal_fisher": "cg_diagonal_fisher",
     "cg_average": "cg_average",
+    "mats_cg_from_regmean": "mats_from_regmean",
 }
 
 

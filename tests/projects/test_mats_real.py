@@ -32,8 +32,9 @@ MATS_ENTRIES = (
     "cg_regmean",
     "cg_diagonal_fisher",
     "cg_average",
+    "mats_cg_from_regmean",
 )
-NOT_FOR_IA3 = {"regmean", "cg_regmean"}
+NOT_FOR_IA3 = {"regmean", "cg_regmean", "mats_cg_from_regmean"}
 
 
 @pytest.fixture(scope="module", params=list(SETTINGS))
@@ -260,8 +261,34 @@ def test_mats_cg_starts_from_the_task_arithmetic_model_chosen_on_validation(lora
     ctx = dataclasses.replace(lora_ctx, cache={})
     candidate = entries.ENTRIES["mats_cg"][0](ctx)
     chosen = run.run_entry(ctx, "task_arithmetic", ())["hparams"]["model_lambda"]
-    assert ctx.cache["mats_ta_init"][0]["model_lambda"] == chosen
+    assert ctx.cache["mats_init_task_arithmetic"][0]["model_lambda"] == chosen
     assert candidate.note.startswith(f"kfac objective, from task arithmetic λ={chosen}, 100 iterations")
+
+
+def test_mats_cg_from_regmean_starts_cg_from_the_regmean_merge_chosen_on_validation(lora_ctx, monkeypatch):
+    ctx = dataclasses.replace(lora_ctx, cache={})
+    chosen = run.run_entry(ctx, "regmean", ())["hparams"]
+    regmean = mats.merge_by_layer(ctx, "regmean", "grams", **chosen)
+    seen = {}
+    real = mats.merge_by_layer
+
+    def spy(ctx, method, kind, **hparams):
+        if method == "conjugate_gradient":
+            seen.update(kind=kind, objective=hparams["objective"], init=hparams["initialization"])
+        return real(ctx, method, kind, **hparams)
+
+    monkeypatch.setattr(mats, "merge_by_layer", spy)
+    candidate = entries.ENTRIES["mats_cg_from_regmean"][0](ctx)
+    assert (seen["kind"], seen["objective"]) == ("grams", "kfac")  # the same system as mats_cg
+    assert seen["init"].keys() == regmean.keys()
+    assert all(torch.equal(seen["init"][k], regmean[k]) for k in regmean)
+    assert candidate.note.startswith(
+        f"kfac objective, from regmean λ={chosen['model_lambda']}, 100 iterations"
+    )
+    assert (
+        "mats_cg_from_regmean" in run.ZOO_ENTRIES["full"]
+        and "mats_cg_from_regmean" not in run.ZOO_ENTRIES["ia3"]
+    )
 
 
 def test_leaderboard_adapter_flag_picks_the_zoo(tmp_path):

@@ -285,6 +285,7 @@ def validation_chosen_merge(
         search = []
         for combo in itertools.product(*grid.values()):
             hparams = dict(zip(grid, combo))
+            print(f"leaderboard: the CG start, {entry} {hparams} on validation", flush=True)
             scores = mean_score(ctx, fn(ctx, **hparams), list(ctx.experts), "validation")
             search.append({"hparams": hparams, "validation": statistics.fmean(scores.values())})
         chosen, _ = choose(ctx, entry, search)

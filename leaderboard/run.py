@@ -90,6 +90,16 @@ def models_record(experts: Mapping[str, Path], multitask: Path | None) -> dict[s
     return {"fingerprint": content_hash([digests, mt]), "experts": digests, "multitask": mt}
 
 
+def zoo_fingerprint(
+    seed: int, settings: zoo.ZooSettings = zoo.DEFAULT, library: Sequence[str] = LIBRARY
+) -> str | None:
+    """The fingerprint of `seed`'s cached expert weights (`models_record`), or None where the zoo lacks some of
+    the seed's experts (a fresh machine): then saved results can be kept but not checked against weights."""
+    if not all(zoo.is_cached(t, seed, settings) for t in library):
+        return None
+    return models_record(*zoo_models(seed, settings, library))["fingerprint"]
+
+
 def context(seed: int, settings: zoo.ZooSettings = zoo.DEFAULT, library: Sequence[str] = LIBRARY) -> Context:
     """The zoo's base (eval, the settings' dtype) and the cached experts of `seed`; nothing is trained here."""
     experts, multitask = zoo_models(seed, settings, library)
@@ -270,23 +280,36 @@ def run(
     held_out: Sequence[str] = HELD_OUT,
 ) -> list[dict[str, Any]]:
     """Every (seed, entry) result, computed where missing, made with other zoo settings, or made on other
-    expert weights than the cached ones (or before results recorded them: `models_record`)."""
+    expert weights than the cached ones (or before results recorded them: `models_record`). A seed whose
+    experts are not cached (a fresh machine) keeps its saved results that record their weights, unchecked
+    and said so, and is refused with the command that trains the zoo only if something must be computed."""
     results = []
     for seed in seeds:
         ctx = None
-        current = models_record(*zoo_models(seed, settings, library))["fingerprint"]
+        current = zoo_fingerprint(seed, settings, library)
         for name in entries:
             path = out / f"seed_{seed}" / f"{name}.json"
             saved = read_json(path) if path.is_file() else None
-            if saved and saved.get("zoo_settings") == settings.key() and fingerprint(saved) == current:
+            usable = (
+                bool(saved) and saved.get("zoo_settings") == settings.key() and fingerprint(saved) is not None
+            )
+            if usable and current is None:
+                print(
+                    f"leaderboard: seed {seed} {name}: the zoo's seed-{seed} experts are not cached here; "
+                    f"keeping {path} (computed on weights {fingerprint(saved)}, not checked against them)"
+                )
+                results.append(saved)
+                continue
+            if usable and fingerprint(saved) == current:
                 results.append(saved)
                 continue
             if saved:
-                why = (
-                    "other zoo settings"
-                    if saved.get("zoo_settings") != settings.key()
-                    else "other expert weights"
-                )
+                if saved.get("zoo_settings") != settings.key():
+                    why = "other zoo settings"
+                elif fingerprint(saved) is None:
+                    why = "no record of its expert weights"
+                else:
+                    why = "other expert weights"
                 print(f"leaderboard: seed {seed} {name}: {path} was made with {why}; recomputing")
             ctx = ctx or context(seed, settings, library)
             print(f"leaderboard: seed {seed} {name}", flush=True)

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from common import zoo
 from common.io import read_json, save_tensors
 from leaderboard import fisher_mass, mats, run
 from tests.test_zoo import MICRO, micro_context
@@ -58,3 +59,9 @@ def test_micro_full_zoo_reads_the_leaderboards_statistics_and_reuses_its_result(
     # a second run reuses the result made on the same weights and settings
     monkeypatch.setattr(fisher_mass, "fisher_mass", lambda *a: pytest.fail("recomputed"))
     fisher_mass.write_fisher_mass([0], "full", tmp_path)
+    # a fresh machine (the zoo not cached): the saved result is kept and the table written, nothing computed
+    monkeypatch.setattr(zoo, "is_cached", lambda *a, **k: False)
+    table_again = fisher_mass.write_fisher_mass([0], "full", tmp_path)[-1].read_text()
+    assert table_again == table
+    with pytest.raises(SystemExit, match=r"python -m common\.zoo --adapter full"):  # a seed never computed
+        fisher_mass.write_fisher_mass([1], "full", tmp_path)

@@ -258,6 +258,26 @@ def test_results_record_the_expert_weights_and_are_recomputed_on_other_ones(ctx,
     assert recomputed == ["base", "base"]
 
 
+def test_saved_results_are_kept_where_the_zoo_is_not_cached(ctx, tmp_path, monkeypatch, capsys):
+    """On a fresh machine (the seed's experts not cached) results that record their weights are kept, said so,
+    and reported; an entry that must be computed, or a result with no record of its weights, is refused with
+    the command that trains the zoo."""
+    first = run.run([0], ["base", "uniform"], tmp_path, MICRO, LIBRARY, HELD_OUT)
+    monkeypatch.setattr(zoo, "is_cached", lambda *a, **k: False)
+    monkeypatch.setattr(run, "run_entry", lambda *a, **k: pytest.fail("computed without a zoo"))
+    assert run.zoo_fingerprint(0, MICRO, LIBRARY) is None
+    kept = run.run([0], ["base", "uniform"], tmp_path, MICRO, LIBRARY, HELD_OUT)
+    assert kept == first
+    assert "not cached here; keeping" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="make zoo"):
+        run.run([0], ["base", "task_arithmetic"], tmp_path, MICRO, LIBRARY, HELD_OUT)
+    legacy = {k: v for k, v in first[0].items() if k != "models"}
+    (tmp_path / "seed_0" / "base.json").write_text(json.dumps(legacy))
+    with pytest.raises(SystemExit, match="make zoo"):
+        run.run([0], ["base"], tmp_path, MICRO, LIBRARY, HELD_OUT)
+    assert "no record of its expert weights" in capsys.readouterr().out
+
+
 def test_a_table_mixing_expert_weights_within_a_seed_is_refused(tmp_path):
     def write(seed, entry, models):
         (tmp_path / f"seed_{seed}").mkdir(exist_ok=True)

@@ -99,33 +99,28 @@ def table(results: Sequence[dict[str, Any]]) -> str:
 def write_fisher_mass(seeds: Sequence[int], adapter: str, out: Path) -> list[Path]:
     """`<out>/fisher_mass/seed_<s>.json` for each seed (recomputed when the zoo settings or expert weights
     differ from the saved ones) and `<out>/fisher_mass/table.md` over them."""
-    from leaderboard.run import ADAPTER_ZOOS, context, models_record, zoo_fingerprint, zoo_models
+    from leaderboard.run import ADAPTER_ZOOS, context, models_record, reusable, zoo_fingerprint
 
     settings, library, _ = ADAPTER_ZOOS[adapter]
     written, results = [], []
     for seed in seeds:
         path = out / "fisher_mass" / f"seed_{seed}.json"
         old = read_json(path) if path.is_file() else None
-        usable = bool(old) and old.get("zoo_settings") == settings.key() and old.get("models") is not None
-        if usable and zoo_fingerprint(seed, settings, library) is None:  # a fresh machine: kept, unchecked
-            print(f"fisher_mass: the zoo's seed-{seed} experts are not cached here; keeping {path} unchecked")
-            written.append(path)
-            results.append(old)
-            continue
-        models = models_record(*zoo_models(seed, settings, library))
-        if usable and old.get("models") == models:
+        if reusable(
+            old, settings, zoo_fingerprint(seed, settings, library), f"fisher_mass: seed {seed}: {path}"
+        ):
             written.append(path)
             results.append(old)
             continue
         started = time.time()
-        ctx = context(seed, settings, library)
+        ctx = context(seed, settings, library)  # refuses a seed whose zoo is not cached, with the command
         result = {
             "adapter": adapter,
             "seed": seed,
             "kinds": {kind: fisher_mass(ctx, kind) for kind in KINDS},
             "scores": expert_scores(ctx),
             "zoo_settings": settings.key(),
-            "models": models,
+            "models": models_record(ctx.experts, ctx.multitask),
             "provenance": provenance(seed, started),
         }
         write_json(path, result)

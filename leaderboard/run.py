@@ -100,6 +100,23 @@ def zoo_fingerprint(
     return models_record(*zoo_models(seed, settings, library))["fingerprint"]
 
 
+def reusable(
+    saved: Mapping[str, Any] | None, settings: zoo.ZooSettings, current: str | None, label: str
+) -> bool:
+    """Whether a saved result stands: made with these zoo settings on the cached weights (fingerprint
+    `current`, from `zoo_fingerprint`), or, where the zoo is not cached (`current` None), on weights it
+    records: then it is kept unchecked, and `label` says so."""
+    if not saved or saved.get("zoo_settings") != settings.key() or fingerprint(saved) is None:
+        return False
+    if current is None:
+        print(
+            f"{label}: the zoo's experts are not cached here; keeping it "
+            f"(computed on weights {fingerprint(saved)}, not checked against them)"
+        )
+        return True
+    return fingerprint(saved) == current
+
+
 def context(seed: int, settings: zoo.ZooSettings = zoo.DEFAULT, library: Sequence[str] = LIBRARY) -> Context:
     """The zoo's base (eval, the settings' dtype) and the cached experts of `seed`; nothing is trained here."""
     experts, multitask = zoo_models(seed, settings, library)
@@ -290,17 +307,7 @@ def run(
         for name in entries:
             path = out / f"seed_{seed}" / f"{name}.json"
             saved = read_json(path) if path.is_file() else None
-            usable = (
-                bool(saved) and saved.get("zoo_settings") == settings.key() and fingerprint(saved) is not None
-            )
-            if usable and current is None:
-                print(
-                    f"leaderboard: seed {seed} {name}: the zoo's seed-{seed} experts are not cached here; "
-                    f"keeping {path} (computed on weights {fingerprint(saved)}, not checked against them)"
-                )
-                results.append(saved)
-                continue
-            if usable and fingerprint(saved) == current:
+            if reusable(saved, settings, current, f"leaderboard: seed {seed} {name}: {path}"):
                 results.append(saved)
                 continue
             if saved:

@@ -9,6 +9,7 @@ them into RESULTS.md:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib.metadata
 import json
@@ -19,7 +20,7 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,54 @@ def lock_run_dir(path: str | os.PathLike) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     _LOCKS[path] = fd
+
+
+@contextlib.contextmanager
+def training_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold `path/.lock` while training into `path`. A second process training the same folder waits for
+    the first, then resumes (or, finished, reuses) what it wrote, instead of interleaving checkpoints with
+    it; so two processes that both need a model may both ask for it. A lock this process already holds
+    (its `RunDir`) is left as it is; only rank 0 of a distributed launch locks, as `lock_run_dir`."""
+    path = Path(path).resolve()
+    if path in _LOCKS or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            print(f"{path} is being trained by pid {holder}: waiting for it", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _LOCKS[path] = fd
+    except OSError:  # no flock here (some network file systems): go on unlocked
+        pass
+    try:
+        yield
+    finally:
+        _LOCKS.pop(path, None)
+        os.close(fd)
+
+
+def run_dir_busy(path: str | os.PathLike) -> bool:
+    """Whether another process holds `path`'s lock (is writing that run) now; the lock is not kept."""
+    path = Path(path).resolve()
+    if path in _LOCKS or not (path / LOCK).is_file():
+        return False
+    fd = os.open(path / LOCK, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no flock here: no process can be seen holding it
+        return False
+    finally:
+        os.close(fd)  # closing the descriptor drops a lock taken by this test
+    return False
 
 
 def release_run_dir(path: str | os.PathLike) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from common.rundir import training_lock
 from projects.compatible_specialization.checkpoints import load_specialist, save_routed, specialist_mlps
 from projects.compatible_specialization.cka import block_features, linear_cka
 from projects.compatible_specialization.data import domain_texts, eval_windows, token_stream
@@ -103,10 +104,11 @@ def finetune_specialist(
     # holding another domain's or base's specialist is refused, never resumed or reused.
     data = {k: cfg["data"][k] for k in ("split_seed", "build_kwargs", "max_train_tokens") if k in cfg["data"]}
     run_key = {**meta, "data": data, **{k: cfg[k] for k in ("scale", "arch", "context", "model")}}
-    paths = finetune_mlps(
-        model, corpus.stream(domain, "train"), cfg["finetune"], cfg["context"], run_dir, seed,
-        snapshot_steps(cfg["finetune"]), meta, cfg["device"], run_key=run_key,
-    )  # fmt: skip
+    with training_lock(run_dir):  # another process fine-tuning this specialist is waited for
+        paths = finetune_mlps(
+            model, corpus.stream(domain, "train"), cfg["finetune"], cfg["context"], run_dir, seed,
+            snapshot_steps(cfg["finetune"]), meta, cfg["device"], run_key=run_key,
+        )  # fmt: skip
     return model, paths
 
 
@@ -188,20 +190,21 @@ def train_routed(
         "target": cfg["data"]["target"],
         **{k: cfg[k] for k in ("scale", "context", "model")},
     }
-    trained = train_routers(
-        model, corpus.stream("target", "train"), routing, cfg["context"], run_dir, seed, cfg["device"],
-        select_windows=select, eval_batch_size=cfg["eval_batch_size"], run_key=run_key,
-    )  # fmt: skip
-    path = Path(run_dir) / "routed.safetensors"
-    meta = {
-        "num_multi_layer_experts": num_multi_layer_experts,
-        "seed": seed,
-        "dataset": cfg["data"]["target"],
-        "keep": routing["keep"],
-        "best_step": trained["best_step"],
-        "selection": trained["evals"],
-    }
-    save_routed(path, model, model_mlps, meta)
+    with training_lock(run_dir):  # another process training these routers is waited for
+        trained = train_routers(
+            model, corpus.stream("target", "train"), routing, cfg["context"], run_dir, seed, cfg["device"],
+            select_windows=select, eval_batch_size=cfg["eval_batch_size"], run_key=run_key,
+        )  # fmt: skip
+        path = Path(run_dir) / "routed.safetensors"
+        meta = {
+            "num_multi_layer_experts": num_multi_layer_experts,
+            "seed": seed,
+            "dataset": cfg["data"]["target"],
+            "keep": routing["keep"],
+            "best_step": trained["best_step"],
+            "selection": trained["evals"],
+        }
+        save_routed(path, model, model_mlps, meta)
     return model.eval(), path
 
 

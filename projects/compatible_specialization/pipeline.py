@@ -4,6 +4,13 @@ activation interpolation early and later, MoE routing early and later, multi-lay
     python -m projects.compatible_specialization.pipeline --scale tiny --seed 0 [--out runs/...] [key=value ...]
     python -m projects.compatible_specialization.pipeline --scale real --seed 0   # SmolLM2-135M, resumable
 
+`--experiments` runs some of them, so that one seed can use two cores or machines sharing the folder: the
+evaluations beside the router training, with the same numbers as one process (every training is seeded by
+itself):
+
+    python -m projects.compatible_specialization.pipeline --scale real --seed 1 --experiments specialists,interpolation,cka &
+    python -m projects.compatible_specialization.pipeline --scale real --seed 1 --experiments routing,multi_layer
+
 Writes `<out>/seed_<s>/<experiment>/results.json` for experiments specialists, interpolation, routing,
 multi_layer and cka (the schema of `common.rundir`); `analyze.py --table <out>` gathers the seeds.
 """
@@ -12,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common.cli import run_main
-from common.rundir import RunDir, finished_results, seed_everything
+from common.cli import UserError, run_main
+from common.rundir import RunDir, finished_results, run_dir_busy, seed_everything
 from projects.compatible_specialization import experiments
 from projects.compatible_specialization.checkpoints import load_base, load_specialist
 from projects.compatible_specialization.config import SCALES, resolve
@@ -24,14 +33,32 @@ from projects.compatible_specialization.mixture import decoder_blocks
 
 PROJECT = "compatible_specialization"
 STAGES = ("early", "later")
+EXPERIMENTS = ("specialists", "interpolation", "routing", "multi_layer", "cka")
+WAIT_POLL_S = 30.0  # how often routing looks again for the interpolation another process is computing
 
 
-def run_seed(cfg: dict[str, Any], seed: int, out: Path) -> dict[str, dict[str, Any]]:
-    """All experiments for one seed; returns {experiment: metrics}.
+def parse_experiments(text: str) -> tuple[str, ...]:
+    """`--experiments` "routing,multi_layer" -> the named experiments in the pipeline's order."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(EXPERIMENTS))
+    if unknown or not names:
+        raise UserError(f"--experiments: unknown {unknown or text!r}; choose from {', '.join(EXPERIMENTS)}")
+    return tuple(e for e in EXPERIMENTS if e in names)
+
+
+def run_seed(
+    cfg: dict[str, Any], seed: int, out: Path, experiments_to_run: Sequence[str] = EXPERIMENTS
+) -> dict[str, dict[str, Any]]:
+    """The experiments of one seed (default all); returns {experiment: metrics} of those run.
 
     A re-run (after a kill) reuses every experiment whose `results.json` was written under this config and
-    resumes the rest from their training checkpoints, so only unfinished work is redone.
+    resumes the rest from their training checkpoints, so only unfinished work is redone. Every experiment
+    needs the specialists' fine-tuning, which is run (or resumed, or read when finished) first; "specialists"
+    adds their evaluation. Routing records the best interpolation beside it: run without "interpolation", it
+    trains and evaluates its routers, then reads interpolation's results, waiting while another process
+    (holding that folder's lock) computes them. Multi-layer routing's L = 1 is routing's later result.
     """
+    todo = set(experiments_to_run)
     seed_everything(seed)
     base, tokenizer = load_base(cfg["model"], cfg["scale"], cfg["device"])
     experiments.check_context(cfg, base)
@@ -50,7 +77,9 @@ def run_seed(cfg: dict[str, Any], seed: int, out: Path) -> dict[str, dict[str, A
 
     # Specialists: MLP-only fine-tuning on code and on math, snapshots at the early and later steps.
     spec_metrics = finished("specialists")
-    spec_run = rundir("specialists") if spec_metrics is None else None  # first: its wall time covers it all
+    spec_run = None
+    if spec_metrics is None and "specialists" in todo:
+        spec_run = rundir("specialists")  # first: its wall time covers the fine-tuning too
     snaps = {}
     for domain in ("code", "math"):
         _, snaps[domain] = experiments.finetune_specialist(
@@ -78,7 +107,7 @@ def run_seed(cfg: dict[str, Any], seed: int, out: Path) -> dict[str, dict[str, A
 
     # Activation interpolation on the target: α = 1 is the code model, α = 0 the math model.
     interp = finished("interpolation")
-    if interp is None:
+    if interp is None and "interpolation" in todo:
         interp_run, interp = rundir("interpolation"), {}
         curves = {}
         for stage in STAGES:
@@ -100,8 +129,8 @@ def run_seed(cfg: dict[str, Any], seed: int, out: Path) -> dict[str, dict[str, A
 
     # MoE routing (N = 2 experts per layer, k = 2) early and later; multi-layer routing on the later models.
     routing = finished("routing")
-    if routing is None:
-        routing_run, routing = rundir("routing"), {}
+    if routing is None and "routing" in todo:
+        routing_run, routed = rundir("routing"), {}
         for stage in STAGES:
             model, _ = experiments.train_routed(
                 cfg,
@@ -111,12 +140,20 @@ def run_seed(cfg: dict[str, Any], seed: int, out: Path) -> dict[str, dict[str, A
                 root / f"routing_{stage}",
                 seed,
             )
-            routing[f"routed_{stage}"] = experiments.evaluate(cfg, model, target[test])
-            routing[f"interp_best_{stage}"] = interp[f"{stage}_best"]
+            routed[stage] = experiments.evaluate(cfg, model, target[test])
+        interp = interp or wait_for(root / "interpolation", cfg, "routing")
+        routing = {}
+        for stage in STAGES:
+            routing |= {f"routed_{stage}": routed[stage], f"interp_best_{stage}": interp[f"{stage}_best"]}
         routing_run.write_results(routing, split=split)
 
     multi = finished("multi_layer")
-    if multi is None:
+    if multi is None and "multi_layer" in todo:
+        if routing is None:
+            raise UserError(
+                f"multi-layer routing's L = 1 is routing's result, and {root / 'routing'} has none under "
+                "this config: run routing first (--experiments routing,multi_layer)"
+            )
         multi_run = rundir("multi_layer")
         multi = {"L1": routing["routed_later"]}  # L = 1 is standard routing (same run)
         for L in cfg["routing"]["multi_layer"]:
@@ -135,7 +172,7 @@ def run_seed(cfg: dict[str, Any], seed: int, out: Path) -> dict[str, dict[str, A
 
     # CKA between the code and math models' block outputs over fine-tuning.
     cka_metrics = finished("cka")
-    if cka_metrics is None:
+    if cka_metrics is None and "cka" in todo:
         cka_run = rundir("cka")
         cka = experiments.cka_curve(cfg, base, snaps["code"], snaps["math"], target[select])
         steps = sorted(cka)
@@ -147,13 +184,26 @@ def run_seed(cfg: dict[str, Any], seed: int, out: Path) -> dict[str, dict[str, A
             "last_step": steps[-1],
         }
         cka_run.write_results(cka_metrics, curve={str(s): v for s, v in cka.items()}, split=split)
-    return {
+    results = {
         "specialists": spec_metrics,
         "interpolation": interp,
         "routing": routing,
         "multi_layer": multi,
         "cka": cka_metrics,
     }
+    return {name: results[name] for name in EXPERIMENTS if name in todo}
+
+
+def wait_for(path: Path, cfg: dict[str, Any], needed_by: str) -> dict[str, Any]:
+    """The metrics of the finished experiment in `path`, waiting while another process computes them."""
+    while (metrics := finished_results(path, cfg)) is None:
+        if not run_dir_busy(path):
+            raise UserError(
+                f"{needed_by} records {path.name}'s results beside its own, and {path} has none under this "
+                f"config: run {path.name} first, or beside this command (--experiments {path.name})"
+            )
+        time.sleep(WAIT_POLL_S)
+    return metrics
 
 
 def seed_parser(
@@ -177,9 +227,17 @@ def resolve_seed_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    args = seed_parser(__doc__.splitlines()[0]).parse_args(argv)
+    parser = seed_parser(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--experiments",
+        default=",".join(EXPERIMENTS),
+        help="comma-separated subset to run (default: all); e.g. the evaluations in one process and "
+        "routing,multi_layer in another",
+    )
+    args = parser.parse_args(argv)
+    todo = parse_experiments(args.experiments)
     cfg, out = resolve_seed_args(args)
-    results = run_seed(cfg, args.seed, out)
+    results = run_seed(cfg, args.seed, out, todo)
     for experiment, metrics in results.items():
         print(experiment, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
     return results

@@ -261,3 +261,57 @@ def test_a_rerun_seed_reuses_its_finished_experiments_and_redoes_only_the_rest(t
     assert calls == ["cka"]  # interpolation reused; multi-layer has no sweep; CKA recomputed (other config)
     assert again["multi_layer"] == first["multi_layer"]  # routers resumed from their finished checkpoints
     assert again["cka"] == first["cka"] and read_json(seed / "cka" / "results.json")["config"]["seed"] == 0
+
+
+def test_experiments_split_across_processes_give_the_one_process_numbers(tmp_path):
+    """`--experiments`: the evaluations in one command and the router training in another (on the real arm,
+    two cores) write the results one `run_seed` writes, byte for byte in the metrics; routing alone, with no
+    interpolation finished or being computed, is refused with what to run."""
+    from common.io import read_json
+    from projects.compatible_specialization import pipeline
+
+    cfg = resolve(None, str(MICRO_REAL), [], {"seed": 0})
+    whole = pipeline.run_seed(cfg, 0, tmp_path / "one")
+
+    split = tmp_path / "two"
+    with pytest.raises(pipeline.UserError, match=r"run interpolation first.*--experiments interpolation"):
+        pipeline.run_seed(cfg, 0, split, ("routing",))
+    assert not (split / "seed_0" / "routing" / "results.json").exists()
+    evals = pipeline.run_seed(cfg, 0, split, pipeline.parse_experiments("cka,interpolation"))
+    assert list(evals) == ["interpolation", "cka"]  # the pipeline's order, whatever the flag's
+    assert not (split / "seed_0" / "specialists" / "results.json").exists()
+    routed = pipeline.run_seed(cfg, 0, split, pipeline.parse_experiments("routing,multi_layer"))
+    pipeline.run_seed(cfg, 0, split, ("specialists",))
+    assert {**evals, **routed} == {k: whole[k] for k in ("interpolation", "cka", "routing", "multi_layer")}
+    for name in pipeline.EXPERIMENTS:
+        saved = [
+            read_json(d / "seed_0" / name / "results.json")["metrics"] for d in (tmp_path / "one", split)
+        ]
+        assert saved[0] == saved[1] and list(saved[0]) == list(saved[1]), name  # same keys, same order
+    with pytest.raises(pipeline.UserError, match="unknown"):
+        pipeline.parse_experiments("routing,interp")
+
+
+def test_training_lock_makes_a_second_process_wait_and_run_dir_busy_sees_it(tmp_path):
+    """A process training into a folder holds its lock: another process asking for the same folder waits
+    until it is released (then resumes what was written), and `run_dir_busy` reports the holder."""
+    from common.rundir import run_dir_busy, training_lock
+
+    run = tmp_path / "routers"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from common.rundir import training_lock\n"
+         f"with training_lock({str(run)!r}):\n    print('held', flush=True); time.sleep(3)\n"
+         "    open(sys.argv[1], 'w').write('trained')",
+         str(tmp_path / "done")],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    assert run_dir_busy(run)
+    with training_lock(run):
+        assert (tmp_path / "done").read_text() == "trained"  # entered only after the holder finished
+        assert not run_dir_busy(run)  # this process's own lock is not "another process"
+    holder.wait(timeout=30)
+    assert not run_dir_busy(run) and not run_dir_busy(tmp_path / "never_made")
+    with training_lock(run), training_lock(run):  # re-entered in one process: no wait (a deadlock hangs)
+        assert run.joinpath(".lock").read_text() == str(os.getpid())

@@ -56,7 +56,7 @@ def run_seed(
     needs the specialists' fine-tuning, which is run (or resumed, or read when finished) first; "specialists"
     adds their evaluation. Routing records the best interpolation beside it: run without "interpolation", it
     trains and evaluates its routers, then reads interpolation's results, waiting while another process
-    (holding that folder's lock) computes them. Multi-layer routing's L = 1 is routing's later result.
+    works on the seed (`wait_for`). Multi-layer routing's L = 1 is routing's later result.
     """
     todo = set(experiments_to_run)
     seed_everything(seed)
@@ -195,9 +195,14 @@ def run_seed(
 
 
 def wait_for(path: Path, cfg: dict[str, Any], needed_by: str) -> dict[str, Any]:
-    """The metrics of the finished experiment in `path`, waiting while another process computes them."""
+    """The metrics of the finished experiment in `path`, waiting while another process works on the seed
+    (holds the lock of one of its folders: it may be on an earlier experiment still). Refused when, twice
+    `WAIT_POLL_S` apart (a process passes between two experiments' folders unlocked), none does."""
+    idle = 0
     while (metrics := finished_results(path, cfg)) is None:
-        if not run_dir_busy(path):
+        busy = any(run_dir_busy(d) for d in path.parent.iterdir() if d.is_dir())
+        idle = 0 if busy else idle + 1
+        if idle == 2:
             raise UserError(
                 f"{needed_by} records {path.name}'s results beside its own, and {path} has none under this "
                 f"config: run {path.name} first, or beside this command (--experiments {path.name})"

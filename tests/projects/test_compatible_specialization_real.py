@@ -174,10 +174,11 @@ def test_dry_run_names_the_real_base_instead_of_failing_on_the_hub():
         main(["--scale", "real", "--dry_run"])
 
 
-@pytest.mark.slow  # ~40 s: SCALE=real table.sh on the micro_real config, two seeds, then the table
-def test_real_table_script_runs_every_experiment_and_writes_the_table(tmp_path):
+@pytest.mark.slow  # ~40 s each: SCALE=real table.sh on the micro_real config, two seeds, then the table
+@pytest.mark.parametrize("split", ["0", "1"])  # SPLIT=1: each seed in two processes
+def test_real_table_script_runs_every_experiment_and_writes_the_table(tmp_path, split):
     env = {**os.environ, "SCALE": "real", "SEEDS": "0 1", "CONFIG": str(MICRO_REAL), "OUT": str(tmp_path),
-           "PY": sys.executable, "PYTHONPATH": str(REPO)}  # fmt: skip
+           "PY": sys.executable, "PYTHONPATH": str(REPO), "SPLIT": split}  # fmt: skip
     proc = subprocess.run(["bash", "projects/compatible_specialization/table.sh"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -263,7 +264,7 @@ def test_a_rerun_seed_reuses_its_finished_experiments_and_redoes_only_the_rest(t
     assert again["cka"] == first["cka"] and read_json(seed / "cka" / "results.json")["config"]["seed"] == 0
 
 
-def test_experiments_split_across_processes_give_the_one_process_numbers(tmp_path):
+def test_experiments_split_across_processes_give_the_one_process_numbers(tmp_path, monkeypatch):
     """`--experiments`: the evaluations in one command and the router training in another (on the real arm,
     two cores) write the results one `run_seed` writes, byte for byte in the metrics; routing alone, with no
     interpolation finished or being computed, is refused with what to run."""
@@ -274,6 +275,7 @@ def test_experiments_split_across_processes_give_the_one_process_numbers(tmp_pat
     whole = pipeline.run_seed(cfg, 0, tmp_path / "one")
 
     split = tmp_path / "two"
+    monkeypatch.setattr(pipeline, "WAIT_POLL_S", 0.01)  # no process works on the seed: refused, not waited
     with pytest.raises(pipeline.UserError, match=r"run interpolation first.*--experiments interpolation"):
         pipeline.run_seed(cfg, 0, split, ("routing",))
     assert not (split / "seed_0" / "routing" / "results.json").exists()

@@ -59,12 +59,15 @@ def run_seed(
     works on the seed (`wait_for`). Multi-layer routing's L = 1 is routing's later result.
     """
     todo = set(experiments_to_run)
+    root = out / f"seed_{seed}"
+    saved = {name: finished_results(root / name, cfg) for name in EXPERIMENTS if name in todo}
+    if all(metrics is not None for metrics in saved.values()):  # nothing to compute: no model is loaded
+        return saved  # (so a seed whose results shipped without its multi-GB snapshots is not retrained)
     seed_everything(seed)
     base, tokenizer = load_base(cfg["model"], cfg["scale"], cfg["device"])
     experiments.check_context(cfg, base)
     corpus = experiments.Corpus(cfg, tokenizer)
     data, ft = cfg["data"], cfg["finetune"]
-    root = out / f"seed_{seed}"
     split = {d: corpus.record(d) for d in ("code", "math", "target")}
 
     def rundir(name: str) -> RunDir:

@@ -3,6 +3,7 @@ MLPs as the experts, `model.layers` as the blocks, the zoo's tasks as the domain
 Llama/Mistral models and the micro_real config (a random 4-layer micro Mistral) in seconds."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -247,6 +248,14 @@ def test_a_rerun_seed_reuses_its_finished_experiments_and_redoes_only_the_rest(t
         monkeypatch.setattr(experiments, name, refuse)
     assert pipeline.run_seed(cfg, 0, tmp_path) == first
     assert {p: p.stat().st_mtime_ns for p in seed.glob("*/results.json")} == written
+    # A finished seed whose training folders are gone (results shipped without their snapshots) is read,
+    # not retrained: no model is loaded at all.
+    shipped = tmp_path / "shipped"
+    for done in seed.glob("*/results.json"):
+        (shipped / "seed_0" / done.parent.name).mkdir(parents=True)
+        shutil.copy(done, shipped / "seed_0" / done.parent.name / "results.json")
+    monkeypatch.setattr(pipeline, "load_base", refuse)
+    assert pipeline.run_seed(cfg, 0, shipped) == first
     monkeypatch.undo()
 
     (seed / "multi_layer" / "results.json").unlink()  # killed during multi-layer routing

@@ -54,22 +54,7 @@ def lock_run_dir(path: str | os.PathLike) -> None:
     path = Path(path).resolve()
     if path in _LOCKS or os.environ.get("RANK", "0") != "0":
         return
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise RunDirBusyError(
-            f"{path} is in use by another process (pid {holder}); wait for it to finish or choose "
-            "another output folder"
-        ) from None
-    except OSError:  # no flock here (some network file systems): go on unlocked
-        os.close(fd)
-        return
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    _LOCKS[path] = fd
+    _acquire(path, wait=False)
 
 
 @contextlib.contextmanager
@@ -83,24 +68,41 @@ def training_lock(path: str | os.PathLike) -> Iterator[None]:
         yield
         return
     path.mkdir(parents=True, exist_ok=True)
+    taken = _acquire(path, wait=True)
+    try:
+        yield
+    finally:
+        if taken:
+            release_run_dir(path)
+
+
+def _acquire(path: Path, wait: bool) -> bool:
+    """Lock `path/.lock` exclusively for this process and write its pid there; whether it is held. Held by
+    another process: wait for it (`wait`) or raise `RunDirBusyError`. No flock here (some network file
+    systems): False, and the caller goes on unlocked."""
     fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            if not wait:
+                raise RunDirBusyError(
+                    f"{path} is in use by another process (pid {holder}); wait for it to finish or choose "
+                    "another output folder"
+                ) from None
             print(f"{path} is being trained by pid {holder}: waiting for it", file=sys.stderr, flush=True)
             fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        _LOCKS[path] = fd
-    except OSError:  # no flock here (some network file systems): go on unlocked
-        pass
-    try:
-        yield
-    finally:
-        _LOCKS.pop(path, None)
+    except RunDirBusyError:
         os.close(fd)
+        raise
+    except OSError:
+        os.close(fd)
+        return False
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _LOCKS[path] = fd
+    return True
 
 
 def run_dir_busy(path: str | os.PathLike) -> bool:

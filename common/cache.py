@@ -2,6 +2,10 @@
 
 An entry lives at `<cache root>/<kind>/<hash of its key>/` and counts as present only once it is
 complete: it is built in a temp directory and renamed into place, so a killed build leaves nothing.
+
+Some entries take hours to build and ship with the code instead (the expert zoo's LoRA adapters, under
+`shipped_root()`, the repository's `zoo/`): `ship` copies a finished entry there, and `cached_dir(...,
+shipped=folder)` fills a missing entry by copying that folder when its key is this key, in place of building.
 """
 
 from __future__ import annotations
@@ -10,11 +14,12 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.io import atomic_dir, write_json
+from common.io import atomic_dir, read_json, write_json
 
 KEY_FILE = "cache_key.json"
 
@@ -52,14 +57,54 @@ def _digest(stamps: tuple[tuple[str, int, int], ...]) -> str:
     return h.hexdigest()
 
 
+def shipped_root() -> Path:
+    """`$MOERGING_SHIPPED`, else the repository's `zoo/`: cache entries that ship with the code."""
+    return Path(os.environ.get("MOERGING_SHIPPED", Path(__file__).resolve().parents[1] / "zoo"))
+
+
+def holds(folder: str | os.PathLike, key: Any) -> bool:
+    """Whether `folder` is a complete entry (its `KEY_FILE` written) made for exactly `key`."""
+    path = Path(folder) / KEY_FILE
+    return path.is_file() and read_json(path) == json.loads(json.dumps(key, default=str))
+
+
+def _copy_entry(src: Path, out: Path) -> None:
+    for f in src.iterdir():
+        if f.name != KEY_FILE:  # cached_dir writes it last, as for a build
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, out / f.name)
+
+
 def cached_dir(
-    kind: str, key: Any, build: Callable[[Path], None], root: str | os.PathLike | None = None
+    kind: str,
+    key: Any,
+    build: Callable[[Path], None],
+    root: str | os.PathLike | None = None,
+    shipped: str | os.PathLike | None = None,
 ) -> Path:
-    """Return the cache folder for `key`, calling `build(tmp_dir)` to fill it only when absent."""
+    """Return the cache folder for `key`, calling `build(tmp_dir)` to fill it only when absent. Where the
+    folder `shipped` holds this key's entry (`holds`), it is copied instead of built."""
     path = Path(root or cache_root()) / kind / content_hash(key)
     if (path / KEY_FILE).is_file():
         return path
+    if shipped is not None and holds(shipped, key):
+        print(f"cache: {kind} entry from the shipped copy {shipped}", flush=True)
+        build = functools.partial(_copy_entry, Path(shipped))
     with atomic_dir(path) as tmp:
         build(tmp)
         write_json(tmp / KEY_FILE, key)  # written last: its presence marks the entry complete
     return path
+
+
+def ship(entry: str | os.PathLike, dest: str | os.PathLike) -> bool:
+    """Copy the complete cache entry `entry` to `dest` (atomically; a `dest` made for another key is replaced).
+    False where `dest` already holds the entry's key."""
+    entry, dest = Path(entry), Path(dest)
+    if not (entry / KEY_FILE).is_file():
+        raise FileNotFoundError(f"{entry} is not a finished cache entry (no {KEY_FILE})")
+    key = read_json(entry / KEY_FILE)
+    if holds(dest, key):
+        return False
+    with atomic_dir(dest) as tmp:
+        _copy_entry(entry, tmp)
+        write_json(tmp / KEY_FILE, key)
+    return True

@@ -9,6 +9,11 @@ second run with the same settings trains nothing and a changed setting trains an
 through `common.training.train` with checkpoints under `$MOERGING_CACHE/zoo_runs/<hash>/`, so a
 killed run resumes where it stopped.
 
+The trained zoo ships with the code (`--ship`): `zoo/<settings>/seed_<s>/<task>/` in the repository
+(`shipped_path`; `<settings>` is "lora", "ia3" or "full" for the presets), the same folder with its
+`cache_key.json`. `expert` copies a shipped expert into the cache when its key is the one asked for, so a
+fresh clone trains nothing, and trains anew when the settings, data or code version differ.
+
 `multitask(seed)` is the same for one adapter trained on the union of the library's training sets
 (tasks drawn uniformly per example): the upper-bound baseline of PHATGOOSE and MaTS.
 `group_expert(tasks, seed)` trains one expert on a subset of the library (tasks drawn uniformly, the
@@ -23,6 +28,7 @@ from the same A, as mttl's library) or "task" (from (seed, task): each expert it
     python -m common.zoo --seeds 0 1            # every library expert and the multitask model
     python -m common.zoo --sweep                # the short learning-rate sweep on validation
     python -m common.zoo --seeds 0 1 --adapter ia3   # the (IA)^3 zoo (MaTS, on MERGE_TASKS); --adapter full too
+    python -m common.zoo --seeds 0 1 --ship     # copy the seeds' cached experts into zoo/ (to commit)
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from typing import Any
 
 import torch
 
-from common.cache import cache_root, cached_dir, content_hash
+from common.cache import cache_root, cached_dir, content_hash, holds, shipped_root
 from common.evaluation import pad_id
 from common.io import read_json, write_json
 from common.lm_finetune import collate, encode_example, prepare_for_training, target_only_loss
@@ -107,6 +113,7 @@ DEFAULT = ZooSettings()
 # common choice for a model of this size (neither swept: README "The expert zoo" says so).
 IA3 = ZooSettings(adapter="ia3", lr=3e-3)
 FULL = ZooSettings(adapter="full", lr=5e-5)
+PRESETS = {"lora": DEFAULT, "ia3": IA3, "full": FULL}
 # The four tasks both MaTS zoos ((IA)^3 and full fine-tuning) are trained on: both parameterisations merge the
 # same tasks, with one multitask model on those four (`group_expert`) as their upper bound. All four are
 # classification, scored by rank classification, as the paper's eight P3 tasks are; the generative
@@ -322,14 +329,52 @@ def expert_key(task: str, seed: int, settings: ZooSettings = DEFAULT) -> dict[st
     }
 
 
+def settings_label(settings: ZooSettings) -> str:
+    """The shipped zoo's folder for `settings`: the preset's adapter name ("lora", "ia3", "full"), else the
+    adapter and a hash of the settings (a sweep point, an init probe)."""
+    if settings.key() == PRESETS[settings.adapter].key():
+        return settings.adapter
+    return f"{settings.adapter}-{content_hash(settings.key(), 8)}"
+
+
+def shipped_path(task: str, seed: int, settings: ZooSettings = DEFAULT, root: Path | None = None) -> Path:
+    """Where `task`'s expert of `seed` ships: `zoo/<settings_label>/seed_<seed>/<task>` ("group:a+b" as
+    "group-a+b", a portable folder name)."""
+    return (root or shipped_root()) / settings_label(settings) / f"seed_{seed}" / task.replace(":", "-")
+
+
 def expert(task: str, seed: int, settings: ZooSettings = DEFAULT) -> Path:
-    """The cached adapter folder of `task`'s expert (or `multitask`), trained now if absent."""
+    """The cached adapter folder of `task`'s expert (or `multitask`): copied from the shipped zoo where it
+    holds this expert's key, else trained now if absent."""
     key = expert_key(task, seed, settings)
-    return cached_dir("zoo", key, lambda out: _train(task, seed, settings, key, out))
+    shipped = shipped_path(task, seed, settings)
+    return cached_dir("zoo", key, lambda out: _train(task, seed, settings, key, out), shipped=shipped)
 
 
 def is_cached(task: str, seed: int, settings: ZooSettings = DEFAULT) -> bool:
-    return (cache_root() / "zoo" / content_hash(expert_key(task, seed, settings)) / "expert.json").is_file()
+    """Whether `expert` would train nothing: the expert is in the cache or in the shipped zoo."""
+    key = expert_key(task, seed, settings)
+    if (cache_root() / "zoo" / content_hash(key) / "expert.json").is_file():
+        return True
+    return holds(shipped_path(task, seed, settings), key)
+
+
+def ship(seeds: Sequence[int], settings: ZooSettings = DEFAULT, root: Path | None = None) -> list[Path]:
+    """Copy every cached expert of `seeds` made with `settings` (library, multitask, MBC groups) to its
+    `shipped_path`; returns the folders written (those already holding their key are left)."""
+    from common.cache import ship as ship_entry
+
+    written = []
+    for key_file in sorted((cache_root() / "zoo").glob("*/cache_key.json")):
+        key = read_json(key_file)
+        if key.get("seed") not in seeds or key.get("settings") != settings.key():
+            continue
+        if key != expert_key(key["task"], key["seed"], settings):  # older code version or other data
+            continue
+        dest = shipped_path(key["task"], key["seed"], settings, root)
+        if ship_entry(key_file.parent, dest):
+            written.append(dest)
+    return written
 
 
 def multitask(seed: int, settings: ZooSettings = DEFAULT) -> Path:
@@ -508,8 +553,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--sweep", action="store_true", help="run the learning-rate sweep and stop")
     parser.add_argument("--list", action="store_true", help="print the tasks and which experts are cached")
+    parser.add_argument(
+        "--ship",
+        action="store_true",
+        help="copy the seeds' cached experts into the shipped zoo (zoo/) and stop",
+    )
     args = parser.parse_args(argv)
-    settings = {"lora": DEFAULT, "ia3": IA3, "full": FULL}[args.adapter]
+    settings = PRESETS[args.adapter]
     if args.adapter != "lora" and args.tasks == list(LIBRARY):
         args.tasks = list(MERGE_TASKS)
     unknown = [t for t in args.tasks if t not in LIBRARY]
@@ -524,6 +574,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.sweep:
         sweep()
+        return
+    if args.ship:
+        if args.adapter == "full":  # 270 MB an expert: not for a git repository
+            parser.error(
+                "--ship copies adapters (lora, ia3) into zoo/; full fine-tunes are too large to ship"
+            )
+        written = ship(args.seeds, settings)
+        print("\n".join(f"shipped {p}" for p in written) or "zoo: nothing new to ship")
         return
     for seed in args.seeds:
         for t in args.tasks:

@@ -16,6 +16,7 @@ for key, value in {
     "TRITON_INTERPRET": "1",
     "OMP_NUM_THREADS": "1",
     "MOERGING_CACHE": os.path.join(_cache, "moerging"),
+    "MOERGING_SHIPPED": os.path.join(_cache, "shipped"),  # not the repository's zoo/
 }.items():
     os.environ[key] = value
 

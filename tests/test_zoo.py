@@ -234,6 +234,56 @@ def test_expert_is_a_peft_folder_trained_once(monkeypatch):
     assert not torch.allclose(loaded(input_ids=ids).logits, before)
 
 
+def test_a_shipped_expert_fills_a_fresh_cache_and_a_stale_one_is_not_used(monkeypatch, tmp_path):
+    from common.cache import weights_digest
+
+    path = zoo.expert("tweet_topic", 0, MICRO)
+    monkeypatch.setenv("MOERGING_SHIPPED", str(tmp_path / "shipped"))
+    dest = zoo.shipped_path("tweet_topic", 0, MICRO)
+    assert dest == tmp_path / "shipped" / zoo.settings_label(MICRO) / "seed_0" / "tweet_topic"
+    assert zoo.settings_label(MICRO).startswith("lora-") and zoo.settings_label(zoo.DEFAULT) == "lora"
+    assert dest in zoo.ship([0], MICRO)
+    assert zoo.ship([0], MICRO) == []  # already shipped: nothing written
+    assert zoo.shipped_path(zoo.group_name(["tweet_topic", "breast_cancer"]), 0, MICRO).name == (
+        "group-breast_cancer+tweet_topic"
+    )
+
+    # A fresh machine: an empty cache is filled from the shipped copy, bit for bit, and nothing is trained.
+    monkeypatch.setenv("MOERGING_CACHE", str(tmp_path / "fresh"))
+    monkeypatch.setattr(zoo, "_train", lambda *a, **k: pytest.fail("trained"))
+    assert zoo.is_cached("tweet_topic", 0, MICRO)
+    copied = zoo.expert("tweet_topic", 0, MICRO)
+    assert copied.parent.parent == tmp_path / "fresh" and copied.name == path.name
+    assert weights_digest(copied) == weights_digest(path)
+    assert (copied / "expert.json").read_text() == (path / "expert.json").read_text()
+    assert not zoo.is_cached("tweet_topic", 1, MICRO)  # another seed is not served by it
+
+    # A shipped expert made for another key (older code, other data) is not used: the expert trains anew.
+    key_file = dest / "cache_key.json"
+    key_file.write_text(json.dumps({**json.loads(key_file.read_text()), "version": zoo.VERSION - 1}))
+    monkeypatch.setenv("MOERGING_CACHE", str(tmp_path / "fresh2"))
+    assert not zoo.is_cached("tweet_topic", 0, MICRO)
+    with pytest.raises(pytest.fail.Exception, match="trained"):
+        zoo.expert("tweet_topic", 0, MICRO)
+
+
+def test_the_repositorys_shipped_zoo_is_the_current_code_s():
+    """Every expert shipped in zoo/ carries the key the current code asks for (else it would be retrained)."""
+    from common.cache import KEY_FILE, holds, shipped_root
+
+    root = Path(__file__).resolve().parents[1] / "zoo"
+    entries = sorted(p.parent for p in root.glob("*/seed_*/*/" + KEY_FILE))
+    if not entries:
+        pytest.skip("no shipped zoo in this checkout")
+    assert shipped_root() != root  # the suite reads it by path only (conftest: MOERGING_SHIPPED)
+    for entry in entries:
+        key = json.loads((entry / KEY_FILE).read_text())
+        settings = zoo.PRESETS[entry.parent.parent.name]
+        assert holds(entry, zoo.expert_key(key["task"], key["seed"], settings)), entry
+        assert entry == zoo.shipped_path(key["task"], key["seed"], settings, root)
+        assert (entry / "adapter_model.safetensors").is_file() and (entry / "expert.json").is_file()
+
+
 def test_multitask_draws_every_library_task():
     records = zoo.training_records(zoo.MULTITASK, 0, dataclasses.replace(MICRO, multitask_steps=200))
     assert len(records) == 200 * MICRO.batch_size

@@ -1,6 +1,7 @@
 """The real arm of PHATGOOSE, on the expert zoo (SmolLM2-135M LoRA experts, `common/zoo.py`).
 
     python -m projects.phatgoose.real gates --seeds 0 1      # every zoo expert's gates, cached, resumable
+    python -m projects.phatgoose.real gates --seeds 0 1 --ship   # copy them into zoo/ (to commit)
     python -m projects.phatgoose.real probe --seeds 0 1      # routing probe -> runs/phatgoose/real/seed_<s>/
 
 The methods themselves are leaderboard entries (`leaderboard/phatgoose.py`: phatgoose, retrieval,
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument("--tasks", nargs="+", default=list(LIBRARY), help="library experts (default: all)")
         s.add_argument("--steps", type=int, default=zoo_gates.DEFAULT.steps, help="gate training steps")
         s.add_argument("--lr", type=float, default=zoo_gates.DEFAULT.lr, help="gate learning rate")
+    g.add_argument("--ship", action="store_true", help="copy the cached gates into the shipped zoo (zoo/)")
     p.add_argument("--top_k", type=int, default=2)
     p.add_argument("--split", default="validation", choices=["validation", "test"])
     p.add_argument("--out", type=Path, default=OUT)
@@ -81,6 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     gate = zoo_gates.GateSettings(
         steps=args.steps, lr=args.lr, warmup_steps=min(zoo_gates.DEFAULT.warmup_steps, args.steps - 1)
     )
+    if args.command == "gates" and args.ship:
+        written = zoo_gates.ship(args.seeds, args.tasks, gate=gate)
+        print("\n".join(f"shipped {p}" for p in written) or "phatgoose: no new gates to ship")
+        return
     if args.command == "gates":
         zoo_gates.train_missing(args.seeds, args.tasks, gate=gate)
         return

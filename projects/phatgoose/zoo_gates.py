@@ -8,7 +8,9 @@ trained with the base and the LoRA frozen, on the expert's own training data (§
 loop `common.training.train` (checkpoints under `$MOERGING_CACHE/phatgoose_gate_runs/<hash>/`, so a killed
 run resumes), and the result is cached by `common.cache.cached_dir` under
 `$MOERGING_CACHE/phatgoose_gates/<hash>/` (`gates.safetensors`: `gate.<module>` (d_in,) fp32, and
-`gates.json`), the hash taken over the expert's own cache key, the seed and `GateSettings`.
+`gates.json`), the hash taken over the expert's own cache key, the seed and `GateSettings`. Trained gates
+ship with the zoo (`ship`, `real gates --ship`): `zoo/lora/seed_<s>/phatgoose_gates/<task>/` (`shipped_path`),
+copied into the cache when their key is the one asked for.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any
 import torch
 
 from common import zoo
-from common.cache import cache_root, cached_dir, content_hash
+from common.cache import cache_root, cached_dir, content_hash, holds
+from common.cache import ship as ship_entry
 from common.cli import UserError
 from common.evaluation import pad_id
 from common.io import load_tensors, read_json, save_tensors, write_json
@@ -66,11 +69,23 @@ def gate_key(
     }
 
 
+def shipped_path(
+    task: str, seed: int, settings: zoo.ZooSettings = zoo.DEFAULT, gate: GateSettings = DEFAULT
+) -> Path:
+    """Where the gates of `task`'s expert ship: beside the experts of the seed, in `phatgoose_gates/<task>`
+    (`phatgoose_gates-<hash>/` for other `GateSettings`)."""
+    folder = "phatgoose_gates" if gate == DEFAULT else f"phatgoose_gates-{content_hash(gate.key(), 8)}"
+    return zoo.shipped_path(task, seed, settings).parent / folder / task
+
+
 def is_cached(
     task: str, seed: int, settings: zoo.ZooSettings = zoo.DEFAULT, gate: GateSettings = DEFAULT
 ) -> bool:
+    """Whether `gates` would train nothing: the gates are in the cache or shipped."""
     key = gate_key(task, seed, settings, gate)
-    return (cache_root() / "phatgoose_gates" / content_hash(key) / INFO_FILE).is_file()
+    if (cache_root() / "phatgoose_gates" / content_hash(key) / INFO_FILE).is_file():
+        return True
+    return holds(shipped_path(task, seed, settings, gate), key)
 
 
 def gates(
@@ -86,7 +101,28 @@ def gates(
             f"the zoo lacks seed {seed}'s {task} expert: run `python -m common.zoo --seeds {seed}` first"
         )
     key = gate_key(task, seed, settings, gate)
-    return cached_dir("phatgoose_gates", key, lambda out: _train(task, seed, settings, gate, key, out))
+    return cached_dir(
+        "phatgoose_gates",
+        key,
+        lambda out: _train(task, seed, settings, gate, key, out),
+        shipped=shipped_path(task, seed, settings, gate),
+    )
+
+
+def ship(
+    seeds: Sequence[int],
+    tasks: Sequence[str] = zoo.LIBRARY,
+    settings: zoo.ZooSettings = zoo.DEFAULT,
+    gate: GateSettings = DEFAULT,
+) -> list[Path]:
+    """Copy the cached gates of `seeds` x `tasks` to their `shipped_path`; returns the folders written."""
+    written = []
+    for seed in seeds:
+        for task in tasks:
+            entry = cache_root() / "phatgoose_gates" / content_hash(gate_key(task, seed, settings, gate))
+            if (entry / INFO_FILE).is_file() and ship_entry(entry, shipped_path(task, seed, settings, gate)):
+                written.append(shipped_path(task, seed, settings, gate))
+    return written
 
 
 def load_gates(path: str | Path) -> dict[str, torch.Tensor]:

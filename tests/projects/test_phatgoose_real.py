@@ -93,6 +93,22 @@ def test_gates_are_cached_per_settings_and_never_retrained(ctx, gates, monkeypat
         zoo_gates.gates("breast_cancer", 7, MICRO, GATES)  # nor does the gates command train experts
 
 
+def test_shipped_gates_fill_a_fresh_cache(ctx, gates, monkeypatch, tmp_path):
+    monkeypatch.setenv("MOERGING_SHIPPED", str(tmp_path / "shipped"))
+    dest = zoo_gates.shipped_path("breast_cancer", 0, MICRO, GATES)
+    assert dest.parent.name.startswith("phatgoose_gates-") and dest.parent.parent.name == "seed_0"
+    assert zoo_gates.ship([0], ["breast_cancer"], MICRO, GATES) == [dest]
+    zoo.ship([0], MICRO)  # the expert ships beside them
+    monkeypatch.setenv("MOERGING_CACHE", str(tmp_path / "fresh"))
+    monkeypatch.setattr(zoo_gates, "_train", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(zoo, "_train", lambda *a, **k: pytest.fail("trained"))
+    assert zoo_gates.is_cached("breast_cancer", 0, MICRO, GATES)
+    assert not zoo_gates.is_cached("champ_category", 0, MICRO, GATES)  # not shipped
+    copied = zoo_gates.load_gates(zoo_gates.gates("breast_cancer", 0, MICRO, GATES))
+    assert copied.keys() == gates["breast_cancer"].keys()
+    assert all(torch.equal(copied[m], gates["breast_cancer"][m]) for m in copied)
+
+
 def test_an_interrupted_gate_run_resumes_to_the_uninterrupted_result(ctx, monkeypatch, tmp_path):
     settings = dataclasses.replace(GATES, steps=4, lr=0.07)
     real_train = common.training.train

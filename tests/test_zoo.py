@@ -220,6 +220,9 @@ def test_expert_is_a_peft_folder_trained_once(monkeypatch):
     assert info["provenance"]["seed"] == 0
     for name in ("adapter_config.json", "adapter_model.safetensors", "loss_curve.png", "train_log.jsonl"):
         assert (path / name).is_file(), name
+    assert (
+        "# moerging expert zoo: breast_cancer, seed 0" in (path / "README.md").read_text()
+    )  # not PEFT's blank
 
     # A second call trains nothing.
     monkeypatch.setattr(zoo, "_train", lambda *a, **k: pytest.fail("trained again"))
@@ -244,6 +247,11 @@ def test_a_shipped_expert_fills_a_fresh_cache_and_a_stale_one_is_not_used(monkey
     assert zoo.settings_label(MICRO).startswith("lora-") and zoo.settings_label(zoo.DEFAULT) == "lora"
     assert dest in zoo.ship([0], MICRO)
     assert zoo.ship([0], MICRO) == []  # already shipped: nothing written
+    card = (dest / "README.md").read_text()  # the model card names the task, its scores and how it loads
+    info = json.loads((path / "expert.json").read_text())
+    assert "# moerging expert zoo: tweet_topic, seed 0 (lora)" in card
+    assert f"tweet_topic {info['validation']['tweet_topic']:.3f}" in card
+    assert f'PeftModel.from_pretrained(base, "zoo/{zoo.settings_label(MICRO)}/seed_0/tweet_topic")' in card
     assert zoo.shipped_path(zoo.group_name(["tweet_topic", "breast_cancer"]), 0, MICRO).name == (
         "group-breast_cancer+tweet_topic"
     )
@@ -256,6 +264,7 @@ def test_a_shipped_expert_fills_a_fresh_cache_and_a_stale_one_is_not_used(monkey
     assert copied.parent.parent == tmp_path / "fresh" and copied.name == path.name
     assert weights_digest(copied) == weights_digest(path)
     assert (copied / "expert.json").read_text() == (path / "expert.json").read_text()
+    assert (copied / "README.md").read_text() == card
     assert not zoo.is_cached("tweet_topic", 1, MICRO)  # another seed is not served by it
 
     # A shipped expert made for another key (older code, other data) is not used: the expert trains anew.

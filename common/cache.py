@@ -68,6 +68,19 @@ def holds(folder: str | os.PathLike, key: Any) -> bool:
     return path.is_file() and read_json(path) == json.loads(json.dumps(key, default=str))
 
 
+def entry_path(kind: str, key: Any, root: str | os.PathLike | None = None) -> Path:
+    """Where `cached_dir` keeps the entry of `key`: `<root>/<kind>/<hash of key>`."""
+    return Path(root or cache_root()) / kind / content_hash(key)
+
+
+def present(kind: str, key: Any, shipped: str | os.PathLike | None = None) -> bool:
+    """Whether `cached_dir(kind, key, ..., shipped=shipped)` would build nothing: the entry is complete in the
+    cache, or `shipped` holds it."""
+    if (entry_path(kind, key) / KEY_FILE).is_file():
+        return True
+    return shipped is not None and holds(shipped, key)
+
+
 def _copy_entry(src: Path, out: Path) -> None:
     for f in src.iterdir():
         if f.name != KEY_FILE:  # cached_dir writes it last, as for a build
@@ -83,7 +96,7 @@ def cached_dir(
 ) -> Path:
     """Return the cache folder for `key`, calling `build(tmp_dir)` to fill it only when absent. Where the
     folder `shipped` holds this key's entry (`holds`), it is copied instead of built."""
-    path = Path(root or cache_root()) / kind / content_hash(key)
+    path = entry_path(kind, key, root)
     if (path / KEY_FILE).is_file():
         return path
     if shipped is not None and holds(shipped, key):

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from common.cache import cache_root, cached_dir, content_hash, holds, shipped_root
+from common.cache import cache_root, cached_dir, content_hash, present, shipped_root
 from common.evaluation import pad_id
 from common.io import atomic_path, read_json, write_json
 from common.lm_finetune import collate, encode_example, prepare_for_training, target_only_loss
@@ -353,10 +353,7 @@ def expert(task: str, seed: int, settings: ZooSettings = DEFAULT) -> Path:
 
 def is_cached(task: str, seed: int, settings: ZooSettings = DEFAULT) -> bool:
     """Whether `expert` would train nothing: the expert is in the cache or in the shipped zoo."""
-    key = expert_key(task, seed, settings)
-    if (cache_root() / "zoo" / content_hash(key) / "expert.json").is_file():
-        return True
-    return holds(shipped_path(task, seed, settings), key)
+    return present("zoo", expert_key(task, seed, settings), shipped_path(task, seed, settings))
 
 
 def ship(seeds: Sequence[int], settings: ZooSettings = DEFAULT, root: Path | None = None) -> list[Path]:
@@ -374,7 +371,7 @@ def ship(seeds: Sequence[int], settings: ZooSettings = DEFAULT, root: Path | Non
         dest = shipped_path(key["task"], key["seed"], settings, root)
         if ship_entry(key_file.parent, dest):
             written.append(dest)
-        write_card(dest, shipped_path(key["task"], key["seed"], settings, Path("zoo")).as_posix())
+        write_card(dest, _card_folder(key["task"], key["seed"], settings))
     return written
 
 
@@ -485,7 +482,7 @@ def _train(task: str, seed: int, settings: ZooSettings, key: Mapping[str, Any], 
             "provenance": provenance(seed, started),
         },
     )
-    write_card(out, shipped_path(task, seed, settings, Path("zoo")).as_posix())
+    write_card(out, _card_folder(task, seed, settings))
     print(f"zoo: {task} seed {seed}: validation {validation}", flush=True)
 
 
@@ -540,6 +537,11 @@ LOADERS = {
     'base = AutoModelForCausalLM.from_pretrained("{hub_id}")\nmodel = PeftModel.from_pretrained(base, "{folder}")',
     "full": 'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained("{folder}")',
 }
+
+
+def _card_folder(task: str, seed: int, settings: ZooSettings) -> str:
+    """The folder a model card's snippet loads: the expert's place in the repository's zoo/."""
+    return shipped_path(task, seed, settings, Path("zoo")).as_posix()
 
 
 def write_card(folder: Path, shown_as: str | None = None) -> None:

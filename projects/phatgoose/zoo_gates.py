@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from common import zoo
-from common.cache import cache_root, cached_dir, content_hash, holds
+from common.cache import cache_root, cached_dir, content_hash, entry_path, present
 from common.cache import ship as ship_entry
 from common.cli import UserError
 from common.evaluation import pad_id
@@ -82,10 +82,9 @@ def is_cached(
     task: str, seed: int, settings: zoo.ZooSettings = zoo.DEFAULT, gate: GateSettings = DEFAULT
 ) -> bool:
     """Whether `gates` would train nothing: the gates are in the cache or shipped."""
-    key = gate_key(task, seed, settings, gate)
-    if (cache_root() / "phatgoose_gates" / content_hash(key) / INFO_FILE).is_file():
-        return True
-    return holds(shipped_path(task, seed, settings, gate), key)
+    return present(
+        "phatgoose_gates", gate_key(task, seed, settings, gate), shipped_path(task, seed, settings, gate)
+    )
 
 
 def gates(
@@ -119,9 +118,9 @@ def ship(
     written = []
     for seed in seeds:
         for task in tasks:
-            entry = cache_root() / "phatgoose_gates" / content_hash(gate_key(task, seed, settings, gate))
-            if (entry / INFO_FILE).is_file() and ship_entry(entry, shipped_path(task, seed, settings, gate)):
-                written.append(shipped_path(task, seed, settings, gate))
+            key, dest = gate_key(task, seed, settings, gate), shipped_path(task, seed, settings, gate)
+            if present("phatgoose_gates", key) and ship_entry(entry_path("phatgoose_gates", key), dest):
+                written.append(dest)
     return written
 
 

@@ -70,12 +70,16 @@ def gate_key(
 
 
 def shipped_path(
-    task: str, seed: int, settings: zoo.ZooSettings = zoo.DEFAULT, gate: GateSettings = DEFAULT
+    task: str,
+    seed: int,
+    settings: zoo.ZooSettings = zoo.DEFAULT,
+    gate: GateSettings = DEFAULT,
+    root: Path | None = None,
 ) -> Path:
     """Where the gates of `task`'s expert ship: beside the experts of the seed, in `phatgoose_gates/<task>`
-    (`phatgoose_gates-<hash>/` for other `GateSettings`)."""
+    (`phatgoose_gates-<hash>/` for other `GateSettings`); `root` as `zoo.shipped_path`'s."""
     folder = "phatgoose_gates" if gate == DEFAULT else f"phatgoose_gates-{content_hash(gate.key(), 8)}"
-    return zoo.shipped_path(task, seed, settings).parent / folder / task
+    return zoo.shipped_path(task, seed, settings, root).parent / folder / task
 
 
 def is_cached(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +108,26 @@ def test_shipped_gates_fill_a_fresh_cache(ctx, gates, monkeypatch, tmp_path):
     copied = zoo_gates.load_gates(zoo_gates.gates("breast_cancer", 0, MICRO, GATES))
     assert copied.keys() == gates["breast_cancer"].keys()
     assert all(torch.equal(copied[m], gates["breast_cancer"][m]) for m in copied)
+
+
+def test_the_repositorys_shipped_gates_are_the_current_code_s():
+    """Every gate folder shipped in zoo/ carries the key the current code asks for, for the expert shipped
+    beside it (else `gates` would train them anew), and sits where `shipped_path` looks."""
+    from common.cache import KEY_FILE, holds
+
+    root = Path(__file__).resolve().parents[2] / "zoo"
+    entries = sorted(p.parent for p in root.glob("*/seed_*/phatgoose_gates*/*/" + KEY_FILE))
+    if not entries:
+        pytest.skip("no shipped gates in this checkout")
+    for entry in entries:
+        key = read_json(entry / KEY_FILE)
+        expert_key = read_json(entry.parent.parent / key["task"] / KEY_FILE)  # the expert it gates
+        saved = expert_key["settings"]
+        settings = zoo.ZooSettings(**{**saved, "modules": tuple(saved["modules"])})
+        gate = zoo_gates.GateSettings(**key["gate"])
+        assert holds(entry, zoo_gates.gate_key(key["task"], key["seed"], settings, gate)), entry
+        assert entry == zoo_gates.shipped_path(key["task"], key["seed"], settings, gate, root)
+        assert (entry / zoo_gates.GATES_FILE).is_file()
 
 
 def test_an_interrupted_gate_run_resumes_to_the_uninterrupted_result(ctx, monkeypatch, tmp_path):

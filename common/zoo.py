@@ -100,6 +100,11 @@ class ZooSettings:
             del key["init"]
         return key
 
+    @classmethod
+    def from_key(cls, key: Mapping[str, Any]) -> ZooSettings:
+        """The settings a saved `key()` describes (its JSON turned `modules` into a list)."""
+        return cls(**{**key, "modules": tuple(key["modules"])})
+
 
 # adapter kind -> how its trained parameters are kept during training: "bf16" casts the whole model
 # (LoRA: the fastest step, benchmarks/lora_step.py); "master-fp32" keeps fp32 weights under bf16 autocast,

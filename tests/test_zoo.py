@@ -188,6 +188,13 @@ def test_lora_settings_key_as_before_adapter_kinds_existed():
     assert zoo.IA3.key()["adapter"] == "ia3" and zoo.FULL.key()["adapter"] == "full"
 
 
+def test_settings_come_back_from_their_saved_key():
+    # a cache_key.json's settings (through JSON: modules a list, default adapter and init left out)
+    for settings in (zoo.DEFAULT, MICRO, zoo.IA3, dataclasses.replace(MICRO, init="task", rank=2)):
+        saved = json.loads(json.dumps(settings.key()))
+        assert zoo.ZooSettings.from_key(saved) == settings
+
+
 def test_cached_experts_keep_their_keys_whatever_init_adds():
     # Written out by hand: the keys of the zoo's cached LoRA and (IA)^3 experts before `init` existed.
     lora = {
@@ -287,8 +294,7 @@ def test_the_repositorys_shipped_zoo_is_the_current_code_s():
     assert shipped_root() != root  # the suite reads it by path only (conftest: MOERGING_SHIPPED)
     for entry in entries:
         key = json.loads((entry / KEY_FILE).read_text())
-        saved = key["settings"]
-        settings = zoo.ZooSettings(**{**saved, "modules": tuple(saved["modules"])})  # a preset or a probe's
+        settings = zoo.ZooSettings.from_key(key["settings"])  # a preset or a probe's
         assert entry.parent.parent.name == zoo.settings_label(settings)
         assert holds(entry, zoo.expert_key(key["task"], key["seed"], settings)), entry
         assert entry == zoo.shipped_path(key["task"], key["seed"], settings, root)

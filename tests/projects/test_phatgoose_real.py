@@ -122,8 +122,7 @@ def test_the_repositorys_shipped_gates_are_the_current_code_s():
     for entry in entries:
         key = read_json(entry / KEY_FILE)
         expert_key = read_json(entry.parent.parent / key["task"] / KEY_FILE)  # the expert it gates
-        saved = expert_key["settings"]
-        settings = zoo.ZooSettings(**{**saved, "modules": tuple(saved["modules"])})
+        settings = zoo.ZooSettings.from_key(expert_key["settings"])
         gate = zoo_gates.GateSettings(**key["gate"])
         assert holds(entry, zoo_gates.gate_key(key["task"], key["seed"], settings, gate)), entry
         assert entry == zoo_gates.shipped_path(key["task"], key["seed"], settings, gate, root)

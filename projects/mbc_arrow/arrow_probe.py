@@ -1,6 +1,6 @@
 """Why does Arrow route near chance on the zoo? One controlled probe per hypothesis (README "The real arm").
 
-    python -m projects.mbc_arrow.real probe --seed 1 --variant init_task --train
+    python -m projects.mbc_arrow.real probe --seed 0 --variant init_task --train
 
 Each variant is a private library of the PROBE_TASKS experts, changed in one respect from the zoo's:
 - `base`: the zoo's own experts (`zoo.DEFAULT`), the reference;

@@ -1,7 +1,7 @@
 """The notebook's real arm on the expert zoo (SmolLM2-135M LoRA experts, `common/zoo.py`).
 
     python -m projects.mbc_arrow.real clusters --seeds 0 1 [--dry-run]   # MBC clusters + one expert each
-    python -m projects.mbc_arrow.real probe --seed 1 --variant init_task [--train]   # a routing probe
+    python -m projects.mbc_arrow.real probe --seed 0 --variant init_task [--train]   # a routing probe
 
 The private library is the zoo's experts; the MBC library holds one expert per MBC cluster of them
 (`zoo.group_expert`: the cluster's tasks drawn uniformly, the private experts' steps per member; a
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         "probe",
         help="Arrow's top-1 routing over a few tasks' private experts changed in one respect (arrow_probe)",
     )
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--variant",
         required=True,

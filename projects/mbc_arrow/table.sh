@@ -9,10 +9,10 @@ if [ "$SCALE" = real ]; then
   "$PY" -m projects.mbc_arrow.real clusters --seeds 0 1
   "$PY" -m leaderboard.run --entries oracle uniform arrow arrow_gks mbc_oracle mbc_uniform mbc_arrow base --seeds 0 1
   "$PY" -m projects.mbc_arrow.analyze --real --leaderboard results/leaderboard --out runs/mbc_arrow/real --routing --seeds 0 1
-  # Arrow's routing probes (zoo seed 1, four tasks; README "The real arm"): GenKnowSub, each expert its own
+  # Arrow's routing probes (zoo seed 0, four tasks; README "The real arm"): GenKnowSub, each expert its own
   # LoRA A initialisation, experts trained 3x longer (the last two train four experts each, cached)
   for v in base gks_mean gks_multitask init_task steps_300; do
-    "$PY" -m projects.mbc_arrow.real probe --seed 1 --variant "$v" --train --out runs/mbc_arrow/real/probes
+    "$PY" -m projects.mbc_arrow.real probe --seed 0 --variant "$v" --train --out runs/mbc_arrow/real/probes
   done
   exit 0
 fi

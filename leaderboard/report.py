@@ -25,17 +25,24 @@ SECTION = "leaderboard"
 TITLE = "leaderboard: every routing and merging method on the SmolLM2-135M expert zoo"
 
 
+def fingerprint(result: Mapping[str, Any]) -> str | None:
+    """The expert-weights fingerprint a result was computed on (None: written before they were recorded)."""
+    return (result.get("models") or {}).get("fingerprint")
+
+
 def load(out: Path) -> list[dict[str, Any]]:
     """Every (seed, entry) result under `out`, by seed then entry name. The entries of one seed must have
     been computed on the same expert weights (`leaderboard.run.models_record`): a table mixing them would
-    compare methods on different zoos, so it is refused with the command that recomputes the stale ones."""
+    compare methods on different zoos, so it is refused with the command that recomputes the stale ones.
+    Likewise a table whose seeds are some recorded and some older (no record of their weights): the older
+    ones may come from a zoo since retrained, and a mean over seeds would mix the two zoos."""
     paths = sorted(out.glob("seed_*/*.json"))
     results = [read_json(p) for p in paths]
     for folder in sorted({p.parent.name for p in paths}):
         groups: dict[str | None, list[str]] = {}
         here = [r for p, r in zip(paths, results) if p.parent.name == folder]
         for r in here:
-            groups.setdefault((r.get("models") or {}).get("fingerprint"), []).append(r["entry"])
+            groups.setdefault(fingerprint(r), []).append(r["entry"])
         if len(groups) > 1:
             said = "; ".join(
                 f"{', '.join(names)} on {fp or 'unrecorded weights (older results)'}"
@@ -49,6 +56,15 @@ def load(out: Path) -> list[dict[str, Any]]:
                 f"`python -m leaderboard.run --adapter {adapter} --seeds {seed} --entries {names} --out {out}` "
                 "recomputes those not made on the cached experts"
             )
+    older = sorted({p.parent.name for p, r in zip(paths, results) if fingerprint(r) is None})
+    if older and len(older) < len({p.parent.name for p in paths}):
+        adapter = (results[0].get("zoo_settings") or {}).get("adapter", "lora")
+        seeds = " ".join(f.removeprefix("seed_") for f in older)
+        raise SystemExit(
+            f"{out}: {', '.join(older)} hold results with no record of their expert weights (older results) "
+            f"beside seeds that record them; a mean over seeds could mix two zoos. "
+            f"`python -m leaderboard.run --adapter {adapter} --seeds {seeds} --out {out}` recomputes them"
+        )
     return results
 
 

@@ -33,7 +33,7 @@ from common.io import read_json, write_json
 from common.rundir import provenance
 from common.zoo_tasks import HELD_OUT, LIBRARY
 from leaderboard.entries import ENTRIES, Candidate, Context, count
-from leaderboard.report import publish
+from leaderboard.report import fingerprint, publish
 
 LEADERBOARD = Path("results/leaderboard")
 THROUGHPUT_BATCH = 16  # validation prompts of the first library task, one forward pass
@@ -122,11 +122,6 @@ def context(seed: int, settings: zoo.ZooSettings = zoo.DEFAULT, library: Sequenc
     experts, multitask = zoo_models(seed, settings, library)
     base, tok = zoo.load_base(settings)
     return Context(settings, seed, base, tok, experts, multitask)
-
-
-def fingerprint(result: Mapping[str, Any]) -> str | None:
-    """The expert-weights fingerprint a result was computed on (None: written before they were recorded)."""
-    return (result.get("models") or {}).get("fingerprint")
 
 
 class Progress:

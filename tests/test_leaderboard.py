@@ -287,9 +287,7 @@ def test_a_table_mixing_expert_weights_within_a_seed_is_refused(tmp_path):
     write(0, "uniform", {"models": {"fingerprint": "aa"}})
     write(0, "ties", {"models": {"fingerprint": "aa"}})
     write(1, "uniform", {"models": {"fingerprint": "bb"}})  # seeds differ: each its own experts
-    write(2, "uniform", {})
-    write(2, "ties", {})  # results from before weights were recorded, all alike: kept
-    assert len(report.load(tmp_path)) == 5
+    assert len(report.load(tmp_path)) == 3
     write(0, "arrow", {})
     with pytest.raises(SystemExit) as refused:
         report.load(tmp_path)
@@ -297,6 +295,30 @@ def test_a_table_mixing_expert_weights_within_a_seed_is_refused(tmp_path):
     assert "seed 0's entries were computed on different expert weights" in message
     assert "arrow on unrecorded weights (older results); ties, uniform on aa" in message
     assert "leaderboard.run --adapter full --seeds 0 --entries arrow ties uniform --out" in message
+
+
+def test_a_table_mixing_older_seeds_with_recorded_ones_is_refused(tmp_path):
+    """Seeds whose results all predate the weights record load together (one zoo, unchecked); beside seeds
+    that record their weights they are refused, with the command that recomputes the older seeds."""
+
+    def write(seed, entry, models):
+        (tmp_path / f"seed_{seed}").mkdir(exist_ok=True)
+        record = {"entry": entry, "seed": seed, "zoo_settings": {"adapter": "lora"}, **models}
+        (tmp_path / f"seed_{seed}" / f"{entry}.json").write_text(json.dumps(record))
+
+    write(1, "uniform", {})
+    write(2, "uniform", {})
+    write(2, "ties", {})  # results from before weights were recorded, all alike: kept
+    assert len(report.load(tmp_path)) == 3
+    write(0, "uniform", {"models": {"fingerprint": "aa"}})
+    with pytest.raises(SystemExit) as refused:
+        report.load(tmp_path)
+    message = str(refused.value)
+    assert "seed_1, seed_2 hold results with no record of their expert weights" in message
+    assert "leaderboard.run --adapter lora --seeds 1 2 --out" in message
+    with pytest.raises(SystemExit, match="seed_1, seed_2 hold results"):
+        report.publish(tmp_path, None)
+    assert not (tmp_path / "table.md").exists()
 
 
 def test_zoo_target_loss_is_the_fine_tuning_loss_of_the_references(ctx):

@@ -30,6 +30,11 @@ def fingerprint(result: Mapping[str, Any]) -> str | None:
     return (result.get("models") or {}).get("fingerprint")
 
 
+def _adapter(result: Mapping[str, Any]) -> str:
+    """The zoo adapter a result was computed on (results from before adapters were recorded: LoRA)."""
+    return (result.get("zoo_settings") or {}).get("adapter", "lora")
+
+
 def load(out: Path) -> list[dict[str, Any]]:
     """Every (seed, entry) result under `out`, by seed then entry name. The entries of one seed must have
     been computed on the same expert weights (`leaderboard.run.models_record`): a table mixing them would
@@ -38,28 +43,30 @@ def load(out: Path) -> list[dict[str, Any]]:
     ones may come from a zoo since retrained, and a mean over seeds would mix the two zoos."""
     paths = sorted(out.glob("seed_*/*.json"))
     results = [read_json(p) for p in paths]
-    for folder in sorted({p.parent.name for p in paths}):
+    by_folder: dict[str, list[dict[str, Any]]] = {}
+    for p, r in zip(paths, results):
+        by_folder.setdefault(p.parent.name, []).append(r)
+    fingerprints: dict[str, set[str | None]] = {}
+    for folder in sorted(by_folder):
         groups: dict[str | None, list[str]] = {}
-        here = [r for p, r in zip(paths, results) if p.parent.name == folder]
-        for r in here:
+        for r in by_folder[folder]:
             groups.setdefault(fingerprint(r), []).append(r["entry"])
+        fingerprints[folder] = set(groups)
         if len(groups) > 1:
             said = "; ".join(
                 f"{', '.join(names)} on {fp or 'unrecorded weights (older results)'}"
                 for fp, names in groups.items()
             )
             names = " ".join(n for ns in groups.values() for n in ns)
-            adapter = (here[0].get("zoo_settings") or {}).get("adapter", "lora")
-            seed = folder.removeprefix("seed_")
+            seed, adapter = folder.removeprefix("seed_"), _adapter(by_folder[folder][0])
             raise SystemExit(
                 f"{out}: seed {seed}'s entries were computed on different expert weights ({said}); "
                 f"`python -m leaderboard.run --adapter {adapter} --seeds {seed} --entries {names} --out {out}` "
                 "recomputes those not made on the cached experts"
             )
-    older = sorted({p.parent.name for p, r in zip(paths, results) if fingerprint(r) is None})
-    if older and len(older) < len({p.parent.name for p in paths}):
-        adapter = (results[0].get("zoo_settings") or {}).get("adapter", "lora")
-        seeds = " ".join(f.removeprefix("seed_") for f in older)
+    older = [folder for folder, fps in fingerprints.items() if fps == {None}]  # sorted, as inserted
+    if older and len(older) < len(fingerprints):
+        seeds, adapter = " ".join(f.removeprefix("seed_") for f in older), _adapter(results[0])
         raise SystemExit(
             f"{out}: {', '.join(older)} hold results with no record of their expert weights (older results) "
             f"beside seeds that record them; a mean over seeds could mix two zoos. "

@@ -278,11 +278,17 @@ def test_saved_results_are_kept_where_the_zoo_is_not_cached(ctx, tmp_path, monke
     assert "no record of its expert weights" in capsys.readouterr().out
 
 
+def _write_result(root, seed, entry, models, adapter):
+    """A minimal saved result `root/seed_<seed>/<entry>.json` ({} for `models`: written before weights were
+    recorded)."""
+    (root / f"seed_{seed}").mkdir(exist_ok=True)
+    record = {"entry": entry, "seed": seed, "zoo_settings": {"adapter": adapter}, **models}
+    (root / f"seed_{seed}" / f"{entry}.json").write_text(json.dumps(record))
+
+
 def test_a_table_mixing_expert_weights_within_a_seed_is_refused(tmp_path):
     def write(seed, entry, models):
-        (tmp_path / f"seed_{seed}").mkdir(exist_ok=True)
-        record = {"entry": entry, "seed": seed, "zoo_settings": {"adapter": "full"}, **models}
-        (tmp_path / f"seed_{seed}" / f"{entry}.json").write_text(json.dumps(record))
+        _write_result(tmp_path, seed, entry, models, "full")
 
     write(0, "uniform", {"models": {"fingerprint": "aa"}})
     write(0, "ties", {"models": {"fingerprint": "aa"}})
@@ -302,9 +308,7 @@ def test_a_table_mixing_older_seeds_with_recorded_ones_is_refused(tmp_path):
     that record their weights they are refused, with the command that recomputes the older seeds."""
 
     def write(seed, entry, models):
-        (tmp_path / f"seed_{seed}").mkdir(exist_ok=True)
-        record = {"entry": entry, "seed": seed, "zoo_settings": {"adapter": "lora"}, **models}
-        (tmp_path / f"seed_{seed}" / f"{entry}.json").write_text(json.dumps(record))
+        _write_result(tmp_path, seed, entry, models, "lora")
 
     write(1, "uniform", {})
     write(2, "uniform", {})
